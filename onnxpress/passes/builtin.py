@@ -1,0 +1,8 @@
+"""Imports every built-in pass module so their passes register themselves."""
+
+from onnxpress.passes import cleanup  # noqa: F401
+from onnxpress.passes.pipeline import register_pipeline
+
+register_pipeline(
+    "cleanup", ["fold_constants", "dce", "simplify", "dce"],
+    doc="fold_constants, dce, simplify, dce: the lossless cleanup every pipeline starts with.")

@@ -1,0 +1,174 @@
+"""Graph helpers shared by passes: shape inference, onnx-graphsurgeon round trips that keep
+model-level fields, constants, and use/def maps."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxpress.errors import InvalidModelError
+from onnxpress.io import EXTERNAL_DATA_THRESHOLD
+
+
+def infer_shapes(model: onnx.ModelProto, *, strict: bool = False,
+                 data_prop: bool = True) -> onnx.ModelProto:
+    """onnx shape inference; models over 2 GiB go through a temporary file."""
+    try:
+        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            from onnxpress.io import load, save
+
+            with tempfile.TemporaryDirectory(prefix="onnxpress-shapes-") as d:
+                src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
+                save(model, src, external_data=True)
+                onnx.shape_inference.infer_shapes_path(str(src), str(dst), strict_mode=strict,
+                                                       data_prop=data_prop)
+                return load(dst, check=False)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=data_prop)
+    except Exception as exc:
+        if strict:
+            msg = str(exc).strip().splitlines()
+            raise InvalidModelError(f"shape inference failed: {msg[0] if msg else exc}") from None
+        return model
+
+
+def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep what graph rewriting tools drop: metadata, doc strings, producer, versions, functions."""
+    dst.ir_version = src.ir_version
+    dst.producer_name = src.producer_name
+    dst.producer_version = src.producer_version
+    dst.domain = src.domain
+    dst.model_version = src.model_version
+    dst.doc_string = src.doc_string
+    dst.graph.doc_string = src.graph.doc_string
+    dst.graph.name = src.graph.name
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+    have = {o.domain: o for o in dst.opset_import}
+    for o in src.opset_import:
+        if o.domain not in have:
+            dst.opset_import.append(o)
+        elif have[o.domain].version < o.version:
+            have[o.domain].version = o.version
+    if not dst.functions and src.functions:
+        dst.functions.extend(src.functions)
+    if not dst.training_info and src.training_info:
+        dst.training_info.extend(src.training_info)
+    return dst
+
+
+def to_gs(model: onnx.ModelProto):
+    import onnx_graphsurgeon as gs
+
+    return gs.import_onnx(model)
+
+
+def from_gs(graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    out = gs.export_onnx(graph, do_type_check=False)
+    return copy_model_fields(original, out)
+
+
+@contextmanager
+def quiet_gs() -> Iterator[None]:
+    """onnx-graphsurgeon logs warnings for every fold it skips; keep them out of users' faces."""
+    import onnx_graphsurgeon as gs
+
+    old = gs.logger.severity
+    gs.logger.severity = gs.logger.ERROR
+    try:
+        yield
+    finally:
+        gs.logger.severity = old
+
+
+def constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """{name: TensorProto} for initializers and Constant nodes with a `value` tensor."""
+    out = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out[node.output[0]] = a.t
+                elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                    arr = np.array(onnx.helper.get_attribute_value(a),
+                                   dtype=np.float32 if "float" in a.name else np.int64)
+                    out[node.output[0]] = numpy_helper.from_array(arr, node.output[0])
+    return out
+
+
+def const_array(graph: onnx.GraphProto, name: str, cache: dict | None = None) -> np.ndarray | None:
+    table = cache if cache is not None else constants(graph)
+    t = table.get(name)
+    return None if t is None else numpy_helper.to_array(t)
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """{tensor name: nodes reading it}; reads from inside subgraphs count for their parent node."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input) | subgraph_outer_inputs(node):
+            if name:
+                out.setdefault(name, []).append(node)
+    return out
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def subgraph_outer_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            local |= {o for n in g.node for o in n.output}
+            for n in g.node:
+                for i in list(n.input) + sorted(subgraph_outer_inputs(n)):
+                    if i and i not in local:
+                        names.add(i)
+            names |= {o.name for o in g.output if o.name not in local}
+    return names
+
+
+def has_subgraphs(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute)
+
+
+def rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    """Replace input `old` by `new` on `node` and inside its subgraphs (outer-scope reads)."""
+    for i, name in enumerate(node.input):
+        if name == old:
+            node.input[i] = new
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer} | \
+                {o for n in g.node for o in n.output}
+            if old in local:
+                continue  # shadowed inside the subgraph
+            for n in g.node:
+                rename_input(n, old, new)
+            for o in g.output:
+                if o.name == old:
+                    o.name = new  # rare: a body returning an outer value directly
+
+
+def model_size_ok(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() <= EXTERNAL_DATA_THRESHOLD
+
+
+def tmp_path(suffix: str = ".onnx") -> str:
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix="onnxpress-")
+    os.close(fd)
+    return path

@@ -1,0 +1,462 @@
+"""Pipelines: parse a spec into passes, validate every option, run them, report and verify.
+
+Spec forms (all equivalent):
+
+    "fold_constants,dce,prune:sparsity=0.5,structured=true,quant_int8"
+    ["fold_constants", "dce", "prune:sparsity=0.5,structured=true", "quant_int8"]
+    ["prune:0.5"]                                  # a bare value binds the first option
+    [{"name": "prune", "sparsity": 0.5}, ("quant_int8", {"per_channel": True})]
+
+In a string, commas separate passes and options alike: a piece holding `=` before any `:` is an
+option of the pass before it. List values use `+` (`fuse:disable=gelu+layernorm`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxpress import stats
+from onnxpress.errors import (
+    InvalidModelError,
+    OnnxPressError,
+    PassError,
+    PassOptionError,
+    VerificationError,
+)
+from onnxpress.io import ModelLike, load
+from onnxpress.passes import registry
+from onnxpress.passes.context import PassContext
+
+
+@dataclasses.dataclass
+class PassStep:
+    """One resolved step of a pipeline: a registered pass and its bound options."""
+
+    info: registry.PassInfo
+    options: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def __str__(self) -> str:
+        changed = {k: v for k, v in self.options.items() if v != self.info.options[k].default}
+        if not changed:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in changed.items())
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "+".join(map(str, v))
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _split_spec_string(spec: str) -> list[tuple[str, list[str]]]:
+    """'a,b:x=1,y=2,c:0.5' -> [('a', []), ('b', ['x=1', 'y=2']), ('c', ['0.5'])]."""
+    steps: list[tuple[str, list[str]]] = []
+    for piece in (p.strip() for p in spec.split(",")):
+        if not piece:
+            continue
+        eq, colon = piece.find("="), piece.find(":")
+        if eq != -1 and (colon == -1 or eq < colon):
+            if not steps:
+                raise PassOptionError(f"option '{piece}' comes before any pass name in '{spec}'")
+            steps[-1][1].append(piece)
+            continue
+        name, _, rest = piece.partition(":")
+        steps.append((name.strip(), [rest.strip()] if rest.strip() else []))
+    return steps
+
+
+def _options_from_tokens(info: registry.PassInfo, tokens: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for tok in tokens:
+        key, eq, value = tok.partition("=")
+        if not eq:
+            first = info.first_option
+            if first is None:
+                raise PassOptionError(f"pass '{info.name}' takes no options, got '{tok}'")
+            if first in options:
+                raise PassOptionError(f"pass '{info.name}': '{first}' given twice")
+            options[first] = tok
+        else:
+            options[key.strip()] = value.strip()
+    return options
+
+
+def parse_pipeline(spec: Any) -> list[PassStep]:
+    """Resolve a pipeline spec into validated steps; raise before anything runs."""
+    if isinstance(spec, (str, Mapping, PassStep)) or (
+            isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str)
+            and not isinstance(spec[1], str)):
+        items: Sequence[Any] = [spec]
+    else:
+        items = list(spec)
+    steps: list[PassStep] = []
+    for item in items:
+        if isinstance(item, PassStep):
+            steps.append(item)
+        elif isinstance(item, str):
+            for name, tokens in _split_spec_string(item):
+                info = registry.get(name)
+                steps.append(PassStep(info, info.bind(_options_from_tokens(info, tokens))))
+        elif isinstance(item, Mapping):
+            item = dict(item)
+            if "name" in item:
+                name = item.pop("name")
+                opts = item.pop("options", None) or item
+            elif len(item) == 1:
+                name, opts = next(iter(item.items()))
+                opts = opts or {}
+            else:
+                raise PassOptionError(
+                    f"cannot read pass spec {item!r}: use {{'name': pass, option: value}} "
+                    "or {pass: {option: value}}")
+            info = registry.get(name)
+            steps.append(PassStep(info, info.bind(dict(opts))))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            info = registry.get(item[0])
+            opts = item[1]
+            if not isinstance(opts, Mapping):
+                opts = {info.first_option: opts} if info.first_option else {}
+            steps.append(PassStep(info, info.bind(dict(opts))))
+        elif callable(item) and isinstance(getattr(item, "pass_info", None), registry.PassInfo):
+            steps.append(PassStep(item.pass_info, item.pass_info.bind({})))
+        else:
+            raise PassOptionError(
+                f"cannot read pass spec {item!r}: give a name, 'name:opt=value', a dict or a "
+                "(name, options) tuple")
+    return steps
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What one pass did."""
+
+    name: str
+    options: dict[str, Any]
+    nodes_before: int
+    nodes_after: int
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    modified: bool
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+    verify: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def summary(self) -> str:
+        figs = ", ".join(f"{k}={_short(v)}" for k, v in self.figures.items()
+                         if not isinstance(v, (dict, list)))
+        return (f"{self.name}: nodes {self.nodes_before}->{self.nodes_after}, "
+                f"bytes {self.bytes_before}->{self.bytes_after}, {self.seconds:.2f}s"
+                + (f" ({figs})" if figs else ""))
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The optimized model and one report per pass."""
+
+    model: onnx.ModelProto
+    reports: list[PassReport]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": [r.to_dict() for r in self.reports]}
+
+    def table(self):
+        """A rich Table of the reports."""
+        from rich.table import Table
+
+        t = Table(title="onnxpress passes")
+        for col in ("pass", "nodes", "params", "bytes", "time", "figures"):
+            t.add_column(col, justify="right" if col in ("nodes", "params", "bytes", "time") else "left")
+        for r in self.reports:
+            figs = ", ".join(f"{k}={_short(v)}" for k, v in r.figures.items()
+                             if not isinstance(v, (dict, list)))
+            if r.verify:
+                figs = (figs + ", " if figs else "") + f"max_abs_err={r.verify.get('max_abs', 0):.2g}"
+            t.add_row(r.name, f"{r.nodes_before} -> {r.nodes_after}",
+                      f"{r.params_before:,} -> {r.params_after:,}",
+                      f"{_human(r.bytes_before)} -> {_human(r.bytes_after)}",
+                      f"{r.seconds:.2f}s", figs)
+        return t
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """A hash of the graph's structure and weights, to tell whether a pass changed anything."""
+    h = hashlib.blake2b(digest_size=16)
+    for g in stats.iter_graphs(model.graph):
+        for node in g.node:
+            h.update(node.SerializeToString(deterministic=True))
+        for t in g.initializer:
+            h.update(t.SerializeToString(deterministic=True))
+        for v in list(g.input) + list(g.output):
+            h.update(v.SerializeToString(deterministic=True))
+    for o in model.opset_import:
+        h.update(o.SerializeToString(deterministic=True))
+    for p in model.metadata_props:
+        h.update(p.SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
+def _io_signature(model: onnx.ModelProto) -> tuple:
+    inits = {t.name for t in model.graph.initializer}
+
+    def sig(v):
+        tt = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                     for d in tt.shape.dim) if tt.HasField("shape") else None
+        return (v.name, tt.elem_type, dims)
+
+    return (tuple(sig(v) for v in model.graph.input if v.name not in inits),
+            tuple(sig(v) for v in model.graph.output))
+
+
+def _check_io(before: tuple, after: tuple, step: PassStep) -> None:
+    if before == after:
+        return
+    for kind, b, a in (("input", before[0], after[0]), ("output", before[1], after[1])):
+        if [x[0] for x in b] != [x[0] for x in a]:
+            raise PassError(
+                f"pass '{step.name}' changed the graph {kind} names from {[x[0] for x in b]} "
+                f"to {[x[0] for x in a]}; passes must keep them")
+        for x, y in zip(b, a):
+            if x[1] != y[1]:
+                raise PassError(f"pass '{step.name}' changed the type of graph {kind} '{x[0]}'")
+            if x[2] is not None and y[2] is not None and len(x[2]) == len(y[2]):
+                for dx, dy in zip(x[2], y[2]):
+                    if isinstance(dx, int) and isinstance(dy, int) and dx != dy and dx > 0 and dy > 0:
+                        raise PassError(
+                            f"pass '{step.name}' changed the shape of graph {kind} '{x[0]}' "
+                            f"from {x[2]} to {y[2]}")
+
+
+class Instrument:
+    """Hooks around every pass (TVM-style instruments): subclass and override what you need."""
+
+    def before_pass(self, step: PassStep, model: onnx.ModelProto, ctx: PassContext) -> None:
+        pass
+
+    def after_pass(self, step: PassStep, model: onnx.ModelProto, ctx: PassContext,
+                   report: PassReport) -> None:
+        pass
+
+
+class _Verifier(Instrument):
+    """Checker plus onnxruntime comparison after every pass; names the pass that broke it."""
+
+    def __init__(self, rtol: float, atol: float, ctx: PassContext):
+        self.rtol, self.atol = rtol, atol
+        self.ctx = ctx
+        self.feeds = None
+        self.expected = None
+
+    def start(self, model: onnx.ModelProto) -> None:
+        from onnxpress.backends import ort
+        from onnxpress.data import make_inputs
+
+        if self.ctx.calib is not None:
+            self.feeds = self.ctx.require_calib(model).first()
+        else:
+            self.feeds = make_inputs(model, shapes=self.ctx.shapes, seed=self.ctx.seed)
+        try:
+            self.expected = ort.run(model, self.feeds)
+        except OnnxPressError as exc:
+            raise VerificationError(
+                f"verify=True: onnxruntime cannot run the input model, so nothing can be "
+                f"compared ({exc})") from None
+
+    def after_pass(self, step, model, ctx, report) -> None:
+        from onnxpress.backends import ort
+
+        try:
+            if model.ByteSize() <= 2**31 - 2**24:
+                onnx.checker.check_model(model)
+        except Exception as exc:
+            raise VerificationError(
+                f"pass '{step}' produced a model that fails the ONNX checker: "
+                f"{str(exc).strip().splitlines()[0]}") from None
+        try:
+            actual = ort.run(model, self.feeds)
+        except OnnxPressError as exc:
+            raise VerificationError(
+                f"pass '{step}' produced a model onnxruntime cannot run: {exc}") from None
+        result = ort.compare_outputs(self.expected, actual, rtol=self.rtol, atol=self.atol)
+        report.verify = {"ok": result.ok, "max_abs": result.max_abs, "max_rel": result.max_rel,
+                         "min_cosine": result.min_cosine, "lossy": step.info.lossy}
+        if not result.ok and not step.info.lossy:
+            raise VerificationError(
+                f"pass '{step}' changed the model's outputs beyond rtol={self.rtol:g}, "
+                f"atol={self.atol:g}:\n{result}")
+        bad_shape = [o for o in result.outputs if o.max_abs == float("inf")]
+        if bad_shape:
+            raise VerificationError(
+                f"pass '{step}' broke output '{bad_shape[0].name}' (shape or NaN/inf mismatch)")
+        self.expected = actual  # the next pass is compared with this one
+
+
+def run(
+    model: ModelLike,
+    pipeline: Any,
+    *,
+    calib: Any = None,
+    target: str = "ort",
+    seed: int = 0,
+    shapes: Mapping[str, Any] | None = None,
+    verify: bool = False,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    inplace: bool = False,
+    progress: bool = False,
+    instruments: Iterable[Instrument] = (),
+    ctx: PassContext | None = None,
+) -> PipelineResult:
+    """Run a pipeline and return the model with one report per pass.
+
+    Every pass name and option is validated before the first pass runs. The caller's model is
+    not changed unless `inplace=True`. With `verify=True`, the ONNX checker and an onnxruntime
+    comparison run after each pass; the first pass that breaks the model is named in a
+    VerificationError (lossy passes have their error reported, not enforced).
+    """
+    steps = parse_pipeline(pipeline)
+    if ctx is None:
+        ctx = PassContext(calib=calib, target=target, seed=seed,
+                          shapes=dict(shapes) if shapes else None, progress=progress)
+    if isinstance(model, onnx.ModelProto):
+        try:
+            onnx.checker.check_model(model) if model.ByteSize() <= 2**31 - 2**24 else None
+        except Exception as exc:
+            raise InvalidModelError(
+                f"the given model fails the ONNX checker: {str(exc).strip().splitlines()[0]}"
+            ) from None
+        working = model if inplace else copy.deepcopy(model)
+    else:
+        working = load(model)
+    for step in steps:
+        if "calib" in step.info.requires:
+            ctx.require_calib(working) if ctx.calib is not None else None
+    instruments = list(instruments)
+    if verify:
+        verifier = _Verifier(rtol, atol, ctx)
+        verifier.start(working)
+        instruments.append(verifier)
+
+    reports: list[PassReport] = []
+    io_before = _io_signature(working)
+    bar = None
+    if progress and len(steps) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(steps), desc="passes", leave=False, dynamic_ncols=True)
+    for step in steps:
+        if bar is not None:
+            bar.set_postfix_str(step.name)
+        for inst in instruments:
+            inst.before_pass(step, working, ctx)
+        before_fp = fingerprint(working)
+        nodes_b, params_b, bytes_b = stats.count_nodes(working), stats.count_params(working), \
+            working.ByteSize()
+        ctx._figures = {}
+        ctx._preserved = set()
+        ctx._current_pass = step.name
+        t0 = time.perf_counter()
+        try:
+            out = step.info.func(working, ctx, **step.options)
+        except OnnxPressError:
+            raise
+        except Exception as exc:
+            raise PassError(f"pass '{step}' failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - t0
+        if out is None:
+            out = working
+        if not isinstance(out, onnx.ModelProto):
+            raise PassError(f"pass '{step.name}' returned {type(out).__name__}, expected a ModelProto")
+        working = out
+        modified = fingerprint(working) != before_fp
+        if modified:
+            ctx.invalidate(keep=ctx._preserved)
+            if not step.info.changes_io:
+                _check_io(io_before, _io_signature(working), step)
+            io_before = _io_signature(working)
+        report = PassReport(
+            name=step.name, options=dict(step.options),
+            nodes_before=nodes_b, nodes_after=stats.count_nodes(working),
+            params_before=params_b, params_after=stats.count_params(working),
+            bytes_before=bytes_b, bytes_after=working.ByteSize(),
+            seconds=seconds, modified=modified, figures=dict(ctx._figures))
+        for inst in instruments:
+            inst.after_pass(step, working, ctx, report)
+        reports.append(report)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    ctx._current_pass = None
+    return PipelineResult(working, reports)
+
+
+def apply(model: ModelLike, pipeline: Any, **kwargs: Any) -> Any:
+    """Run a pipeline and return the result as the kind of object given.
+
+    A ModelProto gives a ModelProto, bytes give bytes, a path gives a ModelProto (nothing is
+    written; use `onnxpress.save`). Keyword arguments are those of `run`.
+    """
+    result = run(model, pipeline, **kwargs)
+    if isinstance(model, (bytes, bytearray)):
+        return result.model.SerializeToString()
+    return result.model
+
+
+def register_pipeline(name: str, pipeline: Any, doc: str | None = None) -> None:
+    """Register a named pipeline as a pass of its own (a pipeline is itself a pass)."""
+    steps_spec = pipeline
+
+    def _pipeline_pass(model, ctx):
+        inner = run(model, steps_spec, ctx=ctx, inplace=True)
+        ctx.record(**{f"{r.name}.nodes_after": r.nodes_after for r in inner.reports})
+        return inner.model
+
+    _pipeline_pass.__doc__ = doc or f"The pipeline {steps_spec}."
+    _pipeline_pass.__name__ = name
+    _pipeline_pass.__module__ = "onnxpress.passes.pipelines"
+    registry.register(name, replace=True)(_pipeline_pass)
