@@ -189,7 +189,7 @@ def make_inputs(model: onnx.ModelProto, *, shapes: Mapping[str, Any] | None = No
     """Generate a plausible feed for the model's inputs (for verification and benchmarks).
 
     Dynamic dims are taken from `shapes` ({input name: shape} or {dim name: size}), else `batch`
-    for the first axis and 1 elsewhere. Integer inputs get small non-negative values (token ids),
+    for the first axis and 8 elsewhere. Integer inputs get small non-negative values (token ids),
     inputs named like masks get ones.
     """
     rng = np.random.default_rng(seed)
@@ -206,7 +206,8 @@ def make_inputs(model: onnx.ModelProto, *, shapes: Mapping[str, Any] | None = No
                 elif isinstance(d, str) and d in shapes:
                     shape.append(int(shapes[d]))
                 else:
-                    shape.append(batch if axis == 0 else 1)
+                    # a dynamic non-batch dim (a sequence, usually): 8 exercises more than 1
+                    shape.append(batch if axis == 0 else 8)
             shape = tuple(shape)
         if dtype == np.bool_:
             arr = rng.random(shape) > 0.5

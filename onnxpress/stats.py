@@ -103,10 +103,9 @@ class ModelStats:
 
 
 def _shape_map(model: onnx.ModelProto) -> dict[str, list]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        inferred = model
+    from onnxpress.passes.graph import infer_shapes
+
+    inferred = infer_shapes(model, symbolic=True)
     shapes = {}
     for g in iter_graphs(inferred.graph):
         for vi in list(g.value_info) + list(g.input) + list(g.output):

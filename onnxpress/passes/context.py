@@ -121,7 +121,7 @@ def _shapes_analysis(model: onnx.ModelProto, ctx: PassContext) -> dict[str, tupl
     """{tensor name: (elem_type, dims)} from onnx shape inference (dims: int, str or None)."""
     from onnxpress.passes.graph import infer_shapes
 
-    inferred = infer_shapes(model, strict=False)
+    inferred = infer_shapes(model, strict=False, symbolic=True)
     out = {}
     from onnxpress.stats import iter_graphs
 

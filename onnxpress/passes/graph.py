@@ -17,9 +17,65 @@ from onnxpress.errors import InvalidModelError
 from onnxpress.io import EXTERNAL_DATA_THRESHOLD
 
 
-def infer_shapes(model: onnx.ModelProto, *, strict: bool = False,
-                 data_prop: bool = True) -> onnx.ModelProto:
-    """onnx shape inference; models over 2 GiB go through a temporary file."""
+def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True,
+                 symbolic: bool = False) -> onnx.ModelProto:
+    """onnx shape inference; models over 2 GiB go through a temporary file.
+
+    With `symbolic=True`, onnxruntime's symbolic shape inference runs afterwards and fills in
+    what onnx could not (Reshape targets computed from Shape, e.g. in attention blocks).
+    """
+    out = _onnx_infer(model, strict=strict, data_prop=data_prop)
+    if symbolic and model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+        out = _merge_symbolic(model, out)
+    return out
+
+
+def _merge_symbolic(model: onnx.ModelProto, out: onnx.ModelProto) -> onnx.ModelProto:
+    """Run symbolic inference on the un-annotated model (onnx's partial answers would stop it)
+    and replace value_info entries onnx left without full dims."""
+    import copy
+
+    src = copy.deepcopy(model)
+    del src.graph.value_info[:]
+    sym = _symbolic_infer(src)
+    if sym is src:
+        return out
+    best = {v.name: v for v in out.graph.value_info}
+    for v in sym.graph.value_info:
+        if _static_score(v) > _static_score(best.get(v.name)):
+            best[v.name] = v
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(best.values())
+    return out
+
+
+def _static_score(v: onnx.ValueInfoProto | None) -> int:
+    """How much a value_info tells: -1 nothing, else 1 + the number of static dims."""
+    if v is None or not v.type.HasField("tensor_type") or not v.type.tensor_type.HasField("shape"):
+        return -1
+    return 1 + sum(1 for d in v.type.tensor_type.shape.dim if d.HasField("dim_value"))
+
+
+def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        import logging
+
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
+        sym = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+    except Exception:
+        return model
+    return model if sym is None else sym
+
+
+def _has_dims(v: onnx.ValueInfoProto) -> bool:
+    tt = v.type.tensor_type
+    return v.type.HasField("tensor_type") and tt.HasField("shape") and \
+        all(d.HasField("dim_value") or d.HasField("dim_param") for d in tt.shape.dim)
+
+
+def _onnx_infer(model: onnx.ModelProto, *, strict: bool, data_prop: bool) -> onnx.ModelProto:
     try:
         if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
             from onnxpress.io import load, save
@@ -79,14 +135,14 @@ def from_gs(graph, original: onnx.ModelProto) -> onnx.ModelProto:
 @contextmanager
 def quiet_gs() -> Iterator[None]:
     """onnx-graphsurgeon logs warnings for every fold it skips; keep them out of users' faces."""
-    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.logger import G_LOGGER
 
-    old = gs.logger.severity
-    gs.logger.severity = gs.logger.ERROR
+    old = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.CRITICAL
     try:
         yield
     finally:
-        gs.logger.severity = old
+        G_LOGGER.severity = old
 
 
 def constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -172,3 +228,46 @@ def tmp_path(suffix: str = ".onnx") -> str:
     fd, path = tempfile.mkstemp(suffix=suffix, prefix="onnxpress-")
     os.close(fd)
     return path
+
+
+def bind_input_shapes(model: onnx.ModelProto, shapes: dict | None) -> onnx.ModelProto:
+    """A copy of `model` whose graph inputs have dynamic dims fixed.
+
+    `shapes` maps an input name to its full shape ({"input_ids": [1, 128]}) or a dim name to a
+    size ({"batch": 1, "seq": 128}). Shapes are re-inferred so every tensor gets static dims.
+    """
+    import copy
+
+    if not shapes:
+        return model
+    out = copy.deepcopy(model)
+    inits = {t.name for t in out.graph.initializer}
+    for inp in out.graph.input:
+        if inp.name in inits or not inp.type.HasField("tensor_type"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        full = shapes.get(inp.name)
+        if full is not None:
+            full = list(full) if isinstance(full, (list, tuple)) else [full]
+            if len(full) != len(dims):
+                raise InvalidModelError(
+                    f"shape {full} for input '{inp.name}' has rank {len(full)}, the input has rank "
+                    f"{len(dims)}")
+            for d, size in zip(dims, full):
+                d.Clear()
+                d.dim_value = int(size)
+            continue
+        for d in dims:
+            if d.HasField("dim_param") and d.dim_param in shapes:
+                size = shapes[d.dim_param]
+                size = size[0] if isinstance(size, (list, tuple)) else size
+                d.Clear()
+                d.dim_value = int(size)
+    del out.graph.value_info[:]
+    for o in out.graph.output:
+        # let inference recompute output dims from the bound inputs
+        if o.type.HasField("tensor_type"):
+            for d in o.type.tensor_type.shape.dim:
+                if d.HasField("dim_param"):
+                    d.Clear()
+    return infer_shapes(out)

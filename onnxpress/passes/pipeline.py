@@ -201,17 +201,26 @@ class PipelineResult:
 
         t = Table(title="onnxpress passes")
         for col in ("pass", "nodes", "params", "bytes", "time", "figures"):
-            t.add_column(col, justify="right" if col in ("nodes", "params", "bytes", "time") else "left")
+            t.add_column(col, justify="right" if col in ("nodes", "params", "bytes", "time") else "left",
+                         no_wrap=col != "figures", overflow="fold")
         for r in self.reports:
             figs = ", ".join(f"{k}={_short(v)}" for k, v in r.figures.items()
-                             if not isinstance(v, (dict, list)))
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and "." not in k)
             if r.verify:
                 figs = (figs + ", " if figs else "") + f"max_abs_err={r.verify.get('max_abs', 0):.2g}"
             t.add_row(r.name, f"{r.nodes_before} -> {r.nodes_after}",
-                      f"{r.params_before:,} -> {r.params_after:,}",
+                      f"{_count(r.params_before)} -> {_count(r.params_after)}",
                       f"{_human(r.bytes_before)} -> {_human(r.bytes_after)}",
                       f"{r.seconds:.2f}s", figs)
         return t
+
+
+def _count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
 
 
 def _human(n: int) -> str:

@@ -1,0 +1,349 @@
+"""The onnxpress command line: a thin layer over the public API.
+
+    onnxpress passes
+    onnxpress inspect model.onnx
+    onnxpress optimize model.onnx -p fold_constants,dce,simplify -o out.onnx [--calib c.npz] [--verify]
+    onnxpress bench model.onnx --vs other.onnx
+
+Errors of onnxpress's own hierarchy print one line and exit 2; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from onnxpress.errors import OnnxPressError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def parse_shapes(items: Sequence[str] | None) -> dict[str, Any] | None:
+    """`--shape input=1,3,224,224 --shape seq=128` -> {input: [1,3,224,224], seq: 128}."""
+    if not items:
+        return None
+    from onnxpress.errors import PassOptionError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, eq, dims = item.partition("=")
+        if not eq or not name or not dims:
+            raise PassOptionError(f"--shape expects NAME=d1,d2,... or DIM=size, got '{item}'")
+        try:
+            values = [int(d) for d in dims.replace("x", ",").split(",") if d]
+        except ValueError:
+            raise PassOptionError(f"--shape {item}: sizes must be integers") from None
+        out[name] = values[0] if len(values) == 1 else values
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+# -- passes ------------------------------------------------------------------------------------
+def cmd_passes(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from onnxpress import passes
+
+    infos = passes.list_passes()
+    if args.json:
+        print(json.dumps([{
+            "name": p.name, "summary": p.summary, "lossy": p.lossy, "source": p.source,
+            "requires": list(p.requires),
+            "options": {k: {"type": o.type_name, "default": o.default} for k, o in p.options.items()},
+        } for p in infos], indent=2, default=str))
+        return 0
+    table = Table(title="onnxpress passes", show_lines=False)
+    table.add_column("pass", style="bold")
+    table.add_column("options (default)")
+    table.add_column("what it does")
+    for p in infos:
+        opts = "\n".join(f"{k}: {o.type_name} = {o.default!r}" for k, o in p.options.items()) or "-"
+        tags = []
+        if p.lossy:
+            tags.append("lossy")
+        if p.requires:
+            tags.append("needs " + ", ".join(p.requires))
+        if p.source != "builtin":
+            tags.append(f"from {p.source}")
+        table.add_row(p.name, opts, p.summary + (f" [dim]({'; '.join(tags)})[/dim]" if tags else ""))
+    _console().print(table)
+    if args.verbose:
+        for p in infos:
+            _console().rule(p.name)
+            print(p.doc)
+    return 0
+
+
+# -- inspect -----------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace, extensions: list) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    import onnxpress as ox
+
+    from onnxpress.passes.graph import bind_input_shapes
+
+    model = ox.load(args.model)
+    shapes = parse_shapes(args.shape)
+    st = ox.model_stats(bind_input_shapes(model, shapes) if shapes else model, batch=args.batch)
+    if args.json:
+        print(json.dumps(st.to_dict(), indent=2, default=str))
+        return 0
+    con = _console()
+    con.print(f"[bold]{args.model}[/bold]  opset {st.opset}  ir {model.ir_version}"
+              f"  producer {model.producer_name or '?'} {model.producer_version}")
+    con.print(f"nodes {st.nodes}   parameters {st.params:,} ({_count(st.params)})   "
+              f"weights {_human(st.weight_bytes)}   file {_human(st.bytes)}   "
+              f"MACs {st.macs:,} ({_count(st.macs)}, batch {args.batch})")
+    io = Table(title="inputs and outputs")
+    for c in ("", "name", "type", "shape"):
+        io.add_column(c)
+    for kind, items in (("in", st.inputs), ("out", st.outputs)):
+        for name, dtype, dims in items:
+            io.add_row(kind, name, dtype, escape("[" + ", ".join(map(str, dims)) + "]"))
+    con.print(io)
+    hist = Table(title="operators")
+    hist.add_column("op")
+    hist.add_column("count", justify="right")
+    for op, n in st.op_histogram.items():
+        hist.add_row(op, str(n))
+    con.print(hist)
+    if st.layers:
+        layers = Table(title="MACs per layer")
+        for c, j in (("layer", "left"), ("op", "left"), ("MACs", "right"), ("share", "right"),
+                     ("params", "right")):
+            layers.add_column(c, justify=j)
+        shown = sorted(st.layers, key=lambda l: -l.macs)[: args.top] if args.top else st.layers
+        for layer in shown:
+            share = layer.macs / st.macs if st.macs else 0
+            layers.add_row(escape(layer.node), layer.op_type, f"{layer.macs:,}", f"{share:.1%}",
+                           f"{layer.params:,}")
+        if args.top and len(st.layers) > args.top:
+            layers.caption = f"top {args.top} of {len(st.layers)} layers by MACs (--top 0 shows all)"
+        con.print(layers)
+    if st.unknown_shape_layers:
+        con.print(f"[yellow]MACs unknown (dynamic shapes) for {len(st.unknown_shape_layers)} "
+                  f"layers: {', '.join(st.unknown_shape_layers[:5])}...[/yellow]")
+    for ext in extensions:
+        if hasattr(ext, "inspect_sections"):
+            ext.inspect_sections(model, args, con)
+    return 0
+
+
+# -- optimize ----------------------------------------------------------------------------------
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import onnxpress as ox
+    from onnxpress import passes
+    from onnxpress.errors import ModelSaveError
+
+    src, out = Path(args.model), Path(args.output)
+    if _same_file(src, out) or src.resolve() == out.resolve():
+        raise ModelSaveError(
+            f"-o {out} is the input model; onnxpress never writes over its input, choose another path")
+    pipeline = args.passes
+    if not pipeline:
+        raise ox.PassOptionError("give the passes to run with -p, e.g. -p fold_constants,dce,simplify")
+    steps = passes.parse_pipeline(pipeline)  # fail on bad names/options before loading anything
+    model = ox.load(src)
+    shapes = parse_shapes(args.shape)
+    result = passes.run(model, steps, calib=args.calib, target=args.target, seed=args.seed,
+                        shapes=shapes, verify=args.verify, progress=not args.quiet, inplace=True)
+    ox.save(result.model, out, external_data=True if args.external_data else None)
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(result.to_dict(), indent=2))
+    if not args.quiet:
+        con = _console()
+        con.print(result.table())
+        first, last = result.reports[0], result.reports[-1]
+        con.print(f"wrote {out}: nodes {first.nodes_before} -> {last.nodes_after}, "
+                  f"{_human(first.bytes_before)} -> {_human(last.bytes_after)}")
+    for hook in getattr(args, "_after_optimize", []):
+        hook(args, model, result)
+    return 0
+
+
+# -- bench -------------------------------------------------------------------------------------
+def _load_feeds(path: str | None):
+    if path is None:
+        return None
+    import numpy as np
+
+    from onnxpress.errors import CalibrationError
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"--inputs {path} is not a readable .npz file: {exc}") from None
+
+
+def _bench_one(path: str, feeds, args):
+    from onnxpress.backends import ort
+
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        from onnxpress.backends import tvm
+
+        return tvm.benchmark_artifact(p, feeds, runs=args.runs, warmup=args.warmup)
+    return ort.benchmark(path, feeds, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                         optimization=args.ort_opt, shapes=parse_shapes(args.shape))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    import onnxpress as ox
+    from onnxpress.data import make_inputs
+
+    feeds = _load_feeds(args.inputs)
+    models = [args.model] + ([args.vs] if args.vs else [])
+    if feeds is None:
+        ref = next((m for m in models if not Path(m).is_dir()), None)
+        if ref is not None:
+            feeds = make_inputs(ox.load(ref), shapes=parse_shapes(args.shape), seed=0)
+    rounds = max(1, args.rounds)
+    results: dict[str, list] = {m: [] for m in models}
+    for _ in range(rounds):  # interleave so machine drift hits every model alike
+        for m in models:
+            results[m].append(_bench_one(m, feeds, args))
+    import statistics
+
+    rows = []
+    for m in models:
+        rs = results[m]
+        rows.append((m, statistics.median(r.p50_ms for r in rs), statistics.median(r.p90_ms for r in rs)))
+    if args.json:
+        print(json.dumps([{"model": m, "p50_ms": a, "p90_ms": b} for m, a, b in rows], indent=2))
+        return 0
+    t = Table(title=f"latency ({args.threads} threads, onnxruntime optimization={args.ort_opt})")
+    for c in ("model", "p50 ms", "p90 ms", "speed-up vs --vs"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    base = rows[-1][1] if args.vs else None
+    for m, p50, p90 in rows:
+        t.add_row(m, f"{p50:.3f}", f"{p90:.3f}", f"{base / p50:.2f}x" if base else "-")
+    _console().print(t)
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser(extensions: list | None = None) -> argparse.ArgumentParser:
+    from onnxpress import __version__
+
+    extensions = extensions if extensions is not None else _extensions()
+    parser = argparse.ArgumentParser(
+        prog="onnxpress", description="Make neural networks small and fast for edge boards.")
+    parser.add_argument("--version", action="version", version=f"onnxpress {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("passes", help="list every registered pass with its options")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each pass's full doc")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("inspect", help="ops, parameters, bytes, MACs per layer, opset, IO")
+    p.add_argument("model")
+    p.add_argument("--batch", type=int, default=1, help="batch size for dynamic batch dims")
+    p.add_argument("--top", type=int, default=20, help="layers shown by MACs (0: all)")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMS",
+                   help="bind dynamic dims: input_ids=1,128 or seq=128 (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    for ext in extensions:
+        if hasattr(ext, "add_inspect_options"):
+            ext.add_inspect_options(p)
+    p.set_defaults(func=lambda a: cmd_inspect(a, extensions))
+
+    p = sub.add_parser("optimize", help="run a pass pipeline and write the result")
+    p.add_argument("model")
+    p.add_argument("-p", "--passes", help="pipeline, e.g. fold_constants,dce,simplify")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
+    p.add_argument("--calib", help=".npz with arrays named after the inputs, batch on axis 0")
+    p.add_argument("--target", default="ort", help="backend the model is for: ort, tvm, x86, arm, cuda")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMS",
+                   help="bind dynamic dims: input=1,3,224,224 or dim=128 (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", action="store_true",
+                   help="check and compare outputs with onnxruntime after every pass")
+    p.add_argument("--external-data", action="store_true", help="write weights to a .data file")
+    p.add_argument("--report-json", metavar="FILE", help="write the per-pass reports as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("bench", help="latency p50/p90 side by side (onnxruntime or a TVM artifact)")
+    p.add_argument("model", help=".onnx file or compiled artifact directory")
+    p.add_argument("--vs", help="a second model or artifact to compare against")
+    p.add_argument("--inputs", help=".npz of inputs (default: generated)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model")
+    p.add_argument("--ort-opt", default="all", choices=["disable", "basic", "extended", "layout", "all"])
+    p.add_argument("--shape", action="append", metavar="NAME=DIMS")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    for ext in extensions:
+        if hasattr(ext, "add_commands"):
+            ext.add_commands(sub)
+    return parser
+
+
+def _extensions() -> list:
+    from onnxpress.commands import extension_modules
+
+    return extension_modules()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 1
+        return int(args.func(args) or 0)
+    except OnnxPressError as exc:
+        if debug:
+            raise
+        print(f"onnxpress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxpress: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
