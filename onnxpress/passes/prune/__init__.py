@@ -1,0 +1,148 @@
+"""`prune`: make a model smaller by removing weights (unstructured, N:M) or whole channels.
+
+    prune:sparsity=0.8                      80% of Conv/Gemm/MatMul weights zeroed (global magnitude)
+    prune:sparsity=0.8,scope=layer          80% in every layer
+    prune:nm=2:4                            2 of every 4 consecutive input weights kept
+    prune:sparsity=0.5,structured=true     half of the output channels of every prunable
+                                            dependency group removed (MACs, params, latency drop)
+
+Modules: groups.py (the `channel_groups` analysis), structured.py, unstructured.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+import onnx
+
+from onnxpress import stats
+from onnxpress.errors import PassOptionError
+from onnxpress.passes.context import PassContext
+from onnxpress.passes.graph import copy_model_fields
+from onnxpress.passes.prune.groups import ChannelGroup, ChannelGroups, channel_groups
+from onnxpress.passes.prune.structured import group_scores, prune_channels
+from onnxpress.passes.prune.unstructured import prune_unstructured, sparse_bytes, zipped_bytes
+from onnxpress.passes.registry import Range, register
+
+__all__ = ["prune", "channel_groups", "ChannelGroups", "ChannelGroup", "prune_channels",
+           "prune_unstructured", "remember_teacher", "calib_error"]
+
+TEACHER_KEY = "onnxpress.teacher"
+
+
+def remember_teacher(model: onnx.ModelProto, ctx: PassContext) -> None:
+    """Keep the model as it was before the first lossy pass, for `distill` to use as teacher."""
+    if TEACHER_KEY not in ctx.options:
+        ctx.options[TEACHER_KEY] = copy.deepcopy(model)
+
+
+def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
+                max_batches: int = 4) -> dict:
+    """Output error of a lossy pass on calibration data (empty when there is none)."""
+    if ctx.calib is None:
+        return {}
+    from onnxpress.backends import ort
+
+    sa, sb = ort.session(before, threads=1), ort.session(after, threads=1)
+    max_abs, cos, agree, n = 0.0, 1.0, 0, 0
+    names = [o.name for o in sa.get_outputs()]
+    for i, batch in enumerate(ctx.calib):
+        if i >= max_batches:
+            break
+        ya, yb = sa.run(names, batch), sb.run(names, batch)
+        for a, b in zip(ya, yb):
+            if a.dtype.kind != "f":
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            max_abs = max(max_abs, float(np.abs(a64 - b64).max()))
+            na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
+            cos = min(cos, float((a64.ravel() @ b64.ravel()) / (na * nb)) if na and nb else 1.0)
+        a0, b0 = ya[0], yb[0]
+        if a0.ndim == 2 and a0.dtype.kind == "f":
+            agree += int((a0.argmax(1) == b0.argmax(1)).sum())
+            n += a0.shape[0]
+    out = {"calib_max_abs": max_abs, "calib_cosine": cos}
+    if n:
+        out["calib_top1_agreement"] = agree / n
+    return out
+
+
+@register("prune", lossy=True)
+def prune(model: onnx.ModelProto, ctx: PassContext, *,
+          sparsity: Annotated[float, Range(0, 1, hi_inclusive=False)] = 0.5,
+          structured: bool = False,
+          nm: str | None = None,
+          scope: Literal["auto", "global", "layer"] = "auto",
+          criterion: Literal["l2", "l1", "activation"] = "l2",
+          round_to: Annotated[int, Range(1)] = 1,
+          exclude: list[str] = ()) -> onnx.ModelProto:
+    """Prune weights (magnitude, N:M) or whole channels (structured=true) of Conv/Gemm/MatMul.
+
+    unstructured: W[64,512] -> same shape, `sparsity` of the smallest |w| zeroed (scope=global:
+        one threshold for all layers, the default; scope=layer: each layer alike); nm=2:4 keeps the
+        2 largest of every 4 consecutive input weights.
+    structured=true: Conv(32 filters) -> Conv(16 filters); BatchNorm, depthwise convs, the next
+        layer's input channels, Flatten->Gemm columns and Reshape constants follow, residual
+        Add/Concat/SE-gate groups prune together; graph inputs and outputs keep their shapes.
+        Channels ranked by filter norm (criterion=l2|l1) or by mean |activation| on calibration
+        data (criterion=activation). scope=layer (default): every group loses `sparsity` of its
+        channels; scope=global: one threshold over all groups. round_to keeps channel counts a
+        multiple of N. exclude: node names (unstructured) or group names (structured) to keep.
+    Reports sparsity per layer, compressed size, MACs and parameters before/after.
+    """
+    remember_teacher(model, ctx)
+    before = stats.model_stats(model)
+    original = model
+    if structured:
+        if nm:
+            raise PassOptionError("pass 'prune': option 'nm' is for unstructured pruning; "
+                                  "drop it or set structured=false")
+        calib = ctx.require_calib(model) if criterion == "activation" else None
+        cg: ChannelGroups = ctx.analysis("channel_groups", model)
+        excluded = set(exclude)
+        unknown = excluded - {g.name for g in cg.groups.values()}
+        if unknown:
+            raise PassOptionError(
+                f"pass 'prune': option 'exclude' names no channel group: {', '.join(sorted(unknown))}; "
+                f"groups: {', '.join(g.name for g in cg.prunable())}")
+        scores = group_scores(model, cg, criterion, calib)
+        eff_scope = "layer" if scope == "auto" else scope
+        if excluded:
+            ratios = {g.name: (0.0 if g.name in excluded else sparsity) for g in cg.prunable()}
+            out, results = prune_channels(model, ratios, cg=cg, scores=scores, round_to=round_to, ctx=ctx)
+        else:
+            out, results = prune_channels(model, sparsity, cg=cg, scores=scores, scope=eff_scope,
+                                          round_to=round_to, ctx=ctx)
+        copy_model_fields(original, out)
+        after = stats.model_stats(out)
+        ctx.record(
+            mode="structured", criterion=criterion, scope=eff_scope,
+            groups=len(cg.groups), prunable_groups=len(cg.prunable()),
+            channels_before=sum(r.channels for r in results),
+            channels_after=sum(r.kept for r in results),
+            macs_before=before.macs, macs_after=after.macs,
+            macs_ratio=after.macs / before.macs if before.macs else 1.0,
+            params_before=before.params, params_after=after.params,
+            params_ratio=after.params / before.params if before.params else 1.0,
+            per_group={r.group: f"{r.kept}/{r.channels}" for r in results},
+            frozen_groups={g.name: g.frozen for g in cg.groups.values() if g.sources and g.frozen},
+            **calib_error(original, out, ctx))
+        return out
+    if not nm and sparsity == 0:
+        ctx.record(mode="unstructured", sparsity=0.0)
+        return model
+    eff_scope = "global" if scope == "auto" else scope
+    work = copy.deepcopy(model)
+    res = prune_unstructured(work, sparsity=sparsity, scope=eff_scope, nm=nm, exclude=exclude)
+    ctx.record(
+        mode=f"nm {nm}" if nm else "unstructured", scope=eff_scope,
+        sparsity=round(res["sparsity"], 4), weights=res["weights"], zeros=res["zeros"],
+        per_layer=res["layers"], skipped_layers=res["skipped"],
+        dense_weight_bytes=before.weight_bytes, sparse_weight_bytes=sparse_bytes(work),
+        zipped_bytes_before=zipped_bytes(model), zipped_bytes_after=zipped_bytes(work),
+        macs_before=before.macs, params_before=before.params,
+        nonzero_params=before.params - res["zeros"],
+        **calib_error(original, work, ctx))
+    return work
