@@ -309,7 +309,7 @@ def _probe_with_ort(bound: onnx.ModelProto, names: list[str],
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
-        feeds = make_inputs(bound, shapes=dict(dims))
+        feeds = {k: np.asarray(v) for k, v in make_inputs(bound, shapes=dict(dims)).items()}
         values = sess.run(names, feeds)
     except Exception as exc:
         raise InvalidModelError(
@@ -343,7 +343,7 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
                    order: Sequence[int] | None = None, *, inplace: bool = True,
                    allow_unknown: bool = False, where: str = "graph",
                    inplace_policy: str = "oldest",
-                   outer_weights: frozenset[str] = frozenset()) -> Liveness:
+                   outer_scope: frozenset[str] = frozenset()) -> Liveness:
     """Liveness of `graph` over `order` (indices into graph.node; default: as stored).
 
     `types` maps tensor names to (elem_type, static dims). Bodies of If/Loop/Scan are analysed
@@ -354,7 +354,9 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
     if sorted(order) != list(range(len(graph.node))):
         raise InvalidModelError(f"{where}: the execution order is not a permutation of the nodes")
     weights, weights_bytes = _weights(graph)
-    weights |= outer_weights
+    # a body's reads of enclosing-scope tensors are the parent's business (they keep the
+    # parent's tensor alive up to the node that owns the body)
+    weights |= outer_scope
     graph_inputs = [i.name for i in graph.input if i.name not in weights]
     graph_outputs = {o.name for o in graph.output}
     n_steps = len(order)
@@ -395,11 +397,12 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
             t.last = max(t.last, step)
         bodies = _named_subgraphs(node)
         if bodies:
-            inner_weights = frozenset(weights)
+            inner_scope = frozenset(weights | {i.name for i in graph.input}
+                                    | {o for n in graph.node for o in n.output if o})
             subgraphs[names[idx]] = {
                 attr: graph_liveness(g, types, inplace=inplace, allow_unknown=allow_unknown,
                                      where=f"{where}/{names[idx]}.{attr}",
-                                     outer_weights=inner_weights)
+                                     outer_scope=inner_scope)
                 for attr, g in bodies}
         for name in node.output:
             if not name or name in weights:

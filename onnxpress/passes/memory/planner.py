@@ -248,7 +248,7 @@ def plan_dict(lv: Liveness, offsets: OffsetPlan, *, alignment: int,
         "version": PLAN_VERSION,
         "arena_bytes": offsets.arena_bytes,
         "lower_bound_bytes": lv.lower_bound_bytes,
-        "naive_bytes": lv.naive_bytes,
+        "naive_bytes": sum(_align(t.size, alignment) for t in lv.tensors.values()),
         "lower_bound_no_inplace_bytes": lv.lower_bound_no_inplace_bytes,
         "weights_bytes": lv.weights_bytes,
         "alignment": alignment,
@@ -376,9 +376,14 @@ def _check_plan(plan: Mapping[str, Any], where: str) -> None:
             f"{actual}")
     if arena < lower:
         raise MemoryPlanError(f"{where}: the arena ({arena}) is below the lower bound ({lower})")
-    if naive != int(size.sum()):
+    alignment = plan.get("alignment", 1)
+    if not isinstance(alignment, int) or alignment < 1:
+        raise MemoryPlanError(f"{where}: 'alignment' must be a positive integer")
+    naive_actual = int(sum(_align(int(s), alignment) for s in size.tolist()))
+    if naive != naive_actual:
         raise MemoryPlanError(
-            f"{where}: 'naive_bytes' is {naive} but the tensors add up to {int(size.sum())}")
+            f"{where}: 'naive_bytes' is {naive} but the tensors, each aligned to {alignment} "
+            f"bytes, add up to {naive_actual}")
     for node, bodies in (plan.get("subgraphs") or {}).items():
         for attr, sub in bodies.items():
             _check_plan(sub, f"{where}/{node}.{attr}")

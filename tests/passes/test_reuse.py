@@ -1,0 +1,284 @@
+"""The reuse pass: liveness, arena planning near the lower bound, the plan in metadata and its
+checker, on random DAGs (hypothesis) and on real models (digits CNN, timm, MiniLM)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from onnxpress import passes
+from onnxpress.backends import ort
+from onnxpress.data import make_inputs
+from onnxpress.errors import PassOptionError
+from onnxpress.io import load, save
+from onnxpress.passes.memory import (
+    PLAN_KEY,
+    MemoryPlanError,
+    graph_liveness,
+    memory_greedy_order,
+    plan_offsets,
+    read_memory_plan,
+    verify_memory_plan,
+)
+from onnxpress.passes.memory.planner import plan_dict
+
+FLOAT = TensorProto.FLOAT
+
+
+# -- random DAGs ------------------------------------------------------------------------------
+@st.composite
+def random_dags(draw):
+    """A graph of random ops over random tensor sizes (sizes are given, not inferred)."""
+    n_inputs = draw(st.integers(1, 3))
+    sizes = {f"in{i}": draw(st.integers(0, 4096)) for i in range(n_inputs)}
+    available = list(sizes)
+    nodes = []
+    for k in range(draw(st.integers(1, 30))):
+        op = draw(st.sampled_from(["Relu", "Add", "Mul", "MatMul", "Concat", "Reshape", "Split",
+                                   "Custom"]))
+        n_in = 1 if op in ("Relu", "Reshape", "Split") else draw(st.integers(1, 3))
+        ins = draw(st.lists(st.sampled_from(available), min_size=n_in, max_size=n_in))
+        outs = [f"t{k}_{j}" for j in range(2 if op == "Split" else 1)]
+        for o in outs:
+            same = draw(st.booleans())  # same size as the first input: in-place candidates
+            sizes[o] = sizes[ins[0]] if same else draw(st.integers(0, 1 << 16))
+        nodes.append(helper.make_node(op, ins, outs, name=draw(st.sampled_from(["", f"n{k}"])),
+                                      domain="" if op != "Custom" else "test.custom"))
+        available += outs
+    produced = [o for n in nodes for o in n.output]
+    outputs = draw(st.lists(st.sampled_from(produced), min_size=1, max_size=3, unique=True))
+    graph = helper.make_graph(
+        nodes, "dag", [helper.make_tensor_value_info(f"in{i}", FLOAT, None)
+                       for i in range(n_inputs)],
+        [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs])
+    types = {name: (FLOAT, [size]) for name, size in sizes.items()}
+    alignment = draw(st.sampled_from([1, 4, 64]))
+    return graph, types, alignment
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_dags())
+def test_random_dag_plans_are_valid_and_between_bounds(case):
+    graph, types, alignment = case
+    for order in (None, memory_greedy_order(graph, {k: 4 * v[1][0] for k, v in types.items()})):
+        for policy in ("oldest", "first"):
+            lv = graph_liveness(graph, types, order, inplace_policy=policy)
+            offsets = plan_offsets(lv, alignment=alignment)
+            plan = json.loads(json.dumps(plan_dict(lv, offsets, alignment=alignment)))
+            verify_memory_plan(plan)
+            assert plan["lower_bound_bytes"] <= plan["arena_bytes"] <= plan["naive_bytes"]
+            # the lower bound is the largest set alive at one step: recompute it by brute force
+            steps = max(1, len(lv.order))
+            live = [0] * steps
+            for t in lv.tensors.values():
+                for s in range(t.first, t.last + 1):
+                    if not (t.inplace_of is None or s != t.first):
+                        continue  # an in-place output shares its input's bytes at hand-over
+                    live[s] += t.size
+            assert plan["lower_bound_bytes"] == max(live)
+
+
+def test_checker_rejects_overlap_naming_both_tensors():
+    plan = {"arena_bytes": 100, "lower_bound_bytes": 100, "naive_bytes": 110, "order": ["a", "b"],
+            "tensors": {"x": {"offset": 0, "size": 60, "first": 0, "last": 1},
+                        "y": {"offset": 50, "size": 50, "first": 1, "last": 1}}}
+    with pytest.raises(MemoryPlanError, match=r"'x'.*'y'.*step 1 \(node 'b'\)"):
+        verify_memory_plan(plan)
+    plan["tensors"]["y"].update(offset=60, size=40)
+    plan["naive_bytes"] = 100
+    verify_memory_plan(plan)  # disjoint bytes: valid
+    plan["lower_bound_bytes"] = 90
+    with pytest.raises(MemoryPlanError, match="lower_bound_bytes"):
+        verify_memory_plan(plan)
+    with pytest.raises(MemoryPlanError, match="no 'order'"):
+        verify_memory_plan({"arena_bytes": 0, "lower_bound_bytes": 0, "naive_bytes": 0,
+                            "tensors": {}})
+
+
+# -- small hand-made graphs -------------------------------------------------------------------
+def _chain_model() -> onnx.ModelProto:
+    """x -> Conv -> a -> Relu -> b; two independent branches that a good order interleaves."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal(
+        (8, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["d"]),
+             helper.make_node("Add", ["b", "d"], ["y"])]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(
+        "x", FLOAT, ["batch", 3, 16, 16])], [helper.make_tensor_value_info("y", FLOAT, ["batch", 8, 16, 16])],
+        [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_unbound_dims_fail_with_the_input_and_dim_named():
+    with pytest.raises(PassOptionError, match=r"'x' axis 0 \(batch\).*reuse:batch=1"):
+        passes.apply(_chain_model(), ["reuse"])
+
+
+def test_inplace_unnamed_nodes_and_order():
+    out = passes.run(_chain_model(), ["reuse:batch=2"]).model
+    plan = read_memory_plan(out)
+    assert plan["order"] == [n.name for n in out.graph.node]
+    assert all(n.name for n in out.graph.node) and len(set(plan["order"])) == 5
+    t = plan["tensors"]
+    assert t["b"]["inplace_of"] == "a" and t["b"]["offset"] == t["a"]["offset"]
+    assert t["x"]["kind"] == "input" and t["y"]["kind"] == "output"
+    # 2*8*16*16 floats = 16 KiB per activation
+    assert t["a"]["size"] == 2 * 8 * 16 * 16 * 4 and t["x"]["size"] == 2 * 3 * 16 * 16 * 4
+    verify_memory_plan(out)
+
+
+def _if_model() -> onnx.ModelProto:
+    """y = Relu(If(cond, then: Exp(x)*2 + x, else: Sigmoid(x))): a body reading an outer tensor."""
+    two = helper.make_tensor("two", FLOAT, [], [2.0])
+    then_g = helper.make_graph(
+        [helper.make_node("Exp", ["h"], ["e"]),
+         helper.make_node("Mul", ["e", "two"], ["m"]),
+         helper.make_node("Add", ["m", "h"], ["then_out"])],
+        "then", [], [helper.make_tensor_value_info("then_out", FLOAT, [4, 256])], [two])
+    else_g = helper.make_graph(
+        [helper.make_node("Sigmoid", ["h"], ["else_out"])],
+        "else", [], [helper.make_tensor_value_info("else_out", FLOAT, [4, 256])])
+    nodes = [helper.make_node("Neg", ["x"], ["h"]),
+             helper.make_node("If", ["cond"], ["z"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Relu", ["z"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "with_if",
+        [helper.make_tensor_value_info("x", FLOAT, [4, 256]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", FLOAT, [4, 256])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_subgraph_bodies_are_planned_and_outer_reads_keep_tensors_alive():
+    model = _if_model()
+    result = passes.run(model, ["reuse"])
+    out = result.model
+    plan = read_memory_plan(out)
+    names = plan["order"]
+    if_name = next(n.name for n in out.graph.node if n.op_type == "If")
+    # h is read inside both bodies: it stays alive up to the If node
+    assert plan["tensors"]["h"]["last"] == names.index(if_name)
+    bodies = plan["subgraphs"][if_name]
+    assert set(bodies) == {"then_branch", "else_branch"}
+    # then-branch: e, m, then_out are 4 KiB each; e -> m -> then_out in place => one buffer
+    assert bodies["then_branch"]["arena_bytes"] == 4096
+    ws = plan["tensors"][f"{if_name}::body"]
+    assert ws["kind"] == "workspace" and ws["size"] == 4096
+    assert ws["first"] == ws["last"] == names.index(if_name)
+    verify_memory_plan(out)
+    for cond in (True, False):
+        feeds = {"x": np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32),
+                 "cond": np.array(cond)}
+        np.testing.assert_array_equal(ort.run(model, feeds)["y"], ort.run(out, feeds)["y"])
+
+
+def test_stale_plan_is_detected(tmp_path):
+    out = passes.apply(_chain_model(), ["reuse:batch=1"])
+    nodes = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend([nodes[2], nodes[3], nodes[0], nodes[1], nodes[4]])
+    with pytest.raises(MemoryPlanError, match="stale"):
+        verify_memory_plan(out)
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(out)
+    del stripped.metadata_props[:]
+    with pytest.raises(MemoryPlanError, match="no 'onnxpress.memory_plan'"):
+        verify_memory_plan(stripped)
+
+
+# -- real models ------------------------------------------------------------------------------
+def _check_real(path, spec: str, shapes: dict, tmp_path, *, compare: bool) -> dict:
+    model = load(path)
+    result = passes.run(model, [spec])
+    out = result.model
+    figures = result.reports[0].figures
+    plan = read_memory_plan(out)
+    assert figures["memory_plan"] == plan
+    assert plan["arena_bytes"] <= 1.05 * plan["lower_bound_bytes"]
+    assert plan["arena_bytes"] <= 0.5 * plan["naive_bytes"]
+    verify_memory_plan(out)
+    # reordering never raises the peak nor the arena
+    stored = plan["orders_tried"]["stored"]
+    assert plan["lower_bound_bytes"] <= stored["lower_bound_bytes"]
+    assert plan["arena_bytes"] <= stored["arena_bytes"]
+    # the plan survives save/load and can be verified from the file alone
+    dst = tmp_path / "planned.onnx"
+    save(out, dst)
+    again = load(dst)
+    assert read_memory_plan(again) == plan
+    verify_memory_plan(str(dst))
+    assert [(p.key, p.value) for p in model.metadata_props] == \
+        [(p.key, p.value) for p in again.metadata_props if p.key != PLAN_KEY]
+    if compare:
+        feeds = make_inputs(model, shapes=shapes, seed=3)
+        expected, actual = ort.run(model, feeds), ort.run(out, feeds)
+        assert expected.keys() == actual.keys()
+        for k in expected:
+            np.testing.assert_array_equal(expected[k], actual[k])
+    return plan
+
+
+def test_digits_cnn(digits_cnn_path, tmp_path, digits):
+    plan = _check_real(digits_cnn_path, "reuse:batch=1", {"batch": 1}, tmp_path, compare=True)
+    # input 1x1x8x8 floats; the peak is the second conv: its input (16 channels at 8x8, the
+    # ReLU having run in place) and its output (32 channels at 8x8)
+    assert plan["tensors"]["input"]["size"] == 256
+    assert plan["lower_bound_bytes"] == 16 * 64 * 4 + 32 * 64 * 4 == plan["arena_bytes"]
+    out = passes.apply(digits_cnn_path, ["reuse:batch=64"])
+    from onnxpress import zoo
+
+    X, y = digits.test
+    assert zoo.accuracy(out, X, y) == zoo.accuracy(digits_cnn_path, X, y)
+
+
+def test_resnet18(timm_path, tmp_path):
+    plan = _check_real(timm_path("resnet18"), "reuse", {}, tmp_path, compare=True)
+    # the first block's two 64x112x112 float maps (conv1 output, then its ReLU in place) and
+    # the max-pool output: 3,211,264 + 802,816 bytes
+    assert plan["lower_bound_bytes"] == 64 * 112 * 112 * 4 + 64 * 56 * 56 * 4
+    assert plan["arena_bytes"] == plan["lower_bound_bytes"]
+
+
+def test_minilm_batch1_seq128(minilm_path, tmp_path):
+    plan = _check_real(minilm_path, "reuse:batch=1,seq=128", {"batch": 1, "seq": 128},
+                       tmp_path, compare=True)
+    assert plan["bindings"] == {"batch": 1, "seq": 128}
+    # attention probabilities: 12 heads x 128 x 128 floats are alive at the peak
+    assert any(plan["tensors"][n]["size"] == 12 * 128 * 128 * 4 for n in plan["peak"]["tensors"])
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100", "convnext_atto",
+                                  "vit_tiny_patch16_224"])
+def test_other_timm_models(timm_path, tmp_path, name):
+    _check_real(timm_path(name), "reuse", {}, tmp_path, compare=True)
+
+
+def test_shapes_from_context_and_liveness_analysis(digits_cnn_path):
+    from onnxpress.passes.context import PassContext
+
+    model = load(digits_cnn_path)
+    ctx = PassContext(shapes={"input": [4, 1, 8, 8]}, progress=False)
+    lv = ctx.analysis("liveness", model)
+    assert lv.tensors["input"].size == 4 * 64 * 4
+    assert lv.lower_bound_bytes > 0 and lv.order == [n.name or f"{n.op_type}_{i}"
+                                                     for i, n in enumerate(model.graph.node)]
+    result = passes.run(model, ["reuse"], shapes={"input": [4, 1, 8, 8]})
+    assert read_memory_plan(result.model)["tensors"]["input"]["size"] == 4 * 64 * 4
+
+
+def test_inspect_memory_cli(digits_cnn_path, capsys):
+    from onnxpress.cli import main
+
+    assert main(["inspect", str(digits_cnn_path), "--memory", "--top", "1"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("activation memory", "weights", "activations, naive", "lower bound",
+                   "planned arena", "largest live set"):
+        assert needle in text
