@@ -79,8 +79,9 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
     is larger than `max_bytes` or than its constant inputs, so folding never grows the model
     (DequantizeLinear of int8 weights stays as it is). Runs on onnxruntime via onnx-graphsurgeon.
     """
-    shapes = ctx.analysis("shapes", model)
+    shapes = ctx.analysis("shapes", model, symbolic=False)
     n_before = sum(1 for _ in _all_nodes(model.graph))
+    shape_folds = _fold_static_shapes(model.graph, shapes) if fold_shapes else 0
     const_bytes = {}
     for g in _graphs(model.graph):
         for name, t in constants(g).items():
@@ -112,23 +113,77 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
     try:
         with quiet_gs():
             graph = gs.import_onnx(model)
-            graph.fold_constants(fold_shapes=fold_shapes, recurse_subgraphs=True, error_ok=True,
+            # graphsurgeon's own shape folding ignores Shape's start/end (opset 15): ours ran above
+            graph.fold_constants(fold_shapes=False, recurse_subgraphs=True, error_ok=True,
                                  should_exclude_node=exclude, flatten_subgraphs=False)
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
             out = gs.export_onnx(graph, do_type_check=False)
-    except Exception as exc:  # graphsurgeon gives up on some exotic graphs: leave them alone
-        ctx.record(folded=0, skipped_reason=f"{type(exc).__name__}: {exc}"[:200])
+    except Exception as exc:  # graphsurgeon gives up on some exotic graphs: keep our shape folds
+        eliminate_dead_code(model.graph)
+        ctx.record(folded=shape_folds, skipped_reason=f"{type(exc).__name__}: {exc}"[:200])
         return model
     copy_model_fields(model, out)
     _restore_graph_io(model, out)
     try:
         onnx.checker.check_model(out) if out.ByteSize() < 2**31 - 2**24 else None
     except Exception as exc:
-        ctx.record(folded=0, skipped_reason=f"folded model failed the checker: {exc}"[:200])
+        eliminate_dead_code(model.graph)
+        ctx.record(folded=shape_folds, skipped_reason=f"folded model failed the checker: {exc}"[:200])
         return model
     n_after = sum(1 for _ in _all_nodes(out.graph))
     ctx.record(folded=n_before - n_after)
     return out
+
+
+def _fold_static_shapes(graph: onnx.GraphProto, shapes: dict) -> int:
+    """Replace Shape nodes (honouring start/end) and Size nodes whose answer is static, and
+    Gather(Shape(x), const) where only the gathered dims need to be static, by Constants."""
+    folded = 0
+    consts = constants(graph)
+    producer = {o: n for n in graph.node for o in n.output if o}
+    new_nodes = []
+    for node in graph.node:
+        value = None
+        if node.domain in ("", "ai.onnx") and node.op_type in ("Shape", "Size") and node.input:
+            info = shapes.get(node.input[0])
+            dims = None if info is None else info[1]
+            if node.input[0] in consts:
+                dims = list(consts[node.input[0]].dims)
+            if dims is not None:
+                rank = len(dims)
+                if node.op_type == "Shape":
+                    start = next((a.i for a in node.attribute if a.name == "start"), 0)
+                    end = next((a.i for a in node.attribute if a.name == "end"), rank)
+                    start = min(max(start + rank if start < 0 else start, 0), rank)
+                    end = min(max(end + rank if end < 0 else end, 0), rank)
+                    part = dims[start:end]
+                    if all(isinstance(d, int) and d > 0 for d in part):
+                        value = np.array(part, dtype=np.int64)
+                elif all(isinstance(d, int) and d > 0 for d in dims):
+                    value = np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)
+        elif (node.domain in ("", "ai.onnx") and node.op_type == "Gather" and len(node.input) == 2
+              and node.input[1] in consts and node.input[0] in producer
+              and producer[node.input[0]].op_type == "Shape"):
+            shape_node = producer[node.input[0]]
+            info = shapes.get(shape_node.input[0])
+            has_slice = any(a.name in ("start", "end") for a in shape_node.attribute)
+            if info is not None and info[1] is not None and not has_slice:
+                dims = info[1]
+                idx = numpy_helper.to_array(consts[node.input[1]]).astype(np.int64)
+                flat = [int(i) + len(dims) if int(i) < 0 else int(i) for i in np.ravel(idx)]
+                if all(0 <= i < len(dims) and isinstance(dims[i], int) and dims[i] > 0 for i in flat):
+                    value = np.array([dims[i] for i in flat], dtype=np.int64).reshape(idx.shape)
+        if value is not None:
+            new_nodes.append(onnx.helper.make_node(
+                "Constant", [], [node.output[0]], name=(node.name or node.output[0]) + "_folded",
+                value=numpy_helper.from_array(value, node.output[0])))
+            folded += 1
+        else:
+            new_nodes.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return folded
 
 
 def _restore_graph_io(original: onnx.ModelProto, out: onnx.ModelProto) -> None:

@@ -117,11 +117,14 @@ class PassContext:
 
 
 @register_analysis("shapes")
-def _shapes_analysis(model: onnx.ModelProto, ctx: PassContext) -> dict[str, tuple[int, list]]:
-    """{tensor name: (elem_type, dims)} from onnx shape inference (dims: int, str or None)."""
+def _shapes_analysis(model: onnx.ModelProto, ctx: PassContext, *,
+                     symbolic: bool = True) -> dict[str, tuple[int, list]]:
+    """{tensor name: (elem_type, dims)} from onnx shape inference (dims: int, str or None),
+    completed by onnxruntime's symbolic inference unless `symbolic=False` (use that where a
+    wrong static dim would change results, e.g. constant folding)."""
     from onnxpress.passes.graph import infer_shapes
 
-    inferred = infer_shapes(model, strict=False, symbolic=True)
+    inferred = infer_shapes(model, strict=False, symbolic=symbolic)
     out = {}
     from onnxpress.stats import iter_graphs
 

@@ -12,7 +12,7 @@ Modules: groups.py (the `channel_groups` analysis), structured.py, unstructured.
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import numpy as np
 import onnx

@@ -1,0 +1,203 @@
+"""The `fuse` pass: apply every enabled fusion, by priority, to a fixed point.
+
+    before: y = 0.5 * x * (1 + Erf(x / 1.4142))      after: y = Gelu(x)
+    before: LayerNorm(Add(MatMul(x,Wq)+bq ...) -> Reshape -> Transpose -> MatMul -> Softmax ...)
+    after:  com.microsoft.Attention(x, Wqkv, bqkv)  (target ort; plain ops kept for tvm)
+
+The model goes through onnx shape inference, becomes an onnx_ir model (weights are shared,
+not copied), Constant nodes become initializers so patterns see every constant alike, size-one
+constants of element-wise ops become scalars, and then each fusion is tried in priority order;
+the list is repeated until no fusion fires (or `max_rounds`). Dead nodes and initializers are
+dropped; graph inputs, outputs and model fields (metadata_props...) are kept.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import PassError, PassOptionError
+from onnxpress.passes.context import PassContext
+from onnxpress.passes.fuse import api
+from onnxpress.passes.graph import copy_model_fields, infer_shapes
+from onnxpress.passes.registry import Range, register
+
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater",
+                "Where", "And", "Or"}
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _scalarize_constants(model) -> int:
+    """Element-wise ops reading a one-element constant of rank r read a rank-0 scalar instead
+    when another operand already has rank >= r (the output shape is then unchanged)."""
+    from onnxscript import ir
+
+    count = 0
+    cache: dict[tuple, ir.Value] = {}
+    for node in list(model.graph):
+        if node.op_type not in _ELEMENTWISE or node.domain not in ("", "ai.onnx"):
+            continue
+        for i, v in enumerate(node.inputs):
+            if v is None or v.const_value is None or v.is_graph_input():
+                continue
+            dims = v.const_value.shape
+            if len(dims) == 0 or np.prod(list(dims)) != 1:
+                continue
+            others = [u for j, u in enumerate(node.inputs) if j != i and u is not None]
+            if not any(u.shape is not None and len(u.shape) >= len(dims) for u in others):
+                continue
+            arr = v.const_value.numpy().reshape(())
+            key = (arr.dtype.str, arr.tobytes())
+            new = cache.get(key)
+            if new is None:
+                name = f"onnxpress_fuse/scalar_{len(cache)}_{v.name}"
+                new = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(v.dtype),
+                               const_value=ir.tensor(arr, name=name))
+                model.graph.register_initializer(new)
+                cache[key] = new
+            node.replace_input_with(i, new)
+            count += 1
+    return count
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its big weights: they become typed graph inputs, which is all shape
+    inference needs from them (small integer constants stay, for Reshape targets and the like)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    src = model.graph
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and \
+                int(np.prod(t.dims, dtype=np.int64)) <= 64:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_light_copy(model), data_prop=True)
+    except Exception:  # inference gave up: fusions that need shapes will not fire
+        return {}
+    return {v.name: v.type for v in inferred.graph.value_info}
+
+
+def _attach_shapes(work, types: dict[str, onnx.TypeProto]) -> None:
+    from onnxscript import ir
+
+    for node in work.graph:
+        for v in node.outputs:
+            t = types.get(v.name)
+            if t is None or not t.HasField("tensor_type"):
+                continue
+            tt = t.tensor_type
+            if v.type is None and tt.elem_type:
+                v.type = ir.TensorType(ir.DataType(tt.elem_type))
+            if v.shape is None and tt.HasField("shape"):
+                v.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else
+                                    (d.dim_param or None) for d in tt.shape.dim])
+
+
+def _constants_second(model) -> None:
+    """Put the constant operand of Add/Mul second, so patterns need not try both orders."""
+    for node in model.graph:
+        if node.op_type in ("Add", "Mul") and node.domain in ("", "ai.onnx") \
+                and len(node.inputs) == 2:
+            a, b = node.inputs
+            if a is not None and b is not None and a.const_value is not None \
+                    and b.const_value is None:
+                node.replace_input_with(0, b)
+                node.replace_input_with(1, a)
+
+
+@register("fuse")
+def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
+         only: list[str] = (), max_rounds: Annotated[int, Range(1, 20)] = 6) -> onnx.ModelProto:
+    """Fuse subgraphs into single ops: BN/Mul/Add/Pad into Conv/Gemm, GELU, LayerNorm, attention...
+
+    before: x -> Div(1.414) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5)      after: x -> Gelu
+    Patterns are listed by `onnxpress.passes.fuse.list_fusions()`; switch any off by name or
+    family (`fuse:disable=gelu+attention`) or run only some (`fuse:only=layout`). Contrib ops
+    (com.microsoft) are used only when ctx.target is "ort"; other targets get plain ONNX.
+    """
+    from onnxscript import ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+
+
+    t0 = time.perf_counter()
+    disabled = api.select(disable, option="disable") if disable else set()
+    chosen = api.select(only, option="only") if only else None
+    opset = _default_opset(model)
+    target = ctx.target or "ort"
+    fusions = [f for f in api.list_fusions()
+               if f.name not in disabled and (chosen is None or f.name in chosen)
+               and f.applies_to(opset, target)]
+    nodes_before = len(model.graph.node)
+
+    types = _inferred_shapes(model)
+    try:
+        work = ir.serde.deserialize_model(model)
+    except Exception as exc:
+        raise PassError(f"pass 'fuse' could not read the model into onnx_ir: {exc}") from None
+    _attach_shapes(work, types)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work)
+    scalarized = _scalarize_constants(work)
+    _constants_second(work)
+
+    counts: dict[str, int] = {}
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        fired = 0
+        for f in fusions:
+            try:
+                n = f.apply(work, ctx)
+            except PassOptionError:
+                raise
+            except Exception as exc:
+                raise PassError(f"pass 'fuse': fusion '{f.name}' failed: "
+                                f"{type(exc).__name__}: {exc}") from exc
+            if n:
+                counts[f.name] = counts.get(f.name, 0) + n
+                fired += n
+        if not fired:
+            break
+    RemoveUnusedNodesPass()(work)
+    out = ir.serde.serialize_model(work)
+
+    # keep exactly what the caller declared: value_info only for names it had, IO as given
+    had = {v.name for v in model.graph.value_info}
+    vis = [v for v in out.graph.value_info if v.name in had]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(vis)
+    orig_in = {v.name: v for v in model.graph.input}
+    orig_out = {v.name: v for v in model.graph.output}
+    for v in out.graph.input:
+        if v.name in orig_in:
+            v.CopyFrom(orig_in[v.name])
+    for v in out.graph.output:
+        if v.name in orig_out:
+            v.CopyFrom(orig_out[v.name])
+    copy_model_fields(model, out)
+    if any(n.domain == api.MS_DOMAIN for n in out.graph.node) and \
+            not any(o.domain == api.MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(api.MS_DOMAIN, 1))
+    ctx.record(fused=dict(sorted(counts.items())), fusions_fired=sum(counts.values()),
+               rounds=rounds, constants_scalarized=scalarized,
+               nodes_before=nodes_before, nodes_after=len(out.graph.node),
+               fuse_seconds=round(time.perf_counter() - t0, 3))
+    return out

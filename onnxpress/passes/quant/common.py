@@ -1,0 +1,148 @@
+"""Helpers shared by the quant passes: weight quantization, constant lifting, opset, naming."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxpress.stats import iter_graphs
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    for o in model.opset_import:
+        if o.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return o.version
+    return 0
+
+
+def ensure_opset(model: onnx.ModelProto, minimum: int) -> tuple[onnx.ModelProto, bool]:
+    """Raise the default-domain opset to `minimum` (onnx's version converter) when it is lower."""
+    if opset_version(model) >= minimum:
+        return model, False
+    from onnx import version_converter
+
+    from onnxpress.passes.graph import copy_model_fields
+
+    converted = version_converter.convert_version(model, minimum)
+    keep = [o for o in model.opset_import if o.domain not in ("", "ai.onnx")]
+    copy_model_fields(model, converted)
+    for o in converted.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = minimum
+    have = {o.domain for o in converted.opset_import}
+    converted.opset_import.extend(o for o in keep if o.domain not in have)
+    return converted, True
+
+
+def set_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    """Make sure `domain` is imported at `version` or newer (com.microsoft and friends)."""
+    for o in model.opset_import:
+        if o.domain == domain:
+            o.version = max(o.version, version)
+            return
+    model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Lift tensor-valued Constant nodes into initializers of the graph they live in
+    (subgraphs included), so weights held in Constant nodes are quantized like the rest."""
+    lifted = 0
+    for g in iter_graphs(graph):
+        keep = []
+        for node in g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                attr = next((a for a in node.attribute if a.name == "value"
+                             and a.type == onnx.AttributeProto.TENSOR), None)
+                if attr is not None and attr.t.data_type == FLOAT and _numel(attr.t) > 1:
+                    t = onnx.TensorProto()
+                    t.CopyFrom(attr.t)
+                    t.name = node.output[0]
+                    g.initializer.append(t)
+                    lifted += 1
+                    continue
+            keep.append(node)
+        if len(keep) != len(g.node):
+            del g.node[:]
+            g.node.extend(keep)
+    return lifted
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, *, bits: int = 8
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric signed quantization: (q, scale); per channel along `axis`, per tensor if None.
+    The range is +-(2^(bits-1) - 1) so that -q never overflows."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.astype(np.float32)
+    if axis is None:
+        m = np.array(np.abs(w).max() if w.size else 0.0, dtype=np.float32)
+        scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)
+        q = np.clip(np.round(w / scale), -qmax, qmax)
+    else:
+        axes = tuple(i for i in range(w.ndim) if i != axis)
+        m = np.abs(w).max(axis=axes) if w.size else np.zeros(w.shape[axis], np.float32)
+        scale = np.where(m > 0, m / qmax, 1.0).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax)
+    return q.astype(np.int8), scale
+
+
+class Names:
+    """Fresh tensor/node names that collide with nothing in the model (subgraphs included)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.taken: set[str] = set()
+        for g in iter_graphs(model.graph):
+            self.taken |= {t.name for t in g.initializer}
+            self.taken |= {v.name for v in list(g.input) + list(g.output) + list(g.value_info)}
+            for n in g.node:
+                self.taken |= set(n.output) | set(n.input)
+                if n.name:
+                    self.taken.add(n.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name = f"{base}_{i}"
+            i += 1
+        self.taken.add(name)
+        return name
+
+
+def make_dq_weight(graph: onnx.GraphProto, init: onnx.TensorProto, axis: int | None,
+                   names: Names, *, bits: int = 8) -> tuple[onnx.NodeProto, np.ndarray]:
+    """Replace float initializer `init` in `graph` by int8 + DequantizeLinear producing the same
+    name (every reader, in any scope, now reads the dequantized weight). Returns (node, scale)."""
+    w = numpy_helper.to_array(init)
+    q, scale = quantize_weight(w, axis, bits=bits)
+    qname = names(init.name + "_quantized")
+    sname = names(init.name + "_scale")
+    zname = names(init.name + "_zero_point")
+    graph.initializer.remove(init)
+    graph.initializer.extend([
+        numpy_helper.from_array(q, qname),
+        numpy_helper.from_array(scale, sname),
+        numpy_helper.from_array(np.zeros(scale.shape, np.int8), zname)])
+    attrs = {"axis": axis} if axis is not None else {}
+    node = helper.make_node("DequantizeLinear", [qname, sname, zname], [init.name],
+                            name=names(init.name + "_DequantizeLinear"), **attrs)
+    return node, scale
+
+
+def weight_axis(node: onnx.NodeProto, w_rank: int) -> int | None:
+    """The output-channel axis of a Conv/Gemm/MatMul weight (input 1), for per-channel scales."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return 0 if node.op_type == "Conv" else 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return w_rank - 1 if w_rank >= 2 else None
+    return None

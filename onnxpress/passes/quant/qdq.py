@@ -1,0 +1,442 @@
+"""quant_int8: static int8 quantization in QDQ form, placed where onnxruntime runs integer kernels.
+
+    before:  x -> Conv(W fp32, b fp32) -> Relu -> y
+    after:   x -> Q -> DQ -> Conv(DQ(W int8, per-channel), DQ(b int32)) -> Q -> DQ -> y
+             (Relu absorbed into the output Q's zero point; onnxruntime fuses this into QLinearConv)
+
+    MatMul with a constant weight whose result goes on in float:
+             x -> Q -> DQ -> MatMul(DQ(W int8)) -> y    (onnxruntime: MatMulIntegerToFloat)
+
+Weights stored in Constant nodes are lifted to initializers first. Inside If/Loop/Scan bodies, where
+activations cannot be calibrated, weights are still quantized (weight-only int8, DequantizeLinear in
+the body). Per-channel DequantizeLinear needs opset 13: older models are converted first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Literal
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxpress.passes.context import PassContext
+from onnxpress.passes.graph import has_subgraphs, rename_input
+from onnxpress.passes.quant import calibrate as _calibrate  # noqa: F401  (registers "calib")
+from onnxpress.passes.quant.calibrate import CalibrationStats, activation_qparams
+from onnxpress.passes.quant.common import (
+    FLOAT,
+    Names,
+    constants_to_initializers,
+    ensure_opset,
+    make_dq_weight,
+    quantize_weight,
+    weight_axis,
+)
+from onnxpress.passes.registry import Range, register
+from onnxpress.stats import iter_graphs
+
+COMPUTE = ("Conv", "MatMul", "Gemm")
+BINARY = ("Add", "Mul")
+OWN_RANGE = ("GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Concat")
+PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize",
+               "Slice", "Split")
+DEFAULT_OPS = ["Conv", "MatMul", "Gemm", "Add", "GlobalAveragePool", "AveragePool", "MaxPool",
+               "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Resize"]
+# ops whose integer kernel in onnxruntime needs the output quantized too (QLinearConv, QLinearAdd..)
+NEEDS_OUTPUT_Q = ("Conv",) + BINARY + OWN_RANGE + PASSTHROUGH
+
+
+@dataclasses.dataclass
+class QuantPlan:
+    """Which nodes of the main graph get integer kernels, and which tensors carry Q/DQ pairs."""
+
+    nodes: list[onnx.NodeProto]
+    qdq_tensors: dict[str, tuple[np.float32, int]]      # tensor -> (scale, zero point)
+    renamed_outputs: set[str]                           # produced tensors quantized at the source
+
+
+def is_depthwise(node: onnx.NodeProto, consts: dict) -> bool:
+    if node.op_type != "Conv":
+        return False
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    w = consts.get(node.input[1])
+    return group > 1 and w is not None and w.dims[1] == 1
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def quantize_static(
+    model: onnx.ModelProto,
+    stats: CalibrationStats | None,
+    *,
+    method: str = "percentile",
+    percentile: float = 99.999,
+    per_channel: bool = True,
+    activation_type: str = "uint8",
+    symmetric_activations: bool = False,
+    op_types: list[str] | None = None,
+    include_nodes: list[str] | None = None,
+    exclude_nodes: list[str] | None = None,
+    exclude_op_types: list[str] | None = None,
+    depthwise: bool = False,
+    matmul_activations: bool = False,
+    names_filter=None,
+) -> tuple[onnx.ModelProto, dict]:
+    """The work behind `quant_int8` (also used by quant_auto with a node filter).
+
+    `names_filter(node) -> bool` further restricts which main-graph nodes get integer kernels.
+    Returns (model, figures)."""
+    model, raised = ensure_opset(model, 13)
+    lifted = constants_to_initializers(model.graph)
+    graph = model.graph
+    names = Names(model)
+    op_types = set(op_types or DEFAULT_OPS) - set(exclude_op_types or ())
+    include = set(include_nodes or ())
+    exclude = set(exclude_nodes or ())
+    signed = activation_type == "int8"
+    graph_outputs = {o.name for o in graph.output}
+    graph_inputs = {i.name for i in graph.input}
+    inits = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
+
+    def selected(node: onnx.NodeProto) -> bool:
+        if node.name in exclude or node.op_type not in op_types:
+            return False
+        if include and node.name not in include and node.op_type in COMPUTE:
+            return False
+        return names_filter is None or names_filter(node)
+
+    def has_range(t: str) -> bool:
+        return stats is not None and t in stats
+
+    def float_weight(name: str) -> bool:
+        t = inits.get(name)
+        return t is not None and t.data_type == FLOAT
+
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    # 1. Relu/Clip(0, ..) directly after a compute node: absorbed into the output Q (zero point at
+    #    the bottom of the range saturates exactly like the Relu).
+    absorbed: set[str] = set()
+    if not symmetric_activations:
+        drop = set()
+        for n in graph.node:
+            if n.op_type not in ("Relu", "Clip") or n.input[0] in graph_outputs:
+                continue
+            if n.op_type == "Clip":
+                lo = inits.get(n.input[1]) if len(n.input) > 1 and n.input[1] else None
+                if lo is None or float(numpy_helper.to_array(lo)) != 0.0:
+                    continue
+            prod = next((p for p in graph.node if n.input[0] in p.output), None)
+            if (prod is None or prod.op_type not in ("Conv", "Gemm", "MatMul", "Add")
+                    or not selected(prod)
+                    or len(consumers.get(n.input[0], [])) != 1 or n.output[0] in graph_outputs
+                    or not has_range(n.output[0]) or not has_range(prod.input[0])):
+                continue
+            if prod.op_type in COMPUTE and (not float_weight(prod.input[1])
+                                            or (is_depthwise(prod, inits) and not depthwise)):
+                continue
+            prod.output[0] = n.output[0]
+            absorbed.add(n.output[0])
+            drop.add(id(n))
+        if drop:
+            keep = [n for n in graph.node if id(n) not in drop]
+            del graph.node[:]
+            graph.node.extend(keep)
+        # (extend copies the messages: the use map must be rebuilt)
+        consumers = {}
+        for n in graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+
+    # 2. decide the quantized nodes in topological order
+    quantized: list[onnx.NodeProto] = []
+    q_outputs: set[str] = set()          # tensors produced by quantized nodes
+    producer_q = set()
+    for n in graph.node:
+        op = n.op_type
+        if not selected(n) or has_subgraphs(n):
+            continue
+        ok = False
+        if op in COMPUTE:
+            if op == "Conv":
+                ok = (float_weight(n.input[1]) and has_range(n.input[0])
+                      and (depthwise or not is_depthwise(n, inits)))
+            elif op == "Gemm":
+                ok = (float_weight(n.input[1]) and has_range(n.input[0])
+                      and _attr(n, "alpha", 1.0) == 1.0 and _attr(n, "beta", 1.0) == 1.0
+                      and not _attr(n, "transA", 0))
+            else:
+                ok = has_range(n.input[0]) and (
+                    float_weight(n.input[1])
+                    or (matmul_activations and has_range(n.input[1])))
+            ok = ok and all(has_range(o) for o in n.output) if op == "Conv" else ok
+        elif op in BINARY:
+            acts = [i for i in n.input if i not in inits]
+            ok = (len(acts) == len(n.input) and all(a in q_outputs for a in acts)
+                  and has_range(n.output[0]))
+        elif op in OWN_RANGE:
+            acts = [i for i in n.input if i not in inits]
+            ok = acts and all(a in q_outputs for a in acts) and has_range(n.output[0])
+        elif op in PASSTHROUGH:
+            ok = bool(n.input) and n.input[0] in q_outputs and has_range(n.input[0])
+        if ok:
+            quantized.append(n)
+            producer_q.add(id(n))
+            if op in NEEDS_OUTPUT_Q:
+                q_outputs.update(o for o in n.output[:1])
+
+    # 3. quantization parameters of every tensor carrying a Q/DQ pair
+    range_kw = dict(percentile=percentile, qmax=255, symmetric=symmetric_activations)
+
+    def qparams(t: str) -> tuple[np.float32, int]:
+        lo, hi = stats.range(t, method, **range_kw)
+        return activation_qparams(lo, hi, signed=signed, symmetric=symmetric_activations)
+
+    qdq: dict[str, tuple[np.float32, int]] = {}
+    source_q: set[str] = set()
+    for n in quantized:
+        op = n.op_type
+        if op in PASSTHROUGH:
+            src = n.input[0]
+            if src not in qdq:
+                qdq[src] = qparams(src)
+            for o in n.output:
+                qdq[o] = qdq[src]
+                source_q.add(o)
+            continue
+        for i, t in enumerate(n.input):
+            if not t or t in inits or t in qdq:
+                continue
+            if op in ("Conv", "Gemm") and i == 2:
+                continue
+            qdq[t] = qparams(t)
+        if op in NEEDS_OUTPUT_Q:
+            o = n.output[0]
+            qdq.setdefault(o, qparams(o))
+            source_q.add(o)
+    # an absorbed Relu's output must reach every reader through the Q (which does the clipping)
+    for n in quantized:
+        for o in n.output:
+            if o in absorbed:
+                qdq.setdefault(o, qparams(o))
+                source_q.add(o)
+    # a tensor quantized at its source must not be a graph input
+    source_q -= graph_inputs
+
+    # 4. rewrite: weights, biases, Q/DQ pairs
+    new_initializers: list[onnx.TensorProto] = []
+    weight_scales: dict[str, np.ndarray] = {}
+    head_nodes: list[onnx.NodeProto] = []
+    after: dict[str, list[onnx.NodeProto]] = {}
+    quantized_ids = {id(n) for n in quantized}
+
+    def add_init(arr: np.ndarray, base: str) -> str:
+        name = names(base)
+        new_initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    weights_quantized = 0
+    for n in quantized:
+        if n.op_type not in COMPUTE or not float_weight(n.input[1]):
+            continue
+        wname = n.input[1]
+        if wname not in weight_scales:
+            init = inits[wname]
+            axis = weight_axis(n, len(init.dims)) if per_channel else None
+            node, scale = make_dq_weight(graph, init, axis, names)
+            head_nodes.append(node)
+            weight_scales[wname] = scale
+            weights_quantized += 1
+        if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2] \
+                and float_weight(n.input[2]) and n.input[0] in qdq:
+            b = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
+            if b.ndim == 1:
+                sx = float(qdq[n.input[0]][0])
+                sw = weight_scales[wname].astype(np.float64)
+                s = np.broadcast_to(sx * sw, b.shape).astype(np.float32)
+                s = np.where(s > 0, s, np.float32(1e-12)).astype(np.float32)
+                bq = np.clip(np.round(b / s), -2**31, 2**31 - 1).astype(np.int32)
+                base = n.input[2]
+                qn = add_init(bq, base + "_quantized")
+                sn = add_init(s if s.size > 1 else s.reshape(()), base + "_scale")
+                zn = add_init(np.zeros(s.shape if s.size > 1 else (), np.int32),
+                              base + "_zero_point")
+                out = names(base + "_dequantized")
+                attrs = {"axis": 0} if s.size > 1 else {}
+                head_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out],
+                                                   name=names(base + "_DequantizeLinear"),
+                                                   **attrs))
+                n.input[2] = out
+
+    qtype = np.int8 if signed else np.uint8
+    for t, (scale, zp) in qdq.items():
+        sn = add_init(np.array(scale, np.float32), t + "_scale")
+        zn = add_init(np.array(zp, qtype), t + "_zero_point")
+        qn = names(t + "_quantized")
+        if t in source_q:
+            src = names(t + "_float")
+            prod = next(p for p in graph.node if t in p.output)
+            for k, o in enumerate(prod.output):
+                if o == t:
+                    prod.output[k] = src
+            pair = [helper.make_node("QuantizeLinear", [src, sn, zn], [qn],
+                                     name=names(t + "_QuantizeLinear")),
+                    helper.make_node("DequantizeLinear", [qn, sn, zn], [t],
+                                     name=names(t + "_DequantizeLinear"))]
+            after.setdefault(src, []).extend(pair)
+        else:
+            dq = names(t + "_dequantized")
+            pair = [helper.make_node("QuantizeLinear", [t, sn, zn], [qn],
+                                     name=names(t + "_QuantizeLinear")),
+                    helper.make_node("DequantizeLinear", [qn, sn, zn], [dq],
+                                     name=names(t + "_DequantizeLinear"))]
+            for c in consumers.get(t, []):
+                if id(c) in quantized_ids:
+                    rename_input(c, t, dq)
+            if t in graph_inputs:
+                head_nodes.extend(pair)
+            else:
+                after.setdefault(t, []).extend(pair)
+
+    # weights inside subgraphs, and compute nodes of the main graph left without integer kernels
+    weight_only = 0
+    for g in iter_graphs(graph):
+        g_inputs = {i.name for i in g.input}
+        g_inits = {t.name: t for t in g.initializer if t.name not in g_inputs}
+        done: dict[str, onnx.NodeProto] = {}
+        for n in g.node:
+            if n.op_type not in COMPUTE or len(n.input) < 2 or n.name in exclude:
+                continue
+            if g is graph and (id(n) in quantized_ids or not selected(n)):
+                continue
+            if g is not graph and not (n.op_type in op_types and n.name not in exclude):
+                continue
+            if n.op_type == "Conv" and is_depthwise(n, g_inits) and not depthwise:
+                continue
+            w = g_inits.get(n.input[1])
+            if w is None or w.data_type != FLOAT or n.input[1] in done or len(w.dims) < 2:
+                continue
+            if g is graph and n.input[1] in weight_scales:
+                continue
+            node, _ = make_dq_weight(g, w, weight_axis(n, len(w.dims)) if per_channel else None,
+                                     names)
+            done[n.input[1]] = node
+            weight_only += 1
+        if done:
+            if g is graph:
+                head_nodes.extend(done.values())
+            else:
+                nodes = list(done.values()) + list(g.node)
+                del g.node[:]
+                g.node.extend(nodes)
+
+    ordered = list(head_nodes)
+    for n in graph.node:
+        ordered.append(n)
+        for o in n.output:
+            ordered.extend(after.get(o, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(new_initializers)
+
+    figures = {
+        "nodes_quantized": len(quantized),
+        "int8_compute_nodes": sum(1 for n in quantized if n.op_type in COMPUTE),
+        "weights_quantized": weights_quantized,
+        "weights_weight_only": weight_only,
+        "activations_quantized": len(qdq),
+        "constants_lifted": lifted,
+        "opset_raised": raised,
+        "method": method,
+    }
+    return model, figures
+
+
+def output_error(reference: onnx.ModelProto, candidate: onnx.ModelProto, calib,
+                 max_batches: int = 4) -> dict:
+    """Min cosine and max relative L2 error of every output over a few calibration batches."""
+    from onnxpress.backends import ort
+
+    s_ref, s_new = ort.session(reference), ort.session(candidate)
+    cos, rel = 1.0, 0.0
+    for i, batch in enumerate(calib):
+        if i >= max_batches:
+            break
+        a = s_ref.run(None, batch)
+        b = s_new.run(None, batch)
+        for x, y in zip(a, b):
+            if not np.issubdtype(np.asarray(x).dtype, np.floating):
+                continue
+            x = np.asarray(x, np.float64).reshape(len(x), -1) if np.ndim(x) else np.atleast_2d(x)
+            y = np.asarray(y, np.float64).reshape(x.shape)
+            nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+            c = np.where((nx > 0) & (ny > 0), (x * y).sum(1) / np.maximum(nx * ny, 1e-30), 1.0)
+            cos = min(cos, float(c.min()))
+            rel = max(rel, float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30)))
+    return {"min_cosine": round(cos, 6), "rel_l2": round(rel, 6)}
+
+
+@register("quant_int8", lossy=True, requires=("calib",))
+def quant_int8(
+    model: onnx.ModelProto,
+    ctx: PassContext,
+    *,
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile",
+    percentile: Annotated[float, Range(90, 100)] = 99.999,
+    per_channel: bool = True,
+    activation_type: Literal["uint8", "int8"] = "uint8",
+    symmetric_activations: bool = False,
+    op_types: list[str] | None = None,
+    include_nodes: list[str] | None = None,
+    exclude_nodes: list[str] | None = None,
+    exclude_op_types: list[str] | None = None,
+    depthwise: bool = False,
+    matmul_activations: bool = False,
+    latency_aware: bool = True,
+    latency_floor_ms: Annotated[float, Range(0)] = 1.0,
+    report_error: bool = True,
+) -> onnx.ModelProto:
+    """Static int8 QDQ quantization from calibration data (integer kernels on onnxruntime).
+
+    before: x -> Conv(W fp32, b) -> Relu -> y
+    after:  x -> Q -> DQ -> Conv(DQ(W int8 per-channel), DQ(b int32)) -> Q -> DQ -> y
+    Weights per-channel symmetric int8, activations uint8 (or int8) from calibrated ranges
+    (method: minmax | percentile | entropy | mse); bias int32. Depthwise Conv stays float by
+    default (slower in int8 on CPUs). latency_aware (target ort): ops whose int8 form does not pay
+    on onnxruntime are dropped by measurement; the model is never slower than its input
+    (models under latency_floor_ms in float are kept in int8 for their size).
+    """
+    calib = ctx.require_calib(model)
+    stats = ctx.analysis("calib", model)
+    kwargs = dict(method=method, percentile=percentile, per_channel=per_channel,
+                  activation_type=activation_type, symmetric_activations=symmetric_activations,
+                  op_types=op_types, include_nodes=include_nodes, exclude_nodes=exclude_nodes,
+                  exclude_op_types=exclude_op_types, depthwise=depthwise,
+                  matmul_activations=matmul_activations)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    out, figures = quantize_static(model, stats, **kwargs)
+    if latency_aware and ctx.target == "ort":
+        from onnxpress.passes.quant.latency import choose_fastest
+
+        out, timing = choose_fastest(original, out, stats, kwargs, calib, ctx,
+                                    floor_ms=latency_floor_ms)
+        figures.update(timing)
+    from onnxpress.passes.graph import copy_model_fields
+
+    copy_model_fields(original, out)
+    if report_error:
+        figures.update(output_error(original, out, calib))
+    figures["calibration_batches"] = stats.batches
+    ctx.record(**figures)
+    return out
