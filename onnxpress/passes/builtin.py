@@ -1,6 +1,7 @@
 """Imports every built-in pass module so their passes register themselves."""
 
 from onnxpress.passes import cleanup  # noqa: F401
+from onnxpress.passes import fuse  # noqa: F401
 from onnxpress.passes import prune as _prune  # noqa: F401
 from onnxpress.passes import distill as _distill  # noqa: F401
 from onnxpress.passes.memory import reuse as _reuse  # noqa: F401
