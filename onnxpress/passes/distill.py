@@ -20,9 +20,8 @@ import onnx
 
 from onnxpress.errors import CalibrationError, PassError, PassOptionError
 from onnxpress.passes.context import PassContext
-from onnxpress.passes.registry import Range, register
-
 from onnxpress.passes.prune import TEACHER_KEY
+from onnxpress.passes.registry import Range, register
 
 
 def _stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
@@ -34,7 +33,7 @@ def _stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
 
 
 def distill_model(student: onnx.ModelProto, teacher: onnx.ModelProto, batches: list[dict],
-                  *, labels: np.ndarray | None = None, epochs: int = 30, lr: float = 2e-3,
+                  *, labels: np.ndarray | None = None, epochs: int = 30, lr: float = 5e-3,
                   temperature: float = 4.0, alpha: float = 0.5, batch_size: int = 64,
                   loss: str = "auto", keep_sparsity: bool = True, weight_decay: float = 0.0,
                   seed: int = 0, progress=None) -> dict:
@@ -64,6 +63,22 @@ def distill_model(student: onnx.ModelProto, teacher: onnx.ModelProto, batches: l
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     module = OnnxGraphModule(student)
+    # small models train fastest on one thread (thread hand-offs cost more than the math)
+    threads_before = torch.get_num_threads()
+    if sum(p.numel() for p in module.parameters()) < 2_000_000:
+        torch.set_num_threads(1)
+    try:
+        return _train(torch, module, student, batches, targets, data, tdata, n, labels, names_s,
+                      gen, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
+                      batch_size=batch_size, loss=loss, keep_sparsity=keep_sparsity,
+                      weight_decay=weight_decay, progress=progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(torch, module, student, batches, targets, data, tdata, n, labels, names_s, gen, *,
+           epochs, lr, temperature, alpha, batch_size, loss, keep_sparsity, weight_decay,
+           progress) -> dict:
     masks = module.masks_from_zeros() if keep_sparsity else {}
     opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
@@ -123,7 +138,7 @@ def distill_model(student: onnx.ModelProto, teacher: onnx.ModelProto, batches: l
                 with torch.no_grad():
                     for k, mk in masks.items():
                         module.params[k].mul_(mk)
-            running += float(val)
+            running += float(val.detach())
             count += 1
         sched.step()
         history.append(running / max(count, 1))
@@ -141,7 +156,7 @@ def distill_model(student: onnx.ModelProto, teacher: onnx.ModelProto, batches: l
 def distill(model: onnx.ModelProto, ctx: PassContext, *,
             epochs: Annotated[int, Range(1)] = 30,
             temperature: Annotated[float, Range(0, None, lo_inclusive=False)] = 4.0,
-            lr: Annotated[float, Range(0, None, lo_inclusive=False)] = 2e-3,
+            lr: Annotated[float, Range(0, None, lo_inclusive=False)] = 5e-3,
             batch_size: Annotated[int, Range(1)] = 64,
             teacher: str | None = None,
             labels: str | None = None,
