@@ -81,7 +81,8 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
     """
     shapes = ctx.analysis("shapes", model, symbolic=False)
     n_before = sum(1 for _ in _all_nodes(model.graph))
-    shape_folds = _fold_static_shapes(model.graph, shapes) if fold_shapes else 0
+    shape_folds = sum(_fold_static_shapes(g, shapes) for g in list(_graphs(model.graph))) \
+        if fold_shapes else 0
     const_bytes = {}
     for g in _graphs(model.graph):
         for name, t in constants(g).items():
