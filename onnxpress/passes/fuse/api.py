@@ -138,11 +138,6 @@ def _rule_class():
 
         def __init__(self, graph_pattern, *args, **kwargs):
             super().__init__(graph_pattern, *args, **kwargs)
-            self._root = None
-            if graph_pattern.has_single_output_node:
-                ident = graph_pattern.output_node.op_identifier()
-                if ident is not None:
-                    self._root = (ident[0], ident[1])
 
             self._signature = _signature(graph_pattern.output_node, 3) \
                 if graph_pattern.has_single_output_node else None
@@ -161,8 +156,12 @@ def _signature(node_pattern, depth: int):
     from onnxscript.rewriter import _pattern_ir
 
     ident = node_pattern.op_identifier()
-    if ident is None:
-        return None
+    if ident is None:  # cloned (commuted) nodes carry their op as string patterns only
+        op, domain = node_pattern.op, node_pattern.domain
+        if not isinstance(op, _pattern_ir.StringConstantPattern) or \
+                not isinstance(domain, _pattern_ir.StringConstantPattern):
+            return None
+        ident = (domain.value(), op.value())
     inputs = []
     if depth > 1:
         for v in node_pattern.inputs:
