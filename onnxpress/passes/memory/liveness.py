@@ -34,8 +34,10 @@ Abs Acos Acosh Add And Asin Asinh Atan Atanh BitShift BitwiseAnd BitwiseNot Bitw
 Cast Ceil Celu Clip Cos Cosh Div Dropout Elu Equal Erf Exp Floor Gelu Greater GreaterOrEqual
 HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Less LessOrEqual Log Max Mean Min Mish Mod Mul
 Neg Not Or Pow PRelu Reciprocal Relu Round Selu Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Sub
-Sum Tan Tanh ThresholdedRelu Where Xor
+Sum Swish Tan Tanh ThresholdedRelu Where Xor
 """.split())
+# onnxruntime's contrib activations (what the fuse pass produces for target ort): elementwise too
+MS_ELEMENTWISE_OPS = frozenset({"Gelu", "FastGelu", "QuickGelu", "BiasGelu", "BiasAdd"})
 # Ops that only reinterpret the shape: the output is the input's bytes.
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 INPLACE_OPS = ELEMENTWISE_OPS | VIEW_OPS
@@ -442,7 +444,8 @@ def _mark_inplace(graph, names, order, tensors, inputs, outputs, types,
     born: dict[str, int] = {}  # tensor -> first step of the buffer it belongs to
     for step, idx in enumerate(order):
         node = graph.node[idx]
-        if node.domain not in ("", "ai.onnx") or node.op_type not in INPLACE_OPS:
+        if not ((node.domain in ("", "ai.onnx") and node.op_type in INPLACE_OPS)
+                or (node.domain == "com.microsoft" and node.op_type in MS_ELEMENTWISE_OPS)):
             continue
         out = node.output[0] if node.output else ""
         y = tensors.get(out)
