@@ -102,10 +102,10 @@ def cmd_inspect(args: argparse.Namespace, extensions: list) -> int:
     from rich.table import Table
 
     import onnxpress as ox
-
+    from onnxpress.commands.ecosystem import import_model
     from onnxpress.passes.graph import bind_input_shapes
 
-    model = ox.load(args.model)
+    model = import_model(args.model)  # .onnx, .keras/.h5 or a SavedModel directory
     shapes = parse_shapes(args.shape)
     st = ox.model_stats(bind_input_shapes(model, shapes) if shapes else model, batch=args.batch)
     if args.json:
@@ -163,29 +163,41 @@ def _same_file(a: Path, b: Path) -> bool:
 def cmd_optimize(args: argparse.Namespace) -> int:
     import onnxpress as ox
     from onnxpress import passes
+    from onnxpress.commands.ecosystem import (
+        apply_recipe_args,
+        import_model,
+        keep_before,
+        write_optimize_report,
+    )
     from onnxpress.errors import ModelSaveError
 
+    apply_recipe_args(args)  # --recipe fills passes, target, calib, outputs; checks them all
     src, out = Path(args.model), Path(args.output)
     if _same_file(src, out) or src.resolve() == out.resolve():
         raise ModelSaveError(
             f"-o {out} is the input model; onnxpress never writes over its input, choose another path")
     pipeline = args.passes
     if not pipeline:
-        raise ox.PassOptionError("give the passes to run with -p, e.g. -p fold_constants,dce,simplify")
+        raise ox.PassOptionError("give the passes to run with -p, e.g. -p fold_constants,dce,simplify,"
+                                 " or a recipe with --recipe (see `onnxpress recipes`)")
     steps = passes.parse_pipeline(pipeline)  # fail on bad names/options before loading anything
-    model = ox.load(src)
+    model = import_model(args.model)  # .onnx, .keras/.h5 or a SavedModel directory
+    before = keep_before(args, model)
     shapes = parse_shapes(args.shape)
-    result = passes.run(model, steps, calib=args.calib, target=args.target, seed=args.seed,
+    result = passes.run(model, steps, calib=args.calib, target=args.target or "ort", seed=args.seed,
                         shapes=shapes, verify=args.verify, progress=not args.quiet, inplace=True)
     ox.save(result.model, out, external_data=True if args.external_data else None)
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(result.to_dict(), indent=2))
+    report = write_optimize_report(args, before, result)
     if not args.quiet:
         con = _console()
         con.print(result.table())
         first, last = result.reports[0], result.reports[-1]
         con.print(f"wrote {out}: nodes {first.nodes_before} -> {last.nodes_after}, "
                   f"{_human(first.bytes_before)} -> {_human(last.bytes_after)}")
+        if report is not None:
+            con.print(f"report {report} (and {report.with_suffix('.json').name})")
     for hook in getattr(args, "_after_optimize", []):
         hook(args, model, result)
     return 0
@@ -285,9 +297,16 @@ def build_parser(extensions: list | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="run a pass pipeline and write the result")
     p.add_argument("model")
     p.add_argument("-p", "--passes", help="pipeline, e.g. fold_constants,dce,simplify")
-    p.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
+    p.add_argument("-o", "--output", help="output .onnx (never the input; a recipe may name it)")
+    p.add_argument("--recipe", metavar="NAME|FILE.toml",
+                   help="run a pipeline recipe: a built-in name (`onnxpress recipes`) or a TOML file")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="write a self-contained HTML report (and FILE.json with the same figures)")
+    p.add_argument("--no-latency", action="store_true",
+                   help="with --report: do not time the models before and after on onnxruntime")
     p.add_argument("--calib", help=".npz with arrays named after the inputs, batch on axis 0")
-    p.add_argument("--target", default="ort", help="backend the model is for: ort, tvm, x86, arm, cuda")
+    p.add_argument("--target", default=None,
+                   help="backend the model is for: ort (default), tvm, x86, arm, cuda")
     p.add_argument("--shape", action="append", metavar="NAME=DIMS",
                    help="bind dynamic dims: input=1,3,224,224 or dim=128 (repeatable)")
     p.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -124,7 +125,7 @@ def weight_bytes_by_op(model: onnx.ModelProto) -> dict[str, int]:
                 if i:
                     consumers[i].append(node)
 
-        def user_of(name: str, depth: int = 0) -> str:
+        def user_of(name: str, depth: int = 0, g=g, consumers=consumers) -> str:
             users = consumers.get(name, [])
             if not users:
                 return "(graph output)" if any(o.name == name for o in g.output) else "(unused)"

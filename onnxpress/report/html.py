@@ -4,8 +4,9 @@ of inline script (sortable tables), the figures themselves as embedded JSON. Not
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from html import escape
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from onnxpress.report import charts
 
