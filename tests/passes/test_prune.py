@@ -1,0 +1,244 @@
+"""prune: structured (channel groups) and unstructured/N:M pruning on the digits CNN and timm models;
+distillation recovering the accuracy it costs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxpress import passes, stats, zoo
+from onnxpress.backends import ort
+from onnxpress.errors import PassOptionError
+from onnxpress.passes.context import PassContext
+from onnxpress.passes.prune.groups import channel_groups
+from onnxpress.passes.prune.structured import (
+    apply_keep,
+    choose_keep,
+    group_scores,
+    kept_positions,
+)
+
+
+@pytest.fixture(scope="module")
+def digits_train_calib(digits):
+    """Unlabeled training images (the test split is never seen), in batches of 64."""
+    X = digits.train[0]
+    return [{"input": X[i:i + 64]} for i in range(0, len(X), 64)]
+
+
+@pytest.fixture(scope="module")
+def base_accuracy(digits_cnn_path, digits):
+    return zoo.accuracy(onnx.load(digits_cnn_path), *digits.test)
+
+
+def _inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_structured_50_shrinks_digits_cnn_and_distill_recovers(digits_cnn_path, digits,
+                                                                digits_train_calib, base_accuracy):
+    model = onnx.load(digits_cnn_path)
+    result = passes.run(model, "prune:sparsity=0.5,structured=true,distill",
+                        calib=digits_train_calib)
+    pruned_only = passes.apply(model, "prune:sparsity=0.5,structured=true")
+    out = result.model
+    onnx.checker.check_model(out)
+    fig = result.reports[0].figures
+    s0, s1 = stats.model_stats(model), stats.model_stats(out)
+    assert s1.macs <= 0.55 * s0.macs and fig["macs_ratio"] <= 0.55
+    assert s1.params <= 0.55 * s0.params and fig["params_ratio"] <= 0.55
+    assert fig["per_group"] == {"/features/features.0/Conv": "8/16", "/features/features.3/Conv": "16/32",
+                                "/classifier/classifier.1/Gemm": "32/64"}
+    assert "/classifier/classifier.3/Gemm" in fig["frozen_groups"]  # feeds the graph output
+    X, y = digits.test
+    assert ort.run(out, {"input": X})["logits"].shape == (len(X), 10)
+    assert [o.name for o in out.graph.output] == ["logits"]
+    assert dict((p.key, p.value) for p in out.metadata_props)["onnxpress.zoo"] == "digits_cnn"
+    before = zoo.accuracy(pruned_only, X, y)
+    after = zoo.accuracy(out, X, y)
+    assert before < base_accuracy - 0.2, (before, base_accuracy)  # visibly lost
+    assert after >= base_accuracy - 0.01, (after, base_accuracy)  # within 1 point
+    # the distilled model has the pruned structure: same nodes, same initializer shapes
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in pruned_only.graph.node]
+    assert {k: v.shape for k, v in _inits(out).items()} == \
+        {k: v.shape for k, v in _inits(pruned_only).items()}
+    dist = result.reports[1].figures
+    assert dist["loss_after"] < 0.1 * dist["loss_before"]
+
+
+def test_structured_prune_is_faster_on_onnxruntime(digits_cnn_path, digits):
+    model = onnx.load(digits_cnn_path)
+    pruned = passes.apply(model, "prune:sparsity=0.5,structured=true")
+    feed = {"input": np.concatenate([digits.test[0]] * 2)}  # 900 images: a measurable run
+    a, b = ort.benchmark_pair(model, pruned, feed, threads=1, runs=30, rounds=3, warmup=3)
+    assert b.min_ms < a.min_ms, (a.min_ms, b.min_ms)
+
+
+def test_unstructured_80_global_and_distill(digits_cnn_path, digits, digits_train_calib,
+                                            base_accuracy):
+    model = onnx.load(digits_cnn_path)
+    result = passes.run(model, "prune:sparsity=0.8,distill:epochs=20", calib=digits_train_calib)
+    fig = result.reports[0].figures
+    assert fig["mode"] == "unstructured" and fig["scope"] == "global"
+    assert abs(fig["sparsity"] - 0.8) < 1e-3
+    assert set(fig["per_layer"]) == {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert fig["sparse_weight_bytes"] < 0.35 * fig["dense_weight_bytes"]
+    assert fig["zipped_bytes_after"] < 0.4 * fig["zipped_bytes_before"]
+    out = result.model
+    # distillation kept every pruned weight at zero
+    w0 = _inits(passes.apply(model, "prune:sparsity=0.8"))
+    w1 = _inits(out)
+    for name, w in w0.items():
+        if w.ndim >= 2:
+            assert np.all(w1[name][w == 0] == 0), name
+    zeros = sum(int((w == 0).sum()) for w in w1.values() if w.ndim >= 2)
+    total = sum(w.size for w in w1.values() if w.ndim >= 2)
+    assert zeros / total >= 0.8 - 1e-3
+    acc = zoo.accuracy(out, *digits.test)
+    assert acc >= base_accuracy - 0.01, (acc, base_accuracy)
+
+
+def test_unstructured_per_layer_scope(digits_cnn_path):
+    model = onnx.load(digits_cnn_path)
+    fig = passes.run(model, "prune:0.6,scope=layer").reports[0].figures
+    assert all(abs(s - 0.6) < 0.01 for s in fig["per_layer"].values()), fig["per_layer"]
+
+
+def test_nm_2_4(digits_cnn_path):
+    model = onnx.load(digits_cnn_path)
+    result = passes.run(model, "prune:nm=2:4")
+    fig = result.reports[0].figures
+    # the first conv reads 1x3x3 = 9 weights per filter: not a multiple of 4, left dense
+    assert fig["skipped_layers"] == ["/features/features.0/Conv"]
+    w = _inits(result.model)
+    fc1 = w["classifier.1.weight"]  # [64, 512], transB=1: groups of 4 along the 512 inputs
+    assert (np.count_nonzero(fc1.reshape(64, 128, 4), axis=-1) <= 2).all()
+    conv2 = w["onnx::Conv_34"].reshape(32, -1)  # [32, 16*3*3]
+    assert (np.count_nonzero(conv2.reshape(32, -1, 4), axis=-1) <= 2).all()
+    assert abs(fig["per_layer"]["/classifier/classifier.1/Gemm"] - 0.5) < 1e-6
+
+
+def test_activation_criterion_needs_and_uses_calibration(digits_cnn_path, digits_train_calib):
+    from onnxpress.errors import CalibrationError
+
+    model = onnx.load(digits_cnn_path)
+    with pytest.raises(CalibrationError):
+        passes.apply(model, "prune:0.5,structured=true,criterion=activation")
+    a = passes.apply(model, "prune:0.5,structured=true,criterion=activation", calib=digits_train_calib)
+    b = passes.apply(model, "prune:0.5,structured=true")
+    assert stats.model_stats(a).macs == stats.model_stats(b).macs
+    assert not np.array_equal(_inits(a)["onnx::Conv_34"], _inits(b)["onnx::Conv_34"])
+
+
+def test_bad_options_name_the_option(digits_cnn_path):
+    model = onnx.load(digits_cnn_path)
+    with pytest.raises(PassOptionError, match="nm"):
+        passes.apply(model, "prune:nm=4:2")
+    with pytest.raises(PassOptionError, match="structured"):
+        passes.apply(model, "prune:structured=true,nm=2:4")
+    with pytest.raises(PassOptionError, match="no channel group: nope"):
+        passes.apply(model, "prune:structured=true,exclude=nope")
+    with pytest.raises(PassOptionError, match="sparsity"):
+        passes.apply(model, "prune:1.5")
+
+
+def test_exclude_keeps_a_group(digits_cnn_path):
+    model = onnx.load(digits_cnn_path)
+    out = passes.run(model, "prune:0.5,structured=true,exclude=/features/features.0/Conv")
+    assert out.reports[0].figures["per_group"]["/features/features.0/Conv"] == "16/16"
+
+
+def test_channel_groups_is_a_cached_analysis(digits_cnn_path):
+    model = onnx.load(digits_cnn_path)
+    ctx = PassContext()
+    cg = ctx.analysis("channel_groups", model)
+    assert ctx.analysis("channel_groups", model) is cg
+    assert [g.name for g in cg.prunable()] == ["/features/features.0/Conv", "/features/features.3/Conv",
+                                               "/classifier/classifier.1/Gemm"]
+    # Flatten into the Gemm: each conv2 channel owns 4*4 = 16 consecutive Gemm columns
+    flat = cg.layouts["/classifier/classifier.0/Flatten_output_0"]
+    assert flat.inner == 16 and flat.size == 512
+
+
+def _masked_equivalent(model: onnx.ModelProto, cg, keep) -> onnx.ModelProto:
+    """The original model with every pruned channel's readers (sink weights) zeroed: for graphs
+    without cross-channel normalisation it must compute exactly what the pruned model does."""
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    nodes = {n.name: n for n in masked.graph.node}
+    inits = {t.name: t for t in masked.graph.initializer}
+    for fx in cg.fixups:
+        if fx.kind != "in":
+            continue
+        name = nodes[fx.node].input[1]
+        w = numpy_helper.to_array(inits[name]).copy()
+        pos = kept_positions(fx.layout, keep)
+        drop = np.setdiff1d(np.arange(w.shape[fx.axis]), pos)
+        idx = [slice(None)] * w.ndim
+        idx[fx.axis] = drop
+        w[tuple(idx)] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(w, name))
+    return masked
+
+
+TIMM = ["resnet18", "efficientnet_b0", "convnext_atto", "mobilenetv3_small_100"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_structured_30(timm_path, name):
+    model = onnx.load(timm_path(name))
+    cg = channel_groups(model)
+    scores = group_scores(model, cg, "l2")
+    keep = choose_keep(cg, scores, {g.id: 0.3 for g in cg.prunable()})
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    apply_keep(pruned, cg, keep)
+    onnx.checker.check_model(pruned, full_check=True)
+    x = zoo.photo_batch()[:1]
+    ref = ort.run(model, {"input": x})["output"]
+    got = ort.run(pruned, {"input": x})["output"]
+    assert got.shape == ref.shape == (1, 1000)
+    s0, s1 = stats.model_stats(model), stats.model_stats(pruned)
+    assert s1.macs < 0.75 * s0.macs and s1.params < 0.8 * s0.params, (s1.macs / s0.macs, s1.params / s0.params)
+    assert len(keep) == len(cg.prunable()) >= 12
+
+    by_source = {src: g for g in cg.groups.values() for src in g.sources}
+    nodes = {n.name: n for n in model.graph.node}
+    # depthwise convs join the group of the channels they read (no group of their own) and
+    # their `group` attribute follows the kept channel count
+    for n in model.graph.node:
+        if n.op_type == "Conv" and next(a.i for a in n.attribute if a.name == "group") > 1:
+            assert n.name not in by_source
+            pn = next(p for p in pruned.graph.node if p.name == n.name)
+            g_attr = next(a.i for a in pn.attribute if a.name == "group")
+            w = next(t for t in pruned.graph.initializer if t.name == pn.input[1])
+            assert g_attr == w.dims[0] and w.dims[1] == 1
+    # residual adds: both operands' sources are in one group
+    for n in model.graph.node:
+        if n.op_type == "Add" and all(i in cg.layouts for i in n.input):
+            ga = {gid for gid, _ in cg.layouts[n.input[0]].segments}
+            gb = {gid for gid, _ in cg.layouts[n.input[1]].segments}
+            assert ga == gb, n.name
+    if name == "resnet18":
+        stem = by_source["/conv1/Conv"]
+        assert set(stem.sources) == {"/conv1/Conv", "/layer1/layer1.0/conv2/Conv",
+                                     "/layer1/layer1.1/conv2/Conv"}
+        l2 = by_source["/layer2/layer2.0/downsample/downsample.0/Conv"]
+        assert set(l2.sources) == {"/layer2/layer2.0/downsample/downsample.0/Conv",
+                                   "/layer2/layer2.0/conv2/Conv", "/layer2/layer2.1/conv2/Conv"}
+    if name in ("efficientnet_b0", "mobilenetv3_small_100"):
+        # squeeze-excite: the expand conv's gate multiplies the depthwise output -> same group
+        se = [s for s in by_source if s.endswith("se/conv_expand/Conv")]
+        assert se and all(len(by_source[s].sources) >= 2 for s in se)
+    if name == "convnext_atto":
+        assert nodes  # LayerNorm over the channel axis shrinks with the group
+        stage2 = by_source["/stages/stages.2/blocks/blocks.0/mlp/fc2/Conv"]
+        assert len(stage2.sources) == 7  # downsample conv + 6 blocks' fc2
+    else:
+        # without cross-channel normalisation, removing channels == zeroing what reads them
+        masked = _masked_equivalent(model, cg, keep)
+        want = ort.run(masked, {"input": x})["output"]
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(np.abs(want).max()))
