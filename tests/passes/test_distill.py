@@ -1,0 +1,59 @@
+"""distill: the torch converter matches onnxruntime; teacher from a path; hard labels; errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from onnxpress import passes, zoo
+from onnxpress.backends import ort
+from onnxpress.errors import PassOptionError, UnsupportedOpError
+from onnxpress.passes.torch_graph import OnnxGraphModule
+
+
+@pytest.mark.parametrize("name", ["digits", "resnet18", "mobilenetv3_small_100", "convnext_atto"])
+def test_torch_converter_matches_onnxruntime(name, digits_cnn_path, timm_path):
+    path = digits_cnn_path if name == "digits" else timm_path(name)
+    model = onnx.load(path)
+    x = zoo.digits_data().test[0][:8] if name == "digits" else zoo.photo_batch()[:1]
+    with torch.no_grad():
+        got = OnnxGraphModule(model)(input=torch.from_numpy(x))
+    want = ort.run(model, {"input": x})
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k].numpy(), v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()))
+
+
+def test_distill_with_teacher_path_and_labels(digits_cnn_path, digits, tmp_path):
+    X, y = digits.train
+    calib = [{"input": X[i:i + 64]} for i in range(0, len(X), 64)]
+    labels = tmp_path / "labels.npy"
+    np.save(labels, y)
+    pruned = passes.apply(onnx.load(digits_cnn_path), "prune:0.5,structured=true")
+    before = zoo.accuracy(pruned, *digits.test)
+    # a fresh pipeline: the teacher comes from the option, the labels add cross-entropy
+    result = passes.run(pruned, f"distill:teacher={digits_cnn_path},labels={labels},epochs=10",
+                        calib=calib)
+    after = zoo.accuracy(result.model, *digits.test)
+    assert after > before + 0.5, (before, after)
+    fig = result.reports[0].figures
+    assert fig["samples"] == len(X) and fig["tensors_trained"] == 8
+    assert len(fig["loss_history"]) == 10 and fig["loss_history"][-1] < fig["loss_history"][0]
+
+
+def test_distill_errors_name_what_is_missing(digits_cnn_path, digits, tmp_path):
+    model = onnx.load(digits_cnn_path)
+    calib = zoo.digits_calib()
+    with pytest.raises(PassOptionError, match="teacher"):
+        passes.apply(model, "distill", calib=calib)
+    bad = tmp_path / "labels.npy"
+    np.save(bad, np.zeros(3, dtype=np.int64))
+    with pytest.raises(PassOptionError, match="labels"):
+        passes.apply(model, f"distill:teacher={digits_cnn_path},labels={bad},epochs=1", calib=calib)
+    node = onnx.helper.make_node("Det", ["input"], ["logits"], name="my_det")
+    odd = onnx.helper.make_model(onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("input", 1, [2, 2])],
+        [onnx.helper.make_tensor_value_info("logits", 1, [])]))
+    with pytest.raises(UnsupportedOpError, match="my_det"):
+        OnnxGraphModule(odd)
