@@ -159,11 +159,9 @@ def measure(name: str, dims: dict[str, Any], *, with_tvm: bool = True) -> dict[s
         "arena_vs_lower_bound": round(plan["arena_bytes"] / plan["lower_bound_bytes"], 4),
         "arena_vs_naive": round(plan["arena_bytes"] / plan["naive_bytes"], 4),
         "lower_bound_no_inplace_bytes": plan["lower_bound_no_inplace_bytes"],
-        "algorithm": plan["algorithm"],
         "reordered": plan["reordered"],
         "stored_order_arena_bytes": plan["orders_tried"]["stored"]["arena_bytes"],
         "plan_seconds": round(seconds, 2),
-        "checker": "ok",
     }
     # onnxpress's own pipeline for a backend: fuse (elementwise activations become one op, as
     # TVM's FuseOps does for its kernels), then reuse
@@ -173,22 +171,30 @@ def measure(name: str, dims: dict[str, Any], *, with_tvm: bool = True) -> dict[s
         fused = passes.apply(model, ["fuse"])
     fplan, _ = plan_memory(fused, dims=dims)
     verify_memory_plan(fplan)
-    row["fused_nodes"] = len(fused.graph.node)
-    row["fused_lower_bound_bytes"] = fplan["lower_bound_bytes"]
-    row["fused_arena_bytes"] = fplan["arena_bytes"]
+    fused_arena = fplan["arena_bytes"]
     if with_tvm:
         static = static_graph_for_tvm(model, dims or {})
         splan, _ = plan_memory(static)
         verify_memory_plan(splan)
-        row["static_graph_nodes"] = len(static.graph.node)
         row["arena_bytes_static_graph"] = splan["arena_bytes"]
-        row["lower_bound_bytes_static_graph"] = splan["lower_bound_bytes"]
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                row.update(tvm_planned_memory(static))
+                tvm_row = tvm_planned_memory(static)
+            row["tvm_planned_bytes"] = tvm_row["tvm_planned_bytes"]
+            row["tvm_allocations"] = tvm_row["tvm_allocations"]
             row["arena_vs_tvm"] = round(splan["arena_bytes"] / row["tvm_planned_bytes"], 4)
-            row["fused_arena_vs_tvm"] = round(fplan["arena_bytes"] / row["tvm_planned_bytes"], 4)
-        except Exception as exc:
+            row["fused_arena_bytes"] = fused_arena
+            row["fused_arena_vs_tvm"] = round(fused_arena / row["tvm_planned_bytes"], 4)
+            if tvm_row["tvm_dynamic_allocations"]:
+                row["tvm_dynamic_allocations"] = tvm_row["tvm_dynamic_allocations"]
+            est = re.search(r"With memory planning, there are (\d+) constant-size memory "
+                            r"allocation\(s\) with total size ([0-9.e-]+) GB",
+                            tvm_row["tvm_estimate"])
+            row["tvm_estimate"] = (f"{est.group(1)} allocations, {est.group(2)} GB" if est
+                                   else tvm_row["tvm_estimate"][:120])
+            row["tvm_seconds"] = tvm_row["tvm_seconds"]
+        except Exception as exc:  # reported in the row, the other models still run
+            row["fused_arena_bytes"] = fused_arena
             row["tvm_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     return row
 
@@ -215,6 +221,9 @@ def run(quick: bool = True) -> dict:
         + ", ".join(f"{r['model']} {r['arena_vs_tvm']:.3f}" for r in ok) + ". "
         "fused_arena_bytes: onnxpress's pipeline fuse,reuse (activations such as SiLU and GELU "
         "become one node that runs in place, the counterpart of TVM's FuseOps); "
+        "For MiniLM the fused graph holds com.microsoft.Attention, whose scratch (scores, "
+        "probabilities) lives inside onnxruntime's kernel and is not in any graph-level plan, so "
+        "its fused figure understates what onnxruntime allocates; compare arena_vs_tvm there. "
         "fused_arena_vs_tvm: "
         + ", ".join(f"{r['model']} {r['fused_arena_vs_tvm']:.3f}" for r in ok) + ".")
     return {"title": "Activation memory: onnxpress arena vs lower bound, naive, TVM's planner",
