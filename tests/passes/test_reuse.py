@@ -135,6 +135,38 @@ def test_inplace_unnamed_nodes_and_order():
     verify_memory_plan(out)
 
 
+def _branchy_model() -> onnx.ModelProto:
+    """Two branches that each blow x up to 64 channels then reduce it; stored breadth first, so
+    both 64-channel maps are alive at once until a depth-first order is chosen."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((64, 3, 3, 3)).astype(np.float32),
+                                          f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+             helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv_c"),
+             helper.make_node("GlobalAveragePool", ["a"], ["sa"], name="pool_a"),
+             helper.make_node("GlobalAveragePool", ["c"], ["sc"], name="pool_c"),
+             helper.make_node("Add", ["sa", "sc"], ["y"], name="add")]
+    graph = helper.make_graph(
+        nodes, "branchy", [helper.make_tensor_value_info("x", FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("y", FLOAT, [1, 64, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_memory_aware_order_is_written_into_the_graph():
+    model = _branchy_model()
+    out = passes.run(model, ["reuse"]).model
+    plan = read_memory_plan(out)
+    fmap = 64 * 32 * 32 * 4
+    assert plan["orders_tried"]["stored"]["lower_bound_bytes"] == 2 * fmap + 3 * 32 * 32 * 4
+    assert plan["reordered"] and plan["lower_bound_bytes"] < 1.1 * fmap + 3 * 32 * 32 * 4
+    assert [n.name for n in out.graph.node] == plan["order"] == \
+        ["conv_a", "pool_a", "conv_c", "pool_c", "add"]
+    off = passes.run(model, ["reuse:reorder=false"]).model
+    assert [n.name for n in off.graph.node] == [n.name for n in model.graph.node]
+    feeds = {"x": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    np.testing.assert_array_equal(ort.run(model, feeds)["y"], ort.run(out, feeds)["y"])
+
+
 def _if_model() -> onnx.ModelProto:
     """y = Relu(If(cond, then: Exp(x)*2 + x, else: Sigmoid(x))): a body reading an outer tensor."""
     two = helper.make_tensor("two", FLOAT, [], [2.0])
