@@ -26,5 +26,5 @@ from onnxpress.passes.fuse.api import (  # noqa: F401
     shape,
     unregister_fusion,
 )
-from onnxpress.passes.fuse import activation, attention, conv, norm  # noqa: F401,E402
+from onnxpress.passes.fuse import activation, attention, conv, layout, matmul, norm  # noqa: F401,E402
 from onnxpress.passes.fuse.fuse_pass import fuse  # noqa: F401,E402

@@ -125,6 +125,30 @@ def _constants_second(model) -> None:
                 node.replace_input_with(1, a)
 
 
+def _eliminate_identities(model) -> int:
+    """Drop Identity nodes (fusions that cancel ops leave one) without renaming any graph
+    input or output: an Identity between two interface values stays."""
+    from onnxscript import ir
+
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or \
+                len(node.inputs) != 1 or node.inputs[0] is None:
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if y.is_graph_output():
+            if x.is_graph_input() or x.is_initializer() or x.is_graph_output() or \
+                    x.producer() is None:
+                continue
+        was_output = y.is_graph_output()
+        ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
+        if was_output:
+            x.name = y.name
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
 @register("fuse")
 def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
          only: list[str] = (), max_rounds: Annotated[int, Range(1, 20)] = 6) -> onnx.ModelProto:
@@ -176,6 +200,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
                 fired += n
         if not fired:
             break
+    identities = _eliminate_identities(work)
     RemoveUnusedNodesPass()(work)
     out = ir.serde.serialize_model(work)
 
@@ -197,7 +222,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
             not any(o.domain == api.MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(api.MS_DOMAIN, 1))
     ctx.record(fused=dict(sorted(counts.items())), fusions_fired=sum(counts.values()),
-               rounds=rounds, constants_scalarized=scalarized,
+               rounds=rounds, constants_scalarized=scalarized, identities_removed=identities,
                nodes_before=nodes_before, nodes_after=len(out.graph.node),
                fuse_seconds=round(time.perf_counter() - t0, 3))
     return out
