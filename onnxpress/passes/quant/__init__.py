@@ -3,6 +3,8 @@
     calibrate  the "calib" analysis: streaming histograms of every activation (one run, many passes)
     qdq        quant_int8: static QDQ int8 placed for onnxruntime's integer kernels
     latency    keep int8 only where it pays on the target runtime
+    dynamic    quant_dynamic: int8 weights, activations quantized at run time
+    int4       quant_int4: block-wise weight-only int4 (MatMulNBits or int4 DequantizeLinear)
 """
 
-from onnxpress.passes.quant import calibrate, qdq  # noqa: F401
+from onnxpress.passes.quant import calibrate, dynamic, int4, qdq  # noqa: F401

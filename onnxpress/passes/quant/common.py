@@ -146,3 +146,64 @@ def weight_axis(node: onnx.NodeProto, w_rank: int) -> int | None:
     if node.op_type == "MatMul":
         return w_rank - 1 if w_rank >= 2 else None
     return None
+
+
+def quantize_gather_tables(model: onnx.ModelProto, names: Names, *,
+                           min_elements: int = 65536) -> int:
+    """Embedding tables read only by Gather(axis 0) become int8 with one scale per row:
+
+        before: y = Gather(E fp32 [V, D], ids)
+        after:  y = Cast(Gather(E int8, ids), float) * Gather(s [V, 1], ids)
+
+    Only the gathered rows are dequantized at run time. Returns the number of tables."""
+    done = 0
+    for g in iter_graphs(model.graph):
+        g_inputs = {i.name for i in g.input}
+        inits = {t.name: t for t in g.initializer if t.name not in g_inputs}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for g2 in iter_graphs(model.graph):
+            for n in g2.node:
+                for i in n.input:
+                    if i in inits:
+                        readers.setdefault(i, []).append(n)
+        tables = {}
+        for name, nodes in readers.items():
+            t = inits[name]
+            if (t.data_type != FLOAT or len(t.dims) != 2 or _numel(t) < min_elements
+                    or any(n.op_type != "Gather" or n.input[0] != name
+                           or helper.get_attribute_value(next(
+                               (a for a in n.attribute if a.name == "axis"),
+                               helper.make_attribute("axis", 0))) != 0
+                           for n in nodes)
+                    or any(n not in g.node for n in nodes)):
+                continue
+            tables[name] = nodes
+        if not tables:
+            continue
+        new_nodes: dict[int, list[onnx.NodeProto]] = {}
+        for name, nodes in tables.items():
+            init = inits[name]
+            w = numpy_helper.to_array(init)
+            q, scale = quantize_weight(w, 0)
+            qn, sn = names(name + "_quantized"), names(name + "_row_scale")
+            g.initializer.remove(init)
+            g.initializer.extend([numpy_helper.from_array(q, qn),
+                                  numpy_helper.from_array(scale.reshape(-1, 1), sn)])
+            for n in nodes:
+                out = n.output[0]
+                gq, gs, gf = names(out + "_int8"), names(out + "_scale"), names(out + "_float")
+                new_nodes[id(n)] = [
+                    helper.make_node("Gather", [qn, n.input[1]], [gq], axis=0,
+                                     name=names(n.name + "_int8" if n.name else gq)),
+                    helper.make_node("Gather", [sn, n.input[1]], [gs], axis=0,
+                                     name=names(gs + "_Gather")),
+                    helper.make_node("Cast", [gq], [gf], to=FLOAT, name=names(gf + "_Cast")),
+                    helper.make_node("Mul", [gf, gs], [out], name=names(out + "_Mul")),
+                ]
+            done += 1
+        rebuilt = []
+        for n in g.node:
+            rebuilt.extend(new_nodes.get(id(n), [n]))
+        del g.node[:]
+        g.node.extend(rebuilt)
+    return done

@@ -36,35 +36,49 @@ def node_key(node: onnx.NodeProto) -> str:
     return node.name or "weight:" + (node.input[1] if len(node.input) > 1 else node.input[0])
 
 
-def time_model(model: onnx.ModelProto, feeds: dict, *, threads: int = 2, runs: int = 15,
-               warmup: int = 3, sess=None) -> float:
-    """The fastest of `runs` inferences in ms (the minimum is the most robust to other load)."""
+def _session(model: onnx.ModelProto, threads: int):
+    import onnxruntime
+
     from onnxpress.backends import ort
 
-    sess = sess or ort.session(model, threads=threads)
-    for _ in range(warmup):
-        sess.run(None, feeds)
+    so = onnxruntime.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    # no spin-waiting: CPU time then counts work, not waiting
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    del ort
+    return onnxruntime.InferenceSession(model.SerializeToString(), sess_options=so,
+                                        providers=["CPUExecutionProvider"])
+
+
+def time_model(sess, feeds: dict, *, runs: int = 10, clock: str = "cpu") -> float:
+    """The fastest of `runs` inferences in ms; clock "cpu" (process CPU time, robust to other
+    processes sharing the machine) or "wall"."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     best = float("inf")
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = now()
         sess.run(None, feeds)
-        best = min(best, (time.perf_counter() - t0) * 1e3)
+        best = min(best, (now() - t0) * 1e3)
     return best
 
 
-def time_models(models: list[onnx.ModelProto], feeds: dict, *, threads: int = 2,
-                rounds: int = 3, runs: int = 7) -> list[float]:
-    """Interleaved timing of several models (a, b, c, a, b, c...) so other load hits all alike."""
-    from onnxpress.backends import ort
+def time_models(models: list[onnx.ModelProto], feeds: dict, *, threads: int = 1,
+                rounds: int = 3, runs: int = 5, clock: str = "cpu") -> list[float]:
+    """Interleaved timing of several models (a, b, c, a, b, c...) so drift hits all alike.
 
-    sessions = [ort.session(m, threads=threads) for m in models]
+    The decision runs single-threaded on CPU time: on a machine shared with other work, wall
+    time swings by tens of percent while the CPU time of one inference stays put."""
+    sessions = [_session(m, threads) for m in models]
     for s in sessions:
         for _ in range(2):
             s.run(None, feeds)
     best = [float("inf")] * len(models)
     for _ in range(rounds):
         for k, s in enumerate(sessions):
-            best[k] = min(best[k], time_model(None, feeds, runs=runs, warmup=0, sess=s))
+            best[k] = min(best[k], time_model(s, feeds, runs=runs, clock=clock))
     return best
 
 

@@ -31,7 +31,7 @@ from onnxpress.passes.quant.common import (
     constants_to_initializers,
     ensure_opset,
     make_dq_weight,
-    quantize_weight,
+    quantize_gather_tables,
     weight_axis,
 )
 from onnxpress.passes.registry import Range, register
@@ -87,6 +87,7 @@ def quantize_static(
     exclude_op_types: list[str] | None = None,
     depthwise: bool = False,
     matmul_activations: bool = False,
+    embeddings: bool = True,
     names_filter=None,
 ) -> tuple[onnx.ModelProto, dict]:
     """The work behind `quant_int8` (also used by quant_auto with a node filter).
@@ -340,6 +341,8 @@ def quantize_static(
                 del g.node[:]
                 g.node.extend(nodes)
 
+    tables = quantize_gather_tables(model, names) if embeddings else 0
+
     ordered = list(head_nodes)
     for n in graph.node:
         ordered.append(n)
@@ -354,6 +357,7 @@ def quantize_static(
         "int8_compute_nodes": sum(1 for n in quantized if n.op_type in COMPUTE),
         "weights_quantized": weights_quantized,
         "weights_weight_only": weight_only,
+        "embedding_tables_int8": tables,
         "activations_quantized": len(qdq),
         "constants_lifted": lifted,
         "opset_raised": raised,
@@ -402,6 +406,7 @@ def quant_int8(
     exclude_op_types: list[str] | None = None,
     depthwise: bool = False,
     matmul_activations: bool = False,
+    embeddings: bool = True,
     latency_aware: bool = True,
     latency_floor_ms: Annotated[float, Range(0)] = 1.0,
     report_error: bool = True,
@@ -412,7 +417,8 @@ def quant_int8(
     after:  x -> Q -> DQ -> Conv(DQ(W int8 per-channel), DQ(b int32)) -> Q -> DQ -> y
     Weights per-channel symmetric int8, activations uint8 (or int8) from calibrated ranges
     (method: minmax | percentile | entropy | mse); bias int32. Depthwise Conv stays float by
-    default (slower in int8 on CPUs). latency_aware (target ort): ops whose int8 form does not pay
+    default (slower in int8 on CPUs). Embedding tables read by Gather become int8 with per-row
+    scales (embeddings=false keeps them). latency_aware (target ort): ops whose int8 form does not pay
     on onnxruntime are dropped by measurement; the model is never slower than its input
     (models under latency_floor_ms in float are kept in int8 for their size).
     """
@@ -422,7 +428,7 @@ def quant_int8(
                   activation_type=activation_type, symmetric_activations=symmetric_activations,
                   op_types=op_types, include_nodes=include_nodes, exclude_nodes=exclude_nodes,
                   exclude_op_types=exclude_op_types, depthwise=depthwise,
-                  matmul_activations=matmul_activations)
+                  matmul_activations=matmul_activations, embeddings=embeddings)
     original = onnx.ModelProto()
     original.CopyFrom(model)
     out, figures = quantize_static(model, stats, **kwargs)
