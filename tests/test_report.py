@@ -1,0 +1,216 @@
+"""The HTML report: built from the digits CNN pipeline, opened in headless Chromium (Debian's
+chromium, driven over the DevTools protocol), screenshotted, charts checked, no script errors,
+no network requests, no external URL in the file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from onnxpress import passes, zoo
+from onnxpress.report import build, write_report
+from onnxpress.report.figures import collect
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--mute-audio"]
+EXTERNAL_URL = re.compile(r"(?:https?|ftp|wss?)://|(?:src|href)\s*=\s*[\"']?//|url\(\s*[\"']?(?!data:|#)",
+                          re.I)
+
+
+def _pipeline() -> list[str]:
+    names = {p.name for p in passes.list_passes()}
+    wanted = ["cleanup", "fuse", "prune:sparsity=0.5", "quant_int8", "reuse:batch=1"]
+    return [w for w in wanted if w.split(":")[0] in names]
+
+
+@pytest.fixture(scope="module")
+def digits_report(digits_cnn_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "digits.html"
+    result = passes.run(digits_cnn_path, _pipeline(), calib=zoo.digits_calib())
+    write_report(out, before=digits_cnn_path, after=result.model, pipeline_result=result,
+                 measure_latency=True, title="digits CNN")
+    return out, result
+
+
+def test_report_figures_and_json_twin(digits_report):
+    html_path, result = digits_report
+    data = json.loads(html_path.with_suffix(".json").read_text())
+    before, after = data["models"]["before"], data["models"]["after"]
+    assert before["macs"] == 337_536 and before["params"] > 38_000
+    assert after["nodes"] == result.reports[-1].nodes_after
+    assert [p["name"] for p in data["passes"]] == [r.name for r in result.reports]
+    assert "Conv" in data["size_by_op"]["op_types"] and "Gemm" in data["size_by_op"]["op_types"]
+    assert sum(data["size_by_op"]["before"]) == before["weight_bytes"]
+    assert len(data["latency"]["labels"]) >= 2 and all(ms > 0 for ms in data["latency"]["ms"])
+    names = {p["name"] for p in data["passes"]}
+    if "reuse" in names:
+        mem = data["memory"]
+        assert max(mem["live_bytes"]) == mem["lower_bound_bytes"] <= mem["arena_bytes"]
+        assert after["peak_memory_bytes"] == mem["arena_bytes"]
+    if "prune" in names:
+        prune = next(r for r in result.reports if r.name == "prune")
+        per_layer = prune.figures.get("per_layer") or {}
+        assert data["sparsity"]["layers"] == list(per_layer)
+        assert data["sparsity"]["values"] == pytest.approx(list(per_layer.values()))
+    # the same figures are embedded in the page
+    html = html_path.read_text()
+    embedded = re.search(r'<script type="application/json" id="onnxpress-report-data">(.*?)</script>',
+                         html, re.S).group(1)
+    assert json.loads(embedded.replace("<\\/", "</"))["models"] == data["models"]
+
+
+def test_report_has_no_external_url(digits_report):
+    html = digits_report[0].read_text()
+    assert not EXTERNAL_URL.search(html), EXTERNAL_URL.search(html)
+    assert "<link" not in html and "@import" not in html and "<img" not in html
+
+
+def test_sections_only_for_existing_data(digits_cnn_path):
+    html, data = build(before=digits_cnn_path, after=digits_cnn_path)
+    assert set(data) >= {"models", "size_by_op"}
+    assert not {"passes", "sensitivity", "sparsity", "memory", "latency"} & set(data)
+    assert 'id="chart-memory"' not in html and 'id="chart-size-by-op"' in html
+    # figures of passes that do not exist yet, or odd values, never break the report
+    fake = {"passes": [
+        {"name": "quant_auto", "figures": {"sensitivity": {"conv1": 0.02, "fc": {"error": 0.3},
+                                                           "bad": "n/a", "nan": float("nan")}}},
+        {"name": "prune", "figures": {"per_group": {"g0": "12/16", "g1": "oops"}, "per_layer": 3}},
+        {"name": "x", "figures": None}]}
+    import onnx
+
+    model = onnx.load(digits_cnn_path)
+    data = collect(before=model, after=model, pipeline_result=fake)
+    assert data["sensitivity"]["layers"] == ["conv1", "fc"]
+    assert data["sparsity"] == {"pass": "prune", "kind": "pruned channels", "layers": ["g0"],
+                                "values": [0.25]}
+
+
+def _cdp_session(html_path: Path, tmp_path: Path, width: int = 1100, height: int = 900):
+    """Open `html_path` in headless Chromium over the DevTools protocol; return what happened."""
+    websocket = pytest.importorskip("websocket", reason="websocket-client drives Chromium (dev extra)")
+    profile = tmp_path / "chromium-profile"
+    proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                             "--remote-debugging-port=0", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.time() + 60
+        while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail("chromium did not open its DevTools port")
+            time.sleep(0.1)
+        port, path = port_file.read_text().split()[:2]
+        ws = websocket.create_connection(f"ws://127.0.0.1:{port}{path}", timeout=60,
+                                         suppress_origin=True)
+        ids = iter(range(1, 10_000))
+        events: list[dict] = []
+
+        def call(method, params=None, session=None):
+            msg = {"id": next(ids), "method": method, "params": params or {}}
+            if session:
+                msg["sessionId"] = session
+            ws.send(json.dumps(msg))
+            while True:
+                reply = json.loads(ws.recv())
+                if reply.get("id") == msg["id"]:
+                    if "error" in reply:
+                        raise AssertionError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+                events.append(reply)
+
+        target = call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        sid = call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            call(f"{domain}.enable", session=sid)
+        call("Emulation.setDeviceMetricsOverride",
+             {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=sid)
+        call("Page.navigate", {"url": html_path.resolve().as_uri()}, session=sid)
+        deadline = time.time() + 60
+        while not any(e.get("method") == "Page.loadEventFired" for e in events):
+            if time.time() > deadline:
+                pytest.fail("the report did not finish loading in 60 s")
+            events.append(json.loads(ws.recv()))
+
+        def evaluate(expr):
+            return call("Runtime.evaluate", {"expression": expr, "returnByValue": True},
+                        session=sid)["result"].get("value")
+
+        dom = evaluate("""JSON.stringify({
+            rendered: document.body.dataset.chartsRendered, expected: document.body.dataset.chartsExpected,
+            errors: document.body.dataset.errors || "",
+            sections: Array.from(document.querySelectorAll('section')).map(s => s.id),
+            charts: Array.from(document.querySelectorAll('section.chart')).map(s => ({
+                id: s.id, rendered: s.dataset.rendered === 'true',
+                bars: s.querySelectorAll('svg path, svg rect, svg use').length,
+                box: s.querySelector('svg').getBoundingClientRect().width})),
+            text: document.body.innerText.length})""")
+        full_height = evaluate("document.documentElement.scrollHeight")
+        shot = call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                               "clip": {"x": 0, "y": 0, "width": width,
+                                                        "height": full_height, "scale": 1}},
+                    session=sid)
+        ws.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return json.loads(dom), base64.b64decode(shot["data"]), events
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup_browser.sh installs it)")
+def test_report_opens_in_headless_chromium(digits_report, tmp_path):
+    html_path, result = digits_report
+    dom, png, events = _cdp_session(html_path, tmp_path)
+
+    exceptions = [e["params"]["exceptionDetails"] for e in events if e.get("method") == "Runtime.exceptionThrown"]
+    console_errors = [e["params"] for e in events if e.get("method") == "Runtime.consoleAPICalled"
+                      and e["params"].get("type") in ("error", "assert")]
+    log_errors = [e["params"]["entry"] for e in events if e.get("method") == "Log.entryAdded"
+                  and e["params"]["entry"].get("level") == "error"]
+    assert not exceptions and not console_errors and not log_errors and not dom["errors"], \
+        (exceptions, console_errors, log_errors, dom["errors"])
+    requests = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
+    assert requests and all(u.startswith(("file:", "data:")) for u in requests), requests
+
+    expected = {"chart-size-by-op", "chart-latency"}
+    names = {r.name for r in result.reports}
+    if "reuse" in names:
+        expected.add("chart-memory")
+    if "prune" in names:
+        expected.add("chart-sparsity")
+    assert expected <= set(dom["sections"]), dom["sections"]
+    assert int(dom["rendered"]) == int(dom["expected"]) >= len(expected)
+    for chart in dom["charts"]:
+        assert chart["rendered"] and chart["bars"] > 3 and chart["box"] > 300, chart
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+    width = int.from_bytes(png[16:20], "big")
+    height = int.from_bytes(png[20:24], "big")
+    assert width == 1100 and height > 1500, (width, height)
+    (tmp_path / "report.png").write_bytes(png)
+
+
+def test_cli_optimize_writes_report_with_recipe(digits_cnn_path, tmp_path):
+    out = tmp_path / "lossless.onnx"
+    report = tmp_path / "r.html"
+    proc = subprocess.run([sys.executable, "-m", "onnxpress", "optimize", str(digits_cnn_path),
+                           "--recipe", "lossless", "-o", str(out), "--report", str(report), "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert [p["name"] for p in data["passes"]] == ["cleanup", "fuse"]
+    assert data["extra"]["recipe"] == "lossless"
+    assert all(p["verify"]["ok"] for p in data["passes"])  # the recipe asks for verification
+    assert not EXTERNAL_URL.search(report.read_text())
