@@ -212,6 +212,49 @@ def test_subgraph_bodies_are_planned_and_outer_reads_keep_tensors_alive():
         np.testing.assert_array_equal(ort.run(model, feeds)["y"], ort.run(out, feeds)["y"])
 
 
+def _loop_model() -> onnx.ModelProto:
+    """acc = x; 3 times: scan += [Relu(acc)]; acc = acc * 1.5 + x (x read from the outer scope)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Mul", ["acc_in", "k"], ["m"]),
+         helper.make_node("Add", ["m", "x"], ["acc_out"]),
+         helper.make_node("Relu", ["acc_in"], ["scan"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", FLOAT, [4, 64]),
+         helper.make_tensor_value_info("scan", FLOAT, [4, 64])],
+        [helper.make_tensor("k", FLOAT, [], [1.5])])
+    nodes = [helper.make_node("Neg", ["x0"], ["x"]),
+             helper.make_node("Loop", ["trip", "", "x"], ["acc", "scans"], body=body),
+             helper.make_node("Sigmoid", ["acc"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "loop", [helper.make_tensor_value_info("x0", FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", FLOAT, [4, 64]),
+         helper.make_tensor_value_info("scans", FLOAT, ["trips", 4, 64])],
+        [helper.make_tensor("trip", TensorProto.INT64, [], [3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_loop_body_and_scan_outputs():
+    model = _loop_model()
+    out = passes.apply(model, ["reuse"])
+    plan = read_memory_plan(out)
+    t = plan["tensors"]
+    assert t["scans"]["size"] == 3 * 4 * 64 * 4 and t["scans"]["kind"] == "output"
+    assert t["x"]["last"] == plan["order"].index("Loop_1")  # read inside the body
+    body = plan["subgraphs"]["Loop_1"]["body"]
+    assert body["tensors"]["acc_out"]["inplace_of"] == "m"
+    assert t["Loop_1::body"]["size"] == body["arena_bytes"]
+    verify_memory_plan(out)
+    feeds = {"x0": np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)}
+    expected, actual = ort.run(model, feeds), ort.run(out, feeds)
+    for k in expected:
+        np.testing.assert_array_equal(expected[k], actual[k])
+
+
 def test_stale_plan_is_detected(tmp_path):
     out = passes.apply(_chain_model(), ["reuse:batch=1"])
     nodes = list(out.graph.node)

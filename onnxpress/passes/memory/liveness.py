@@ -18,14 +18,15 @@ workspace tensor `<node>::body` live at its step only, as large as its largest b
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxpress.errors import InvalidModelError, PassOptionError
 from onnxpress.passes.context import PassContext, register_analysis
-from onnxpress.passes.graph import subgraph_outer_inputs
+from onnxpress.passes.graph import infer_shapes, subgraph_outer_inputs
 
 # Ops whose output element i depends only on input element i (after broadcasting the others):
 # writing the output over an input of the same shape is safe.
@@ -72,7 +73,7 @@ class Liveness:
     order: list[str]
     tensors: dict[str, TensorLife]
     node_index: dict[str, int]
-    subgraphs: dict[str, dict[str, "Liveness"]] = dataclasses.field(default_factory=dict)
+    subgraphs: dict[str, dict[str, Liveness]] = dataclasses.field(default_factory=dict)
     weights_bytes: int = 0
     unsized: list[str] = dataclasses.field(default_factory=list)
 
@@ -261,20 +262,17 @@ def bind_static_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = 
     if unbound:
         raise PassOptionError(
             "memory planning needs static shapes; unbound dims: " + ", ".join(unbound)
-            + ". Bind them by name (reuse:batch=1,seq=128 or reuse:dims=NAME/SIZE+NAME/SIZE), "
-            "by input (shapes={'input': [1, 3, 224, 224]} / --shape input=1,3,224,224)")
+            + ". Bind them by name (reuse:batch=1,seq=128 or reuse:dims=NAME/SIZE+NAME/SIZE; "
+            "--shape seq=128 on the command line) or by input (shapes={'input': [1, 3, 224, 224]}"
+            "; --shape input=1,3,224,224)")
     del out.graph.value_info[:]
     for o in out.graph.output:
         if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape"):
             for d in o.type.tensor_type.shape.dim:
                 if not d.HasField("dim_value"):
                     d.Clear()
-    try:
-        return onnx.shape_inference.infer_shapes(out, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference failing outright: report it, the probe may still work
-        raise InvalidModelError(
-            f"shape inference failed on the bound model: {str(exc).strip().splitlines()[0]}"
-        ) from None
+    # non-strict: what inference cannot size, onnxruntime measures (static_types)
+    return infer_shapes(out, strict=False, data_prop=True)
 
 
 def _static_types(graph: onnx.GraphProto) -> dict[str, tuple[int, list[int] | None]]:

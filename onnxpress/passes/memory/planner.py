@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -365,7 +366,7 @@ def _check_plan(plan: Mapping[str, Any], where: str) -> None:
     diff = np.zeros(steps + 1, dtype=np.int64)
     np.add.at(diff, first, size)
     np.add.at(diff, last + 1, -size)
-    for a, b in allowed:  # an in-place pair holds one buffer at its hand-over step
+    for _, b in allowed:  # an in-place pair holds one buffer at its hand-over step
         diff[first[b]] -= size[b]
         diff[first[b] + 1] += size[b]
     live = np.cumsum(diff)[:-1]

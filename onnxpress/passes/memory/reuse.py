@@ -16,7 +16,7 @@ names so that `order` names them. Dynamic dims are bound with options (`reuse:ba
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import onnx
 
@@ -110,9 +110,9 @@ def apply_order(model: onnx.ModelProto, order: list[int]) -> None:
 
 @register("reuse")
 def reuse(model: onnx.ModelProto, ctx: PassContext, *,
-          batch: Optional[Annotated[int, Range(1)]] = None,
-          seq: Optional[Annotated[int, Range(1)]] = None,
-          dims: Optional[dict] = None,
+          batch: Annotated[int, Range(1)] | None = None,
+          seq: Annotated[int, Range(1)] | None = None,
+          dims: dict | None = None,
           alignment: Annotated[int, Range(1, 4096)] = 64,
           reorder: bool = True,
           inplace: bool = True,
