@@ -25,7 +25,7 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 
 def _check(model: onnx.ModelProto, where: str, path: Path | None = None) -> None:
     try:
-        if path is not None and model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if path is not None and _approx_size(model) > EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)
@@ -125,7 +125,7 @@ def save(
     if not parent.exists():
         parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = _approx_size(model) > EXTERNAL_DATA_THRESHOLD
     tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent)
     try:
         tmp_model = Path(tmpdir) / path.name
@@ -154,3 +154,9 @@ def save(
             leftover.unlink()
         os.rmdir(tmpdir)
     return path
+
+
+def _approx_size(model: onnx.ModelProto) -> int:
+    from onnxpress.stats import model_bytes
+
+    return model_bytes(model)

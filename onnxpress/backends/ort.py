@@ -22,6 +22,7 @@ import onnx
 from onnxpress.data import check_feed, graph_input_specs, make_inputs
 from onnxpress.errors import BackendError, CalibrationError, OnnxPressError
 from onnxpress.io import EXTERNAL_DATA_THRESHOLD, ModelLike, load, save
+from onnxpress.stats import model_bytes
 
 OPT_LEVELS = {"disable": 0, "basic": 1, "extended": 2, "layout": 3, "all": 99}
 
@@ -65,7 +66,7 @@ def session(
             source: Any = str(model)
         else:
             proto = load(model, check=False)
-            if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            if model_bytes(proto) > EXTERNAL_DATA_THRESHOLD:
                 tmpdir = tempfile.mkdtemp(prefix="onnxpress-ort-")
                 source = str(save(proto, Path(tmpdir) / "model.onnx", external_data=True))
             else:

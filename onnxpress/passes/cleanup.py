@@ -26,6 +26,7 @@ from onnxpress.passes.graph import (
     copy_model_fields,
     has_subgraphs,
     infer_shapes,
+    model_size_ok,
     quiet_gs,
     rename_input,
     subgraph_outer_inputs,
@@ -126,7 +127,7 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
     copy_model_fields(model, out)
     _restore_graph_io(model, out)
     try:
-        onnx.checker.check_model(out) if out.ByteSize() < 2**31 - 2**24 else None
+        onnx.checker.check_model(out) if model_size_ok(out) else None
     except Exception as exc:
         eliminate_dead_code(model.graph)
         ctx.record(folded=shape_folds, skipped_reason=f"folded model failed the checker: {exc}"[:200])

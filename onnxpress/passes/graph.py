@@ -25,7 +25,7 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
     what onnx could not (Reshape targets computed from Shape, e.g. in attention blocks).
     """
     out = _onnx_infer(model, strict=strict, data_prop=data_prop)
-    if symbolic and model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+    if symbolic and _size(model) <= EXTERNAL_DATA_THRESHOLD:
         out = _merge_symbolic(model, out)
     return out
 
@@ -77,7 +77,7 @@ def _has_dims(v: onnx.ValueInfoProto) -> bool:
 
 def _onnx_infer(model: onnx.ModelProto, *, strict: bool, data_prop: bool) -> onnx.ModelProto:
     try:
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if _size(model) > EXTERNAL_DATA_THRESHOLD:
             from onnxpress.io import load, save
 
             with tempfile.TemporaryDirectory(prefix="onnxpress-shapes-") as d:
@@ -92,6 +92,12 @@ def _onnx_infer(model: onnx.ModelProto, *, strict: bool, data_prop: bool) -> onn
             msg = str(exc).strip().splitlines()
             raise InvalidModelError(f"shape inference failed: {msg[0] if msg else exc}") from None
         return model
+
+
+def _size(model: onnx.ModelProto) -> int:
+    from onnxpress.stats import model_bytes
+
+    return model_bytes(model)
 
 
 def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
@@ -221,7 +227,7 @@ def rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
 
 
 def model_size_ok(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() <= EXTERNAL_DATA_THRESHOLD
+    return _size(model) <= EXTERNAL_DATA_THRESHOLD
 
 
 def tmp_path(suffix: str = ".onnx") -> str:

@@ -1,0 +1,1 @@
+"""onnxpress benchmarks: `python -m bench [--quick] [--only NAME ...]`."""

@@ -1,0 +1,125 @@
+"""Run every benchmark side by side and write JSON plus a markdown table.
+
+    python -m bench                 # everything, full size (long: tuning, big models)
+    python -m bench --quick         # every benchmark in its quick mode (minutes)
+    python -m bench --only core fuse
+
+Each module bench/bench_<name>.py defines `run(quick: bool) -> dict` returning
+{"title": str, "rows": [dict, ...], "notes": str}. Results go to bench/results/<name>.json and
+bench/results/README.md (all tables), stamped with the machine and the versions used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def discover() -> list[str]:
+    return sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+
+
+def environment() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def to_markdown(name: str, result: dict) -> str:
+    rows = result.get("rows") or []
+    lines = [f"## {result.get('title', name)}", ""]
+    if rows:
+        cols: list[str] = []
+        for r in rows:
+            for k in r:
+                if k not in cols:
+                    cols.append(k)
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
+        for r in rows:
+            cells = []
+            for c in cols:
+                v = r.get(c, "")
+                cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+            lines.append("| " + " | ".join(cells) + " |")
+    if result.get("notes"):
+        lines += ["", result["notes"]]
+    if result.get("seconds") is not None:
+        lines += ["", f"_{result['seconds']:.0f} s; reproduce with `python -m bench --only {name}"
+                      f"{' --quick' if result.get('quick') else ''}`_"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, minutes not hours")
+    parser.add_argument("--only", nargs="*", help=f"benchmarks to run (of {', '.join(discover())})")
+    parser.add_argument("--out", default=str(RESULTS), help="results directory")
+    args = parser.parse_args(argv)
+    names = args.only or discover()
+    unknown = [n for n in names if n not in discover()]
+    if unknown:
+        print(f"unknown benchmark(s) {', '.join(unknown)}; have {', '.join(discover())}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    failed = []
+    for name in names:
+        print(f"== bench {name} ({'quick' if args.quick else 'full'})", flush=True)
+        t0 = time.time()
+        try:
+            mod = importlib.import_module(f"bench.bench_{name}")
+            result = mod.run(quick=args.quick)
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        result["seconds"] = time.time() - t0
+        result["quick"] = args.quick
+        result["environment"] = env
+        tmp = out / f"{name}.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        os.replace(tmp, out / f"{name}.json")
+        print(to_markdown(name, result), flush=True)
+    # the combined table holds every result on disk, fresh or from an earlier run
+    parts = ["# onnxpress benchmark results", "",
+             f"Machine: {env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']}, "
+             f"onnx {env['onnx']}. Every ratio is measured side by side in one run.", ""]
+    for path in sorted(out.glob("*.json")):
+        try:
+            parts.append(to_markdown(path.stem, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    (out / "README.md").write_text("\n".join(parts))
+    if failed:
+        print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
