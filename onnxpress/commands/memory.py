@@ -43,15 +43,17 @@ def memory_summary(model: onnx.ModelProto, shapes: dict[str, Any] | None = None,
         stored = read_memory_plan(model)
     except MemoryPlanError:
         stored = None
+    dims: dict[str, Any] = {"batch": batch} if batch else {}
     if stored is not None:
         try:
             verify_memory_plan(model)
             return stored, "stored in metadata (onnxpress.memory_plan), verified"
         except MemoryPlanError as exc:
             note = f"stored plan rejected ({exc}); planned again"
+            if not shapes:  # plan at the shapes the stored plan was made for
+                dims.update(stored.get("bindings") or {})
     else:
         note = "planned now (run the reuse pass to store it)"
-    dims = {"batch": batch} if batch else {}
     plan, order = plan_memory(model, dims=dims, shapes=shapes)
     names = node_names(model.graph)
     if order != list(range(len(names))):
