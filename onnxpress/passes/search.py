@@ -22,7 +22,7 @@ from onnxpress import stats
 from onnxpress.errors import PassError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.graph import copy_model_fields
-from onnxpress.passes.prune import calib_error, remember_teacher
+from onnxpress.passes.prune import AUTO_ROUND_TO, calib_error, remember_teacher
 from onnxpress.passes.prune.groups import channel_groups
 from onnxpress.passes.prune.structured import group_scores, prune_channels
 from onnxpress.passes.registry import Range, register
@@ -75,7 +75,7 @@ class SearchResult:
 
 def search_ratios(model: onnx.ModelProto, batches: list[dict], *, budget: float = 0.5,
                   metric: str = "macs", step: float = 0.1, max_ratio: float = 0.9,
-                  criterion: str = "l2", ctx: PassContext | None = None,
+                  criterion: str = "l2", round_to: int = 1, ctx: PassContext | None = None,
                   progress=None) -> SearchResult:
     """Greedy per-group pruning ratios so that cost <= budget * original cost (see module doc)."""
     from onnxpress.backends import ort
@@ -91,43 +91,52 @@ def search_ratios(model: onnx.ModelProto, batches: list[dict], *, budget: float 
     feed = batches[0] if metric == "latency" else None
     base_cost = model_cost(model, metric, feed)
     target = budget * base_cost
-    ratios = {g.name: 0.0 for g in groups}
+    kept = {g.name: g.size for g in groups}
     current, cur_cost, cur_err = model, base_cost, 0.0
     evaluations = 0
     bar = progress(range(10_000), desc="search", total=None) if progress else None
+
+    def next_keep(g) -> int | None:
+        """The next smaller channel count for a group: `step` of its channels (at least one
+        block of `round_to`), on the round_to grid, never above max_ratio pruned."""
+        k = kept[g.name] - max(round_to, int(round(step * g.size)), 1)
+        if round_to > 1:
+            k = (k // round_to) * round_to
+        floor = max(1, int(np.ceil(g.size * (1 - max_ratio) - 1e-9)))
+        return k if k >= floor and k > 0 else None
+
     while cur_cost > target:
         best = None
         for g in groups:
-            r = round(ratios[g.name] + step, 6)
-            if r > max_ratio + 1e-9:
+            k = next_keep(g)
+            if k is None:
                 continue
-            trial = dict(ratios, **{g.name: r})
-            cand, _ = prune_channels(model, trial, cg=cg, scores=scores)
+            trial = {name: 1.0 - n / grp.size for name, n, grp in
+                     ((gg.name, kept[gg.name], gg) for gg in groups)}
+            trial[g.name] = 1.0 - k / g.size
+            cand, _ = prune_channels(model, trial, cg=cg, scores=scores, round_to=1)
             evaluations += 1
             cost = model_cost(cand, metric, feed)
             if cost >= cur_cost:
                 continue
             err = output_divergence(reference, cand, batches)
-            # error added per unit of cost removed; a move that reaches the budget is preferred
-            # at equal merit, so the search does not overshoot it needlessly
+            # error added per unit of cost removed
             merit = max(err - cur_err, 0.0) / (cur_cost - cost)
             if best is None or merit < best[0]:
-                best = (merit, g.name, r, cand, cost, err)
+                best = (merit, g.name, k, cand, cost, err)
         if best is None:
             break
-        _, name, r, current, cur_cost, cur_err = best
-        ratios[name] = r
+        _, name, k, current, cur_cost, cur_err = best
+        kept[name] = k
         if bar is not None:
             bar.update(1)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(cost=f"{cur_cost / base_cost:.3f}", err=f"{cur_err:.4f}")
     if bar is not None and hasattr(bar, "close"):
         bar.close()
-    kept = {}
-    for g in groups:
-        n_keep = min(max(int(round(g.size * (1.0 - ratios[g.name]))), 1), g.size)
-        kept[g.name] = f"{n_keep}/{g.size}"
-    return SearchResult(current, ratios, kept, cur_cost / base_cost if base_cost else 1.0,
+    ratios = {g.name: 1.0 - kept[g.name] / g.size for g in groups}
+    kept_str = {g.name: f"{kept[g.name]}/{g.size}" for g in groups}
+    return SearchResult(current, ratios, kept_str, cur_cost / base_cost if base_cost else 1.0,
                         cur_err, evaluations)
 
 
@@ -138,18 +147,21 @@ def search(model: onnx.ModelProto, ctx: PassContext, *,
            step: Annotated[float, Range(0.01, 0.5)] = 0.1,
            max_ratio: Annotated[float, Range(0, 0.99)] = 0.9,
            criterion: Literal["l2", "l1", "activation"] = "l2",
+           round_to: Annotated[int, Range(0)] = 0,
            max_batches: Annotated[int, Range(1)] = 8) -> onnx.ModelProto:
     """Choose per-layer structured pruning ratios under a budget (MACs, params, bytes, latency).
 
     before: dense model       after: structured-pruned model whose cost <= budget x original,
     each channel group pruned by its own ratio (greedy steps of `step`, least calib output error
-    per unit of cost). Reports the chosen ratio and kept channels per group.
+    per unit of cost). round_to as in prune (0 = auto: multiples of 8). Reports the chosen ratio
+    and kept channels per group.
     """
     calib = ctx.require_calib(model)
     remember_teacher(model, ctx)
     batches = [b for _, b in zip(range(max_batches), calib)]
     res = search_ratios(model, batches, budget=budget, metric=metric, step=step,
                         max_ratio=max_ratio, criterion=criterion, ctx=ctx,
+                        round_to=round_to or AUTO_ROUND_TO,
                         progress=ctx.progress_bar if ctx.progress else None)
     out = res.model
     if out is model:
@@ -157,7 +169,7 @@ def search(model: onnx.ModelProto, ctx: PassContext, *,
         out.CopyFrom(model)
     copy_model_fields(model, out)
     before, after = stats.model_stats(model), stats.model_stats(out)
-    ctx.record(metric=metric, budget=budget, cost_ratio=res.cost_ratio,
+    ctx.record(metric=metric, budget=budget, cost_ratio=res.cost_ratio, round_to=round_to or AUTO_ROUND_TO,
                budget_met=res.cost_ratio <= budget + 1e-9, calib_divergence=res.error,
                evaluations=res.evaluations,
                ratios={k: round(v, 3) for k, v in res.ratios.items()}, kept=res.kept,

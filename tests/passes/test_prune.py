@@ -192,7 +192,8 @@ def test_timm_structured_30(timm_path, name):
     model = onnx.load(timm_path(name))
     cg = channel_groups(model)
     scores = group_scores(model, cg, "l2")
-    keep = choose_keep(cg, scores, {g.id: 0.3 for g in cg.prunable()})
+    # round_to=8 as the pass does by default (onnxruntime's NCHWc channel blocks)
+    keep = choose_keep(cg, scores, {g.id: 0.3 for g in cg.prunable()}, round_to=8)
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
     apply_keep(pruned, cg, keep)
@@ -203,7 +204,7 @@ def test_timm_structured_30(timm_path, name):
     assert got.shape == ref.shape == (1, 1000)
     s0, s1 = stats.model_stats(model), stats.model_stats(pruned)
     assert s1.macs < 0.75 * s0.macs and s1.params < 0.8 * s0.params, (s1.macs / s0.macs, s1.params / s0.params)
-    assert len(keep) == len(cg.prunable()) >= 12
+    assert len(keep) >= 12 and len(cg.prunable()) >= 12
 
     by_source = {src: g for g in cg.groups.values() for src in g.sources}
     nodes = {n.name: n for n in model.graph.node}
