@@ -25,15 +25,17 @@ def _erf(op, x, divide: bool):
     return op.Erf(x / SQRT2) if divide else op.Erf(x * (1.0 / SQRT2))
 
 
+def _erf_gelu_forms(d: bool):
+    # closures, not default arguments: every parameter of a pattern function is a variable
+    return [
+        lambda op, x: (x * (_erf(op, x, d) + 1.0)) * 0.5,
+        lambda op, x: (x * 0.5) * (_erf(op, x, d) + 1.0),
+        lambda op, x: x * ((_erf(op, x, d) + 1.0) * 0.5),
+    ]
+
+
 def _erf_gelu_patterns():
-    pats = []
-    for divide in (True, False):
-        pats += [
-            lambda op, x, d=divide: (x * (_erf(op, x, d) + 1.0)) * 0.5,
-            lambda op, x, d=divide: (x * 0.5) * (_erf(op, x, d) + 1.0),
-            lambda op, x, d=divide: x * ((_erf(op, x, d) + 1.0) * 0.5),
-        ]
-    return pats
+    return _erf_gelu_forms(True) + _erf_gelu_forms(False)
 
 
 def _float_input(op_or_ctx, x, **_):
@@ -58,15 +60,16 @@ def _tanh_inner(op, x, cube: str):
     return op.Tanh((x + x3 * 0.044715) * SQRT_2_OVER_PI)
 
 
+def _tanh_gelu_forms(c: str):
+    return [
+        lambda op, x: (x * 0.5) * (_tanh_inner(op, x, c) + 1.0),
+        lambda op, x: (x * (_tanh_inner(op, x, c) + 1.0)) * 0.5,
+        lambda op, x: x * ((_tanh_inner(op, x, c) + 1.0) * 0.5),
+    ]
+
+
 def _tanh_gelu_patterns():
-    pats = []
-    for cube in ("pow", "mul"):
-        pats += [
-            lambda op, x, c=cube: (x * 0.5) * (_tanh_inner(op, x, c) + 1.0),
-            lambda op, x, c=cube: (x * (_tanh_inner(op, x, c) + 1.0)) * 0.5,
-            lambda op, x, c=cube: x * ((_tanh_inner(op, x, c) + 1.0) * 0.5),
-        ]
-    return pats
+    return _tanh_gelu_forms("pow") + _tanh_gelu_forms("mul")
 
 
 fusion("gelu_tanh_ort", family="gelu", priority=30, targets=("ort",),

@@ -213,10 +213,10 @@ def _bind_by_signature(fn: Callable | None, *, with_op: bool) -> Callable | None
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
     names = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
-    def call(first, **bindings):
+    def call(op_or_ctx, /, **bindings):
         if takes_kwargs:
-            return fn(first, **bindings)
-        return fn(first, **{k: bindings.get(k) for k in names})
+            return fn(op_or_ctx, **bindings)
+        return fn(op_or_ctx, **{k: bindings.get(k) for k in names})
 
     call.__name__ = getattr(fn, "__name__", "fusion_fn")
     return call
@@ -265,16 +265,15 @@ def fusion(name: str, *, pattern: Callable | Sequence[Callable] | None = None,
                    approximation=approximation,
                    source="builtin" if module.startswith("onnxpress.") else module or "user")
         _FUSIONS[name] = f
-        if obj is not None:
-            try:
-                obj.fusion = f
-            except (AttributeError, TypeError):
-                pass
         return f
+
+    def decorate(obj: Any) -> Any:
+        obj.fusion = make(obj)
+        return obj
 
     if pattern is not None or rewrite is not None:
         return make()
-    return make
+    return decorate
 
 
 def unregister_fusion(name: str) -> None:

@@ -47,7 +47,7 @@ def _chain_ok(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a.shape[0] * b.shape[1] <= a.size + b.size
 
 
-fusion("matmul_chain", family="constant_chain", priority=61,
+fusion("matmul_chain", family="constant_chain", priority=58,
        pattern=lambda op, x, a, b: op.MatMul(op.MatMul(x, a), b),
        condition=lambda ctx, x, a, b: is_float(x) and _chain_ok(const(a), const(b)),
        replacement=lambda op, x, a, b: op.MatMul(
@@ -85,7 +85,7 @@ def _gemm_chain_plan(x, a, b, inner, outer):
     return w.astype(A.dtype), c.astype(A.dtype)
 
 
-fusion("gemm_chain", family="constant_chain", priority=62,
+fusion("gemm_chain", family="constant_chain", priority=59,
        pattern=lambda op, x, a, b: op.Gemm(
            op.Gemm(x, a, _allow_other_inputs=True, _outputs=["inner"]), b,
            _allow_other_inputs=True, _outputs=["outer"]),

@@ -61,15 +61,15 @@ def _ln_core(op, x, eps, square: str):
     return d / op.Sqrt(var + eps)
 
 
-def _ln_patterns():
-    pats = []
-    for square in ("pow", "mul"):
-        pats += [
-            lambda op, x, eps, gamma, beta, s=square: _ln_core(op, x, eps, s) * gamma + beta,
-            lambda op, x, eps, gamma, s=square: _ln_core(op, x, eps, s) * gamma,
-            lambda op, x, eps, s=square: _ln_core(op, x, eps, s),
-        ]
-    return pats
+# closures, not default arguments: every parameter of a pattern function is a variable.
+# The affine forms are separate fusions tried first: the pass visits nodes in order, and the
+# bare form would otherwise match at the Div before the scaled form is seen at the Add.
+def _ln_forms(s: str):
+    return {
+        "affine": lambda op, x, eps, gamma, beta: _ln_core(op, x, eps, s) * gamma + beta,
+        "scale": lambda op, x, eps, gamma: _ln_core(op, x, eps, s) * gamma,
+        "bare": lambda op, x, eps: _ln_core(op, x, eps, s),
+    }
 
 
 def _ln_plan(x, eps, mean, var, gamma=None, beta=None):
@@ -98,9 +98,14 @@ def _ln_replacement(op, x, eps, mean, var, gamma=None, beta=None):
                                  new_initializer(op, b, "ln_bias"), axis=axis, epsilon=epsilon)
 
 
-fusion("layernorm", family="layernorm", priority=50, opset=(17, None),
-       pattern=_ln_patterns(), condition=_ln_condition, replacement=_ln_replacement,
-       doc="ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div(/Mul/Add) -> LayerNormalization")
+for _i, _form in enumerate(("affine", "scale", "bare")):
+    fusion("layernorm" if _form == "affine" else f"layernorm_{_form}", family="layernorm",
+           priority=50 + _i, opset=(17, None),
+           pattern=[_ln_forms("pow")[_form], _ln_forms("mul")[_form]],
+           condition=_ln_condition, replacement=_ln_replacement,
+           doc="ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div" +
+               {"affine": "/Mul/Add", "scale": "/Mul", "bare": ""}[_form] +
+               " -> LayerNormalization")
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------
@@ -110,15 +115,14 @@ def _rms_core(op, x, eps, square: str, form: str):
     return x / rms if form == "div" else x * op.Reciprocal(rms)
 
 
-def _rms_patterns():
-    pats = []
-    for square in ("pow", "mul"):
-        for form in ("div", "recip"):
-            pats += [
-                lambda op, x, eps, gamma, s=square, f=form: _rms_core(op, x, eps, s, f) * gamma,
-                lambda op, x, eps, s=square, f=form: _rms_core(op, x, eps, s, f),
-            ]
-    return pats
+def _rms_forms(s: str, f: str, scaled: bool):
+    if scaled:
+        return lambda op, x, eps, gamma: _rms_core(op, x, eps, s, f) * gamma
+    return lambda op, x, eps: _rms_core(op, x, eps, s, f)
+
+
+def _rms_patterns(scaled: bool):
+    return [_rms_forms(s, f, scaled) for s in ("pow", "mul") for f in ("div", "recip")]
 
 
 def _rms_plan(x, eps, var, gamma=None):
@@ -135,11 +139,16 @@ def _rms_plan(x, eps, var, gamma=None):
     return None if g is None else (axes[0] - len(xs), scalar(eps), g)
 
 
-fusion("rmsnorm", family="rmsnorm", priority=51, opset=(23, None),
-       pattern=_rms_patterns(),
-       condition=lambda ctx, x, eps, var, gamma=None: _rms_plan(x, eps, var, gamma) is not None,
-       replacement=lambda op, x, eps, var, gamma=None: _rms_replacement(op, x, eps, var, gamma),
-       doc="x / Sqrt(ReduceMean(x^2) + eps) * g -> RMSNormalization (opset 23+)")
+for _scaled in (True, False):
+    fusion("rmsnorm" if _scaled else "rmsnorm_bare", family="rmsnorm",
+           priority=53 if _scaled else 54, opset=(23, None),
+           pattern=_rms_patterns(_scaled),
+           condition=lambda ctx, x, eps, var, gamma=None:
+               _rms_plan(x, eps, var, gamma) is not None,
+           replacement=lambda op, x, eps, var, gamma=None:
+               _rms_replacement(op, x, eps, var, gamma),
+           doc="x / Sqrt(ReduceMean(x^2) + eps)" + (" * g" if _scaled else "") +
+               " -> RMSNormalization (opset 23+)")
 
 
 def _rms_replacement(op, x, eps, var, gamma):
