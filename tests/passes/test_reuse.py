@@ -249,6 +249,9 @@ def test_loop_body_and_scan_outputs():
     assert body["tensors"]["acc_out"]["inplace_of"] == "m"
     assert t["Loop_1::body"]["size"] == body["arena_bytes"]
     verify_memory_plan(out)
+    tight = read_memory_plan(passes.apply(model, ["reuse:alignment=1"]))
+    assert tight["tensors"]["Loop_1::body"]["size"] == \
+        tight["subgraphs"]["Loop_1"]["body"]["arena_bytes"] <= body["arena_bytes"]
     feeds = {"x0": np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)}
     expected, actual = ort.run(model, feeds), ort.run(out, feeds)
     for k in expected:

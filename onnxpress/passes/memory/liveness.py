@@ -342,7 +342,7 @@ def _weights(graph: onnx.GraphProto) -> tuple[set[str], int]:
 def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[int] | None]],
                    order: Sequence[int] | None = None, *, inplace: bool = True,
                    allow_unknown: bool = False, where: str = "graph",
-                   inplace_policy: str = "oldest",
+                   inplace_policy: str = "oldest", alignment: int = 64,
                    outer_scope: frozenset[str] = frozenset()) -> Liveness:
     """Liveness of `graph` over `order` (indices into graph.node; default: as stored).
 
@@ -402,6 +402,7 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
             subgraphs[names[idx]] = {
                 attr: graph_liveness(g, types, inplace=inplace, allow_unknown=allow_unknown,
                                      where=f"{where}/{names[idx]}.{attr}",
+                                     inplace_policy=inplace_policy, alignment=alignment,
                                      outer_scope=inner_scope)
                 for attr, g in bodies}
         for name in node.output:
@@ -418,7 +419,8 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
     for node_name, bodies in subgraphs.items():
         from onnxpress.passes.memory.planner import plan_offsets
 
-        arena = max((plan_offsets(lv).arena_bytes for lv in bodies.values()), default=0)
+        arena = max((plan_offsets(lv, alignment=alignment).arena_bytes
+                     for lv in bodies.values()), default=0)
         if arena:
             step = position[node_name]
             ws = f"{node_name}::body"

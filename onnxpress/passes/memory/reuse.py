@@ -61,7 +61,8 @@ def plan_memory(model: onnx.ModelProto, *, dims: dict[str, int] | None = None,
         best = None
         for policy in (INPLACE_POLICIES if inplace else INPLACE_POLICIES[:1]):
             lv = graph_liveness(model.graph, types, order, inplace=inplace,
-                                allow_unknown=allow_unknown, inplace_policy=policy)
+                                allow_unknown=allow_unknown, inplace_policy=policy,
+                                alignment=alignment)
             offs = plan_offsets(lv, alignment=alignment, strategies=strategies)
             offs.algorithm += f"+inplace_{policy}" if inplace else ""
             if best is None or offs.arena_bytes < best[1].arena_bytes:
