@@ -243,3 +243,69 @@ def test_timm_structured_30(timm_path, name):
         masked = _masked_equivalent(model, cg, keep)
         want = ort.run(masked, {"input": x})["output"]
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(np.abs(want).max()))
+
+
+def _synthetic_model() -> onnx.ModelProto:
+    """BatchNorm, Concat of two prunable convs, ConvTranspose, a grouped (not depthwise) conv,
+    and a Reshape with an explicit C*H*W constant into a Gemm: every propagation rule at once."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    inits = [init("wa", 8, 3, 3, 3), init("ba", 8), init("wb", 8, 8, 3, 3), init("wc", 6, 8, 4, 4),
+             init("wt", 16, 8, 2, 2), init("bt", 8), init("wg", 8, 4, 3, 3),
+             init("g1", 5, 8), init("g2", 5, 96), init("gb", 5),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "bn_s"),
+             init("bn_b", 8), init("bn_m", 8),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "bn_v"),
+             numpy_helper.from_array(np.array([1, 96], np.int64), "shape96"),
+             numpy_helper.from_array(np.array([1, 8], np.int64), "shape8")]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["a", "bn_s", "bn_b", "bn_m", "bn_v"], ["a_bn"], name="bn"),
+        helper.make_node("Relu", ["a_bn"], ["a_r"], name="relu_a"),
+        helper.make_node("Conv", ["a_r", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["a_r", "b"], ["cat"], name="cat", axis=1),
+        helper.make_node("ConvTranspose", ["cat", "wt", "bt"], ["up"], name="up", strides=[2, 2]),
+        helper.make_node("Relu", ["up"], ["up_r"], name="relu_up"),
+        helper.make_node("Conv", ["up_r", "wg"], ["g"], name="grouped", group=2, pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["g"], ["gp"], name="gap"),
+        helper.make_node("Reshape", ["gp", "shape8"], ["gf"], name="flat8"),
+        helper.make_node("Gemm", ["gf", "g1"], ["y1"], name="fc1", transB=1),
+        helper.make_node("Conv", ["a_r", "wc"], ["c"], name="conv_c", strides=[4, 4]),
+        helper.make_node("Relu", ["c"], ["c_r"], name="relu_c"),
+        helper.make_node("Reshape", ["c_r", "shape96"], ["cf"], name="flat96"),
+        helper.make_node("Gemm", ["cf", "g2", "gb"], ["y2"], name="fc2", transB=1),
+        helper.make_node("Add", ["y1", "y2"], ["y"], name="sum"),
+    ]
+    graph = helper.make_graph(nodes, "synthetic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_synthetic_concat_convtranspose_grouped_reshape():
+    model = _synthetic_model()
+    cg = channel_groups(model)
+    groups = cg.by_name()
+    assert [g.name for g in cg.prunable()] == ["conv_a", "conv_b", "conv_c"]
+    assert "grouped Conv 'grouped'" in groups["up"].frozen
+    assert cg.layouts["cat"].segments == [(groups["conv_a"].id, 8), (groups["conv_b"].id, 8)]
+    keep = choose_keep(cg, group_scores(model, cg, "l2"), {g.id: 0.5 for g in cg.prunable()})
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    apply_keep(pruned, cg, keep)
+    onnx.checker.check_model(pruned, full_check=True)
+    w = _inits(pruned)
+    assert w["wa"].shape == (4, 3, 3, 3) and w["bn_s"].shape == (4,) and w["wb"].shape == (4, 4, 3, 3)
+    assert w["wt"].shape == (8, 8, 2, 2)  # ConvTranspose reads 4 + 4 channels of the Concat
+    assert w["wc"].shape == (3, 4, 4, 4) and w["g2"].shape == (5, 48)
+    assert w["shape96"].tolist() == [1, 48] and w["shape8"].tolist() == [1, 8]
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    got = ort.run(pruned, {"x": x})["y"]
+    want = ort.run(_masked_equivalent(model, cg, keep), {"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
