@@ -203,8 +203,9 @@ def apply_keep(model: onnx.ModelProto, cg: ChannelGroups, keep: dict[int, np.nda
                 value = value.copy()
                 value[axis] = len(pos)
             else:
-                if value.shape[axis] != pos.max(initial=-1) + 1 and value.shape[axis] < len(pos):
-                    raise PassError(f"prune: cannot slice '{name}' of node '{node_name}' on axis {axis}")
+                if value.ndim <= axis or (len(pos) and int(pos.max()) >= value.shape[axis]):
+                    raise PassError(f"prune: cannot slice '{name}' of node '{node_name}' on axis "
+                                    f"{axis}: shape {list(value.shape)}, channel analysis expected more")
                 value = np.take(value, pos, axis=axis)
         if name in init_names and uses.get(name, 0) == 1:
             for t in graph.initializer:
