@@ -5,7 +5,8 @@
     latency    keep int8 only where it pays on the target runtime
     dynamic    quant_dynamic: int8 weights, activations quantized at run time
     fp16       fp16 / bf16: half precision, sensitive ops in fp32, IO types kept
+    auto       quant_auto: per-layer sensitivity and mixed precision within a budget
     int4       quant_int4: block-wise weight-only int4 (MatMulNBits or int4 DequantizeLinear)
 """
 
-from onnxpress.passes.quant import calibrate, dynamic, fp16, int4, qdq  # noqa: F401
+from onnxpress.passes.quant import auto, calibrate, dynamic, fp16, int4, qdq  # noqa: F401

@@ -1,0 +1,329 @@
+"""quant_auto: per-layer sensitivity, then the cheapest per-layer precision that meets a budget.
+
+    1. sensitivity   every weighted layer (MatMul/Gemm/Conv, embedding tables) quantized alone to
+                     each candidate precision; outputs on calibration data compared with fp32
+                     (min cosine, relative L2, or a user callback such as task accuracy)
+    2. assignment    all layers start at the preferred precision (int8 for latency, int4 for
+                     size); the most sensitive layers move up a level (int8 -> int4 weight-only ->
+                     fp16 -> fp32), the count found by bisection, until the whole model meets
+                     the budget
+    3. latency       with objective=latency on onnxruntime, int8 groups that do not pay are
+                     dropped by measurement (as in quant_int8)
+
+The calibration statistics are computed once (the "calib" analysis) and serve every trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any, Callable, Literal
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import PassOptionError
+from onnxpress.passes.context import PassContext
+from onnxpress.passes.graph import copy_model_fields, has_subgraphs
+from onnxpress.passes.quant.common import FLOAT
+from onnxpress.passes.quant.latency import node_key
+from onnxpress.passes.registry import Range, register
+
+PRECISIONS = ("int8", "int4", "fp16", "fp32")
+
+
+@dataclasses.dataclass
+class Layer:
+    key: str
+    op: str
+    params: int
+    weight: str
+
+
+def weighted_layers(model: onnx.ModelProto) -> list[Layer]:
+    """Main-graph layers with a constant float weight: Conv, MatMul, Gemm."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "MatMul", "Gemm") or has_subgraphs(n) or len(n.input) < 2:
+            continue
+        t = inits.get(n.input[1])
+        if t is None and n.input[1] not in consts:
+            continue
+        if t is not None and (t.data_type != FLOAT or len(t.dims) < 2):
+            continue
+        params = int(np.prod(t.dims)) if t is not None else 0
+        out.append(Layer(node_key(n), n.op_type, params, n.input[1]))
+    return out
+
+
+def supports(layer: Layer, precision: str) -> bool:
+    if precision == "int4":   # quant_int4 leaves weights under min_weight (1024) float
+        return layer.op in ("MatMul", "Gemm") and layer.params >= 1024
+    return True
+
+
+class Scorer:
+    """Degradation of a candidate vs the fp32 model on calibration batches (lower is better)."""
+
+    def __init__(self, reference: onnx.ModelProto, batches: list[dict], metric: str,
+                 callback: Callable | None):
+        from onnxpress.backends import ort
+
+        self.batches = batches
+        self.metric = metric
+        self.callback = callback
+        if metric == "callback":
+            if callback is None:
+                raise PassOptionError("quant_auto: metric=callback needs callback=fn(model)->score")
+            self.base = float(callback(reference))
+        else:
+            sess = ort.session(reference)
+            self.ref = [sess.run(None, b) for b in batches]
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        from onnxpress.backends import ort
+
+        if self.metric == "callback":
+            return self.base - float(self.callback(model))
+        sess = ort.session(model)
+        worst_cos, num, den = 1.0, 0.0, 0.0
+        for b, ref in zip(self.batches, self.ref):
+            got = sess.run(None, b)
+            for x, y in zip(ref, got):
+                x = np.asarray(x)
+                if not np.issubdtype(x.dtype, np.floating):
+                    continue
+                x = x.astype(np.float64).reshape(len(x), -1) if x.ndim else x.reshape(1, 1)
+                y = np.asarray(y, np.float64).reshape(x.shape)
+                nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+                c = (x * y).sum(1) / np.maximum(nx * ny, 1e-30)
+                c = np.where((nx == 0) & (ny == 0), 1.0, c)
+                worst_cos = min(worst_cos, float(c.min()))
+                num += float(((x - y) ** 2).sum())
+                den += float((x ** 2).sum())
+        if self.metric == "cosine":
+            return 1.0 - worst_cos
+        return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def apply_assignment(model: onnx.ModelProto, stats, assignment: dict[str, str], *,
+                     int8_options: dict, int4_options: dict,
+                     embeddings: bool) -> onnx.ModelProto:
+    """Build the model with each layer at its assigned precision (layers absent stay fp32)."""
+    from onnxpress.passes.quant.fp16 import FLOAT16, convert_precision
+    from onnxpress.passes.quant.int4 import int4_quantize
+    from onnxpress.passes.quant.qdq import COMPUTE, quantize_static
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    by = {p: {k for k, v in assignment.items() if v == p} for p in PRECISIONS}
+    if by["int4"]:
+        m, _ = int4_quantize(m, embeddings=False, names_filter=lambda n: node_key(n) in by["int4"],
+                             **int4_options)
+    if by["int8"] or embeddings:
+        m, _ = quantize_static(
+            m, stats, embeddings=embeddings, **int8_options,
+            names_filter=lambda n: n.op_type not in COMPUTE or node_key(n) in by["int8"])
+    if by["fp16"]:
+        keep = [n.name for n in m.graph.node if node_key(n) not in by["fp16"]]
+        unnamed = [n for n in m.graph.node if not n.name]
+        for i, n in enumerate(unnamed):
+            n.name = f"quant_auto_node_{i}"
+            if node_key(n) not in by["fp16"]:
+                keep.append(n.name)
+        m, _ = convert_precision(m, dtype=FLOAT16, keep_io_types=True, node_block_list=keep)
+    copy_model_fields(model, m)
+    return m
+
+
+def layer_sensitivity(model: onnx.ModelProto, ctx: PassContext, *, precisions: list[str],
+                      scorer: Scorer, int8_options: dict, int4_options: dict
+                      ) -> tuple[list[Layer], dict[str, dict[str, float]]]:
+    stats = ctx.analysis("calib", model) if "int8" in precisions else None
+    layers = weighted_layers(model)
+    table: dict[str, dict[str, float]] = {}
+    jobs = [(layer, p) for layer in layers for p in precisions if p != "fp32" and supports(layer, p)]
+    for layer, p in ctx.progress_bar(jobs, desc="sensitivity", total=len(jobs)):
+        cand = apply_assignment(model, stats, {layer.key: p}, int8_options=int8_options,
+                                int4_options=int4_options, embeddings=False)
+        table.setdefault(layer.key, {})[p] = scorer(cand)
+    return layers, table
+
+
+def choose_precisions(layers: list[Layer], table: dict, levels: list[str], evaluate: Callable,
+                      budget_ok: Callable[[float], bool], ctx: PassContext
+                      ) -> tuple[dict[str, str], float, int]:
+    """Start every layer at levels[0]; move the most sensitive up a level, bisecting how many,
+    until the model meets the budget. Returns (assignment, degradation, models evaluated)."""
+    assign = {}
+    for layer in layers:
+        assign[layer.key] = next(p for p in levels if p == "fp32" or supports(layer, p))
+    evaluated = 0
+    for j, level in enumerate(levels[:-1]):
+        at = [layer for layer in layers if assign[layer.key] == level]
+        if not at:
+            continue
+        nxt = levels[j + 1]
+        at.sort(key=lambda layer: -table.get(layer.key, {}).get(level, 0.0))
+
+        def moved(k: int) -> dict[str, str]:
+            a = dict(assign)
+            for layer in at[:k]:
+                a[layer.key] = next(p for p in levels[j + 1:] if p == "fp32" or supports(layer, p))
+            return a
+
+        d0 = evaluate(assign)
+        evaluated += 1
+        if budget_ok(d0):
+            return assign, d0, evaluated
+        lo, hi = 0, len(at)          # budget fails at lo, assume it holds at hi (or next level)
+        best_d = None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            d = evaluate(moved(mid))
+            evaluated += 1
+            if budget_ok(d):
+                hi, best_d = mid, d
+            else:
+                lo = mid
+        assign = moved(hi)
+        if best_d is not None:
+            return assign, best_d, evaluated
+        del nxt
+    d = evaluate(assign)
+    return assign, d, evaluated + 1
+
+
+@register("quant_auto", lossy=True, requires=("calib",))
+def quant_auto(
+    model: onnx.ModelProto,
+    ctx: PassContext,
+    *,
+    budget: float | None = None,
+    metric: Literal["cosine", "rel_l2", "callback"] = "cosine",
+    objective: Literal["latency", "size"] = "latency",
+    precisions: list[str] | None = None,
+    callback: Any = None,
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile",
+    block_size: Literal[16, 32, 64, 128, 256] = 32,
+    embeddings: bool = True,
+    max_batches: Annotated[int, Range(1)] = 4,
+    latency_aware: bool = True,
+) -> onnx.ModelProto:
+    """Mixed precision: per-layer sensitivity on calibration data, cheapest precisions in budget.
+
+    before: every layer fp32
+    after:  e.g. 30 MatMuls int8 (QDQ), 4 int4 weight-only, 2 most sensitive fp32
+    budget: min cosine to fp32 (metric cosine, default 0.99), max relative L2 (rel_l2, default
+    0.05), or max drop of callback(model) -> score (callback, default 0.005).
+    objective latency prefers int8 > fp32 (> int4 > fp16); size prefers int4 > int8 > fp16 > fp32.
+    precisions limits the candidates (e.g. int8+fp32). The sensitivity table is in the report.
+    """
+    from onnxpress.backends import ort as _ort  # noqa: F401  (fail early if missing)
+
+    calib = ctx.require_calib(model)
+    if budget is None:
+        budget = {"cosine": 0.99, "rel_l2": 0.05, "callback": 0.005}[metric]
+    if callback is not None and metric != "callback":
+        metric = "callback"
+    cands = [p for p in (precisions or list(PRECISIONS)) if p in PRECISIONS]
+    bad = [p for p in (precisions or []) if p not in PRECISIONS]
+    if bad:
+        raise PassOptionError(f"quant_auto: unknown precision(s) {', '.join(bad)}; "
+                              f"use {', '.join(PRECISIONS)}")
+    if "fp32" not in cands:
+        cands.append("fp32")
+    if objective == "latency":
+        order = ["int8", "fp32"] if ctx.target == "ort" else ["int8", "fp16", "int4", "fp32"]
+        levels = [p for p in order if p in cands]
+        # on onnxruntime's CPU fp16/int4 are not faster than fp32: they only help size
+    else:
+        levels = [p for p in ("int4", "int8", "fp16", "fp32") if p in cands]
+    measure = [p for p in levels if p != "fp32"]
+
+    batches = []
+    for i, b in enumerate(calib):
+        if i >= max_batches:
+            break
+        batches.append(b)
+    scorer = Scorer(model, batches, metric, callback)
+    stats = ctx.analysis("calib", model)
+    int8_options = dict(method=method)
+    int4_options = dict(block_size=block_size, use_nbits=ctx.target == "ort")
+    layers, table = layer_sensitivity(model, ctx, precisions=measure, scorer=scorer,
+                                      int8_options=int8_options, int4_options=int4_options)
+    if metric == "cosine":
+        def budget_ok(d: float) -> bool:
+            return 1.0 - d >= budget
+    else:
+        def budget_ok(d: float) -> bool:
+            return d <= budget
+
+    def evaluate(assign: dict[str, str]) -> float:
+        return scorer(apply_assignment(model, stats, assign, int8_options=int8_options,
+                                       int4_options=int4_options, embeddings=embeddings))
+
+    assign, degradation, evaluated = choose_precisions(layers, table, levels, evaluate,
+                                                       budget_ok, ctx)
+    out = apply_assignment(model, stats, assign, int8_options=int8_options,
+                           int4_options=int4_options, embeddings=embeddings)
+    figures: dict[str, Any] = {}
+    if latency_aware and objective == "latency" and ctx.target == "ort":
+        from onnxpress.passes.quant.latency import time_models
+
+        t_fp, t_q = time_models([model, out], batches[0])
+        figures.update(latency_fp32_ms=round(t_fp, 3), latency_ms=round(t_q, 3),
+                       speedup=round(t_fp / t_q, 3))
+        if t_q > t_fp * 1.03 and t_fp >= 1.0:
+            # the mix does not pay here: keep only what shrinks the model without int8 kernels
+            assign = {k: ("fp32" if v == "int8" else v) for k, v in assign.items()}
+            out = apply_assignment(model, stats, assign, int8_options=int8_options,
+                                   int4_options=int4_options, embeddings=embeddings)
+            figures["latency_decision"] = "int8 slower than fp32 on onnxruntime: int8 layers kept fp32"
+    counts = {p: sum(1 for v in assign.values() if v == p) for p in PRECISIONS}
+    rows = []
+    for layer in layers:
+        row = {"layer": layer.key, "op": layer.op, "params": layer.params}
+        for p in measure:
+            v = table.get(layer.key, {}).get(p)
+            row[p] = None if v is None else round(v, 6)
+        row["chosen"] = assign[layer.key]
+        rows.append(row)
+    figures.update({
+        "metric": metric, "budget": budget, "objective": objective,
+        ("min_cosine" if metric == "cosine" else "degradation"):
+            round(1.0 - degradation if metric == "cosine" else degradation, 6),
+        "layers": len(layers), "models_evaluated": evaluated + len(rows),
+        **{f"layers_{p}": c for p, c in counts.items()},
+        "precision": {layer.key: assign[layer.key] for layer in layers},
+        "sensitivity": rows,
+        "calibration_batches": stats.batches,
+    })
+    ctx.record(**figures)
+    return out
+
+
+def sensitivity_table(model: onnx.ModelProto, calib: Any, *, metric: str = "cosine",
+                      precisions: tuple[str, ...] = ("int8", "int4"), max_batches: int = 4,
+                      method: str = "percentile", target: str = "ort",
+                      progress: bool = True) -> list[dict]:
+    """Per-layer sensitivity rows {layer, op, params, <precision>: degradation} (the CLI's table)."""
+    ctx = PassContext(calib=calib, target=target, progress=progress)
+    calib_data = ctx.require_calib(model)
+    batches = []
+    for i, b in enumerate(calib_data):
+        if i >= max_batches:
+            break
+        batches.append(b)
+    scorer = Scorer(model, batches, metric, None)
+    layers, table = layer_sensitivity(
+        model, ctx, precisions=list(precisions), scorer=scorer,
+        int8_options=dict(method=method),
+        int4_options=dict(block_size=32, use_nbits=target == "ort"))
+    rows = []
+    for layer in layers:
+        row = {"layer": layer.key, "op": layer.op, "params": layer.params}
+        row.update({p: table.get(layer.key, {}).get(p) for p in precisions})
+        rows.append(row)
+    return rows
