@@ -189,6 +189,8 @@ TIMM = ["resnet18", "efficientnet_b0", "convnext_atto", "mobilenetv3_small_100"]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TIMM)
 def test_timm_structured_30(timm_path, name):
+    """Valid, same output shape, fewer MACs/params, faster; groups right for residual adds,
+    depthwise convs and squeeze-excite gates."""
     model = onnx.load(timm_path(name))
     cg = channel_groups(model)
     scores = group_scores(model, cg, "l2")
@@ -205,6 +207,12 @@ def test_timm_structured_30(timm_path, name):
     s0, s1 = stats.model_stats(model), stats.model_stats(pruned)
     assert s1.macs < 0.75 * s0.macs and s1.params < 0.8 * s0.params, (s1.macs / s0.macs, s1.params / s0.params)
     assert len(keep) >= 12 and len(cg.prunable()) >= 12
+    # onnxruntime latency drops (best of 20 interleaved runs; up to 3 tries on a shared machine)
+    for _ in range(3):
+        a, b = ort.benchmark_pair(model, pruned, {"input": x}, threads=1, runs=20, rounds=2, warmup=2)
+        if b.min_ms < 0.95 * a.min_ms:
+            break
+    assert b.min_ms < 0.95 * a.min_ms, (name, a.min_ms, b.min_ms)
 
     by_source = {src: g for g in cg.groups.values() for src in g.sources}
     nodes = {n.name: n for n in model.graph.node}
