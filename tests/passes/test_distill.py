@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 
-from onnxpress import passes, zoo
-from onnxpress.backends import ort
-from onnxpress.errors import PassOptionError, UnsupportedOpError
-from onnxpress.passes.torch_graph import OnnxGraphModule
+torch = pytest.importorskip("torch")
+
+from onnxpress import passes, zoo  # noqa: E402
+from onnxpress.backends import ort  # noqa: E402
+from onnxpress.errors import PassOptionError, UnsupportedOpError  # noqa: E402
+from onnxpress.passes.torch_graph import OnnxGraphModule  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["digits", "resnet18", "mobilenetv3_small_100", "convnext_atto"])

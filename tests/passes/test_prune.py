@@ -39,6 +39,7 @@ def _inits(model):
 
 def test_structured_50_shrinks_digits_cnn_and_distill_recovers(digits_cnn_path, digits,
                                                                 digits_train_calib, base_accuracy):
+    pytest.importorskip("torch")
     model = onnx.load(digits_cnn_path)
     result = passes.run(model, "prune:sparsity=0.5,structured=true,distill",
                         calib=digits_train_calib)
@@ -78,6 +79,7 @@ def test_structured_prune_is_faster_on_onnxruntime(digits_cnn_path, digits):
 
 def test_unstructured_80_global_and_distill(digits_cnn_path, digits, digits_train_calib,
                                             base_accuracy):
+    pytest.importorskip("torch")
     model = onnx.load(digits_cnn_path)
     result = passes.run(model, "prune:sparsity=0.8,distill:epochs=20", calib=digits_train_calib)
     fig = result.reports[0].figures
