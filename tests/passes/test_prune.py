@@ -302,8 +302,9 @@ def test_synthetic_concat_convtranspose_grouped_reshape():
     model = _synthetic_model()
     cg = channel_groups(model)
     groups = cg.by_name()
-    assert [g.name for g in cg.prunable()] == ["conv_a", "conv_b", "conv_c"]
-    assert "grouped Conv 'grouped'" in groups["up"].frozen
+    assert [g.name for g in cg.prunable()] == ["conv_a", "conv_b", "grouped", "conv_c"]
+    assert "grouped Conv 'grouped'" in groups["up"].frozen  # its input channels stay
+    assert groups["grouped"].blocks == 2
     assert cg.layouts["cat"].segments == [(groups["conv_a"].id, 8), (groups["conv_b"].id, 8)]
     keep = choose_keep(cg, group_scores(model, cg, "l2"), {g.id: 0.5 for g in cg.prunable()})
     pruned = onnx.ModelProto()
@@ -314,7 +315,11 @@ def test_synthetic_concat_convtranspose_grouped_reshape():
     assert w["wa"].shape == (4, 3, 3, 3) and w["bn_s"].shape == (4,) and w["wb"].shape == (4, 4, 3, 3)
     assert w["wt"].shape == (8, 8, 2, 2)  # ConvTranspose reads 4 + 4 channels of the Concat
     assert w["wc"].shape == (3, 4, 4, 4) and w["g2"].shape == (5, 48)
-    assert w["shape96"].tolist() == [1, 48] and w["shape8"].tolist() == [1, 8]
+    assert w["shape96"].tolist() == [1, 48] and w["shape8"].tolist() == [1, 4]
+    # grouped conv: 2 of 4 filters kept in each of its 2 blocks; group attribute unchanged
+    assert w["wg"].shape == (4, 4, 3, 3) and w["g1"].shape == (5, 4)
+    g_keep = keep[groups["grouped"].id]
+    assert (g_keep < 4).sum() == 2 and (g_keep >= 4).sum() == 2
     x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
     got = ort.run(pruned, {"x": x})["y"]
     want = ort.run(_masked_equivalent(model, cg, keep), {"x": x})["y"]

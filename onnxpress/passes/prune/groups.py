@@ -16,6 +16,9 @@ shrink too. This analysis walks the graph once and labels every tensor's channel
     conv ── MaxPool ── Flatten ── Gemm     Flatten keeps the layout with an inner size (H*W):
                                            the Gemm's input columns c*H*W..(c+1)*H*W follow c.
 
+    conv(group=G) ── conv                  a grouped conv's filters prune evenly per block
+                                           (`blocks`); its input channels stay.
+
 Concat along the channel axis makes a layout of several segments (one per input group).
 A group is *frozen* (never pruned) when its channels reach a graph output or come from a graph
 input, or flow into an op this analysis does not understand (it says which, in the reason).
@@ -24,6 +27,7 @@ input, or flow into an op this analysis does not understand (it says which, in t
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -71,6 +75,7 @@ class ChannelGroup:
     sources: list[str] = dataclasses.field(default_factory=list)
     tensors: list[str] = dataclasses.field(default_factory=list)
     frozen: str | None = None  # why it cannot be pruned, or None
+    blocks: int = 1  # a grouped conv's output: keep the same number of channels in each block
 
     @property
     def name(self) -> str:
@@ -111,7 +116,7 @@ class ChannelGroups:
 
     def summary(self) -> list[dict[str, Any]]:
         return [{"group": g.name, "channels": g.size, "sources": len(g.sources),
-                 "frozen": g.frozen} for g in self.groups.values() if g.sources]
+                 "blocks": g.blocks, "frozen": g.frozen} for g in self.groups.values() if g.sources]
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -134,10 +139,11 @@ class _Builder:
         self.fixups: list[Fixup] = []
 
     # -- union-find over groups --------------------------------------------------------------
-    def new_group(self, size: int, source: str | None = None, frozen: str | None = None) -> int:
+    def new_group(self, size: int, source: str | None = None, frozen: str | None = None,
+                  blocks: int = 1) -> int:
         gid = len(self.parent)
         self.parent[gid] = gid
-        self.groups[gid] = ChannelGroup(gid, size, [source] if source else [], [], frozen)
+        self.groups[gid] = ChannelGroup(gid, size, [source] if source else [], [], frozen, blocks)
         return gid
 
     def find(self, gid: int) -> int:
@@ -159,6 +165,9 @@ class _Builder:
         ga.sources += gb.sources
         ga.tensors += gb.tensors
         ga.frozen = ga.frozen or gb.frozen
+        ga.blocks = math.lcm(ga.blocks, gb.blocks)
+        if ga.size % ga.blocks:
+            self.freeze_group(ra, f"channel blocks of grouped convs do not divide {ga.size}")
         del self.groups[rb]
 
     def freeze_group(self, gid: int, why: str) -> None:
@@ -328,9 +337,14 @@ class _Builder:
                 self.fixups.append(Fixup(node.name, -1, 0, seg, "group"))
                 self.set_layout(out, Layout(1, x.segments, 1, w.ndim))
             else:
-                self.freeze(x, f"grouped Conv '{node.name}' (group={group}, not depthwise)")
-                gid = self.new_group(cout, node.name,
-                                     frozen=f"grouped Conv '{node.name}' (group={group})")
+                # grouped conv: block k of the output reads only block k of the input. Its input
+                # channels stay (they would have to shrink evenly per block); its filters can go,
+                # the same number from every block.
+                self.freeze(x, f"input of grouped Conv '{node.name}' (group={group}, not depthwise)")
+                gid = self.new_group(cout, node.name, blocks=group)
+                self.fixups.append(Fixup(node.name, 1, 0, Layout(0, [(gid, cout)], 1, 1), "out"))
+                if len(node.input) > 2 and node.input[2]:
+                    self.fixups.append(Fixup(node.name, 2, 0, Layout(0, [(gid, cout)], 1, 1), "out"))
                 self.set_layout(out, Layout(1, [(gid, cout)], 1, w.ndim))
         elif op == "ConvTranspose":
             if _attr(node, "group", 1) != 1:

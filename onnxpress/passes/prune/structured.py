@@ -146,15 +146,22 @@ def choose_keep(cg: ChannelGroups, scores: dict[int, np.ndarray], ratios: dict[i
         if g.frozen is not None or ratio <= 0:
             continue
         n_keep = int(round(g.size * (1.0 - ratio)))
-        if round_to > 1:
-            n_keep = int(np.ceil(n_keep / round_to) * round_to)
-        n_keep = min(max(n_keep, 1), g.size)
+        grid = int(np.lcm(max(round_to, 1), g.blocks))
+        if grid > 1:
+            n_keep = int(np.ceil(n_keep / grid) * grid)
+        n_keep = min(max(n_keep, g.blocks), g.size)
         if n_keep == g.size:
             continue
         s = scores.get(gid)
         if s is None:
             continue
-        order = np.argsort(-s, kind="stable")[:n_keep]
+        if g.blocks > 1:
+            # the same number of channels from every block of a grouped conv
+            per, width = n_keep // g.blocks, g.size // g.blocks
+            order = np.concatenate([b * width + np.argsort(-s[b * width:(b + 1) * width], kind="stable")[:per]
+                                    for b in range(g.blocks)])
+        else:
+            order = np.argsort(-s, kind="stable")[:n_keep]
         keep[gid] = np.sort(order)
     return keep
 
