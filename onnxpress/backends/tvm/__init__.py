@@ -1,0 +1,34 @@
+"""The Apache TVM backend: compile, tune and run ONNX models on x86, ARM (aarch64) and CUDA,
+locally or on boards over TVM RPC.
+
+    from onnxpress.backends import tvm
+    art = tvm.compile("model.onnx", target="x86", tune_trials=0, output_dir="out/x86")
+    art.run(feeds); art.benchmark(); art.verify("model.onnx", feeds)
+    art = tvm.compile(model, target="arm", tune_trials=200, db="tvm-db",
+                      rpc="127.0.0.1:9190", key="rk3588", output_dir="out/arm")
+    tvm.benchmark_artifact("out/x86")                 # p50_ms / p90_ms, like ort.BenchResult
+
+See docs/tvm.md.
+"""
+
+from __future__ import annotations
+
+from .artifact import Artifact, benchmark_artifact, load_artifact
+from .compiler import compile, default_db_dir
+from .rpc import LocalCluster, arm_runtime_problem, local_cluster
+from .targets import ResolvedTarget, resolve_target
+from .tuning import TuneSummary
+
+__all__ = [
+    "Artifact",
+    "LocalCluster",
+    "ResolvedTarget",
+    "TuneSummary",
+    "arm_runtime_problem",
+    "benchmark_artifact",
+    "compile",
+    "default_db_dir",
+    "load_artifact",
+    "local_cluster",
+    "resolve_target",
+]

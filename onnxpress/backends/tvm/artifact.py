@@ -1,0 +1,277 @@
+"""Compiled artifacts: a directory that the TVM runtime alone can load and run.
+
+    ARTIFACT/
+      model.so          the Relax VM executable with kernels and weights (aarch64 .so for arm)
+      manifest.json     inputs, outputs, target, versions, passes applied, tuning summary
+      run.py            standalone runner (numpy + apache-tvm), for boards and qemu
+      kernels.ptx       CUDA targets: the kernels as PTX for the requested arch (made by nvcc)
+      kernels.cu        CUDA targets: the generated CUDA source
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from onnxpress.backends.ort import BenchResult, VerifyResult, compare_outputs
+from onnxpress.errors import BackendError
+
+from . import rpc as rpc_mod
+from .targets import _first_line, host_is_aarch64
+
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+RUNNER = "run.py"
+
+
+def _bench_result(times_ms: list[float], threads: int | None) -> BenchResult:
+    t = sorted(times_ms)
+    if not t:
+        raise BackendError("benchmark produced no timings")
+    return BenchResult(p50_ms=statistics.median(t),
+                       p90_ms=t[min(len(t) - 1, int(round(0.9 * (len(t) - 1))))],
+                       mean_ms=statistics.fmean(t), min_ms=t[0], runs=len(t), threads=threads,
+                       optimization="tvm")
+
+
+class Artifact:
+    """A compiled model: `run(feeds)`, `benchmark()`, `verify(onnx_model, feeds)`.
+
+    Where it runs: on this host when the target matches it; an aarch64 artifact on an x86 host runs
+    under qemu-aarch64; with `rpc="HOST:PORT", key=K` (given here or to compile()) it runs on the
+    board registered at that tracker.
+    """
+
+    def __init__(self, path: str | os.PathLike, manifest: Mapping[str, Any] | None = None, *,
+                 rpc: str | None = None, key: str | None = None):
+        self.path = Path(path)
+        if manifest is None:
+            try:
+                manifest = json.loads((self.path / MANIFEST).read_text())
+            except FileNotFoundError:
+                raise BackendError(f"{self.path} is not a TVM artifact: no {MANIFEST}") from None
+            except (OSError, json.JSONDecodeError) as exc:
+                raise BackendError(f"cannot read {self.path / MANIFEST}: {exc}") from None
+        self.manifest = dict(manifest)
+        self.rpc = rpc
+        self.key = key
+        self._vm = None
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[dict]:
+        return list(self.manifest["inputs"])
+
+    @property
+    def outputs(self) -> list[dict]:
+        return list(self.manifest["outputs"])
+
+    @property
+    def target_name(self) -> str:
+        return self.manifest["target"]["name"]
+
+    @property
+    def library(self) -> Path:
+        return self.path / self.manifest.get("library", LIBRARY)
+
+    def where(self, rpc: str | None = None) -> str:
+        if rpc or self.rpc:
+            return "rpc"
+        if self.manifest["target"]["family"] == "gpu":
+            return "local"
+        if self.target_name == "arm" and not host_is_aarch64():
+            return "qemu"
+        return "local"
+
+    def __repr__(self) -> str:
+        return f"Artifact({str(self.path)!r}, target={self.target_name})"
+
+    # -- inputs --------------------------------------------------------------------------------
+    def _feeds(self, feeds: Mapping[str, np.ndarray] | None, seed: int = 0) -> dict[str, np.ndarray]:
+        if feeds is None:
+            rng = np.random.default_rng(seed)
+            out = {}
+            for spec in self.inputs:
+                dt = np.dtype(spec["dtype"])
+                if dt.kind in "iu":
+                    out[spec["name"]] = rng.integers(0, 2, size=spec["shape"]).astype(dt)
+                elif dt.kind == "b":
+                    out[spec["name"]] = rng.integers(0, 2, size=spec["shape"]).astype(bool)
+                else:
+                    out[spec["name"]] = rng.standard_normal(spec["shape"]).astype(dt)
+            return out
+        result = {}
+        for spec in self.inputs:
+            if spec["name"] not in feeds:
+                raise BackendError(f"missing input '{spec['name']}'; the artifact needs "
+                                   f"{', '.join(i['name'] for i in self.inputs)}")
+            arr = np.ascontiguousarray(np.asarray(feeds[spec["name"]]))
+            if list(arr.shape) != list(spec["shape"]):
+                raise BackendError(f"input '{spec['name']}' has shape {list(arr.shape)}; this artifact "
+                                   f"was compiled for {spec['shape']} (recompile with --shape)")
+            if arr.dtype != np.dtype(spec["dtype"]):
+                arr = arr.astype(spec["dtype"])
+            result[spec["name"]] = arr
+        return result
+
+    # -- local -----------------------------------------------------------------------------------
+    def _local_vm(self):
+        if self._vm is None:
+            import tvm
+            from tvm.runtime.vm import VirtualMachine
+
+            try:
+                lib = tvm.runtime.load_module(str(self.library))
+                dev = tvm.cuda(0) if self.manifest["target"]["family"] == "gpu" else tvm.cpu(0)
+                if self.manifest["target"]["family"] == "gpu" and not dev.exist:
+                    raise BackendError("this artifact targets CUDA and no GPU is present here")
+                self._vm = (VirtualMachine(lib, dev), dev)
+            except BackendError:
+                raise
+            except Exception as exc:
+                raise BackendError(f"cannot load {self.library}: {_first_line(exc)}") from None
+        return self._vm
+
+    def _outputs(self, result) -> dict[str, np.ndarray]:
+        outs = [result] if hasattr(result, "numpy") else list(result)
+        return {o["name"]: t.numpy() for o, t in zip(self.outputs, outs)}
+
+    # -- qemu --------------------------------------------------------------------------------------
+    def _qemu(self, feeds: dict, bench: int = 0, warmup: int = 3) -> tuple[dict, list[float]]:
+        cmd = rpc_mod.qemu_python_command()
+        with tempfile.TemporaryDirectory(prefix="onnxpress-qemu-") as tmp:
+            np.savez(os.path.join(tmp, "in.npz"), **feeds)
+            args = [*cmd, str(self.path / RUNNER), str(self.path), "--inputs",
+                    os.path.join(tmp, "in.npz"), "--outputs", os.path.join(tmp, "out.npz")]
+            if bench:
+                args += ["--bench", str(bench), "--warmup", str(warmup)]
+            proc = subprocess.run(args, env=rpc_mod.qemu_env(), capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                raise BackendError(f"the aarch64 run under qemu failed: {' | '.join(tail)}")
+            with np.load(os.path.join(tmp, "out.npz")) as z:
+                outs = {k: z[k] for k in z.files}
+            times = []
+            for line in proc.stdout.splitlines():
+                if line.startswith("{"):
+                    times = json.loads(line)["times_ms"]
+            return outs, times
+
+    # -- rpc ---------------------------------------------------------------------------------------
+    def _remote(self, rpc: str, key: str):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        remote = rpc_mod.connect(rpc, key)
+        try:
+            remote.upload(str(self.library))
+            lib = remote.load_module(self.library.name)
+            dev = remote.cuda(0) if self.manifest["target"]["family"] == "gpu" else remote.cpu(0)
+            return remote, VirtualMachine(lib, dev), dev
+        except Exception as exc:
+            raise BackendError(f"the RPC server '{key}' at {rpc} cannot load {self.library.name}: "
+                               f"{_first_line(exc)}") from None
+        del tvm
+
+    # -- public ------------------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, np.ndarray] | None = None, *, rpc: str | None = None,
+            key: str | None = None) -> dict[str, np.ndarray]:
+        """Run once; returns {output name: array}. Without feeds, inputs are generated."""
+        import tvm
+
+        feeds = self._feeds(feeds)
+        rpc, key = rpc or self.rpc, key or self.key
+        mode = self.where(rpc)
+        if mode == "qemu":
+            return self._qemu(feeds)[0]
+        if mode == "rpc":
+            if not key:
+                raise BackendError("running over RPC needs the server's key (key=... / --key)")
+            _remote, vm, dev = self._remote(rpc, key)
+        else:
+            vm, dev = self._local_vm()
+        try:
+            args = [tvm.runtime.tensor(feeds[i["name"]], dev) for i in self.inputs]
+            return self._outputs(vm["main"](*args))
+        except Exception as exc:
+            raise BackendError(f"running {self.path} failed: {_first_line(exc)}") from None
+
+    def benchmark(self, feeds: Mapping[str, np.ndarray] | None = None, *, runs: int = 50,
+                  warmup: int = 5, rpc: str | None = None, key: str | None = None) -> BenchResult:
+        """Latency of one inference (p50/p90 in ms), timed by TVM's own time_evaluator."""
+        import tvm
+
+        feeds = self._feeds(feeds)
+        rpc, key = rpc or self.rpc, key or self.key
+        mode = self.where(rpc)
+        threads = self.manifest["target"].get("spec", {}).get("num-cores")
+        if mode == "qemu":
+            return _bench_result(self._qemu(feeds, bench=runs, warmup=warmup)[1], 1)
+        if mode == "rpc":
+            if not key:
+                raise BackendError("benchmarking over RPC needs the server's key (key=... / --key)")
+            _remote, vm, dev = self._remote(rpc, key)
+        else:
+            vm, dev = self._local_vm()
+        try:
+            args = [tvm.runtime.tensor(feeds[i["name"]], dev) for i in self.inputs]
+            vm.set_input("main", *args)
+            for _ in range(max(0, warmup)):
+                vm.invoke_stateful("main")
+            timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=max(1, runs))
+            res = timer("main")
+        except Exception as exc:
+            raise BackendError(f"benchmarking {self.path} failed: {_first_line(exc)}") from None
+        return _bench_result([float(r) * 1e3 for r in res.results], threads)
+
+    def verify(self, onnx_model, feeds: Mapping[str, np.ndarray] | None = None, *,
+               rtol: float = 1e-4, atol: float = 1e-5, rpc: str | None = None,
+               key: str | None = None) -> VerifyResult:
+        """Compare this artifact's outputs with onnxruntime running `onnx_model` on the same feeds."""
+        from onnxpress.backends import ort
+
+        feeds = self._feeds(feeds)
+        expected = ort.run(onnx_model, feeds)
+        actual = self.run(feeds, rpc=rpc, key=key)
+        return compare_outputs(expected, actual, rtol=rtol, atol=atol)
+
+
+def load_artifact(path: str | os.PathLike, *, rpc: str | None = None, key: str | None = None) -> Artifact:
+    """Open an artifact directory written by compile()."""
+    p = Path(path)
+    if not p.is_dir():
+        raise BackendError(f"{p} is not a directory (expected an artifact written by onnxpress compile)")
+    art = Artifact(p, rpc=rpc, key=key)
+    if not art.library.exists():
+        raise BackendError(f"{p} has a manifest but no {art.library.name}")
+    return art
+
+
+def benchmark_artifact(path: str | os.PathLike, feeds: Mapping[str, np.ndarray] | None = None, *,
+                       runs: int = 50, warmup: int = 5, rpc: str | None = None,
+                       key: str | None = None, **_ignored) -> BenchResult:
+    """p50/p90 latency of an artifact directory (used by `onnxpress bench DIR`)."""
+    return load_artifact(path, rpc=rpc, key=key).benchmark(feeds, runs=runs, warmup=warmup)
+
+
+def write_atomically(build_dir: Path, output_dir: Path) -> None:
+    """Move a finished build into place; an existing artifact is replaced only at the end."""
+    output_dir = output_dir.resolve()
+    old = None
+    if output_dir.exists():
+        if not (output_dir / MANIFEST).exists() and any(output_dir.iterdir()):
+            raise BackendError(f"{output_dir} exists and is not an onnxpress artifact; "
+                               "refusing to overwrite it")
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, old)
+    os.replace(build_dir, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,298 @@
+"""compile(): ONNX -> Relax -> (tuned or default-scheduled) kernels -> artifact directory.
+
+    onnx --import (static shapes)--> relax --NHWC convs, legalize, fold, fuse--> fused PrimFuncs
+      --tune (optional, DB)--> apply DB --> default schedules for the rest --> tvm.compile
+      --export (host cc / aarch64-linux-gnu-gcc / nvcc PTX)--> ARTIFACT/ (atomic rename)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import onnx
+
+from onnxpress.errors import BackendError, OnnxPressError
+from onnxpress.io import ModelLike, load
+
+from . import rpc as rpc_mod
+from .artifact import LIBRARY, MANIFEST, RUNNER, Artifact, write_atomically
+from .frontend import bind_shapes, to_relax
+from .schedules import apply_default_schedules
+from .targets import ARM_TRIPLE, ResolvedTarget, _first_line, resolve_target
+from .tuning import TuneSummary, open_database, tune
+
+ARM_CC = "aarch64-linux-gnu-gcc"
+
+
+def default_db_dir() -> Path:
+    return Path(os.environ.get("ONNXPRESS_TVM_DB", Path.home() / ".cache" / "onnxpress" / "tvm-db"))
+
+
+def _versions() -> dict:
+    import tvm
+
+    from onnxpress import __version__ as ox_version
+
+    try:
+        import tvm_ffi
+
+        ffi = getattr(tvm_ffi, "__version__", None)
+    except ImportError:
+        ffi = None
+    return {"onnxpress": ox_version, "tvm": tvm.__version__, "tvm_ffi": ffi,
+            "onnx_opset": None}
+
+
+def _passes_from_metadata(model: onnx.ModelProto) -> tuple[list[str] | None, dict]:
+    meta = {p.key: p.value for p in model.metadata_props}
+    passes = None
+    for key in ("onnxpress.passes", "onnxpress.pipeline"):
+        if key in meta:
+            raw = meta[key]
+            try:
+                value = json.loads(raw)
+                passes = [str(v if isinstance(v, str) else v.get("name", v)) for v in value] \
+                    if isinstance(value, list) else [str(value)]
+            except (json.JSONDecodeError, AttributeError):
+                passes = [p.strip() for p in raw.replace(";", ",").split(",") if p.strip()]
+            break
+    return passes, {k: v for k, v in meta.items() if k.startswith("onnxpress")}
+
+
+def _output_specs(model: onnx.ModelProto, relax_mod) -> list[dict]:
+    names = [o.name for o in model.graph.output]
+    ret = relax_mod["main"].ret_ty
+    infos = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    specs = []
+    for i, name in enumerate(names):
+        shape, dtype = None, None
+        if i < len(infos) and hasattr(infos[i], "dtype"):
+            info = infos[i]
+            dtype = str(info.dtype)
+            with contextlib.suppress(Exception):
+                shape = [int(d) for d in info.shape.values]
+        specs.append({"name": name, "shape": shape, "dtype": dtype})
+    return specs
+
+
+def lower_to_fused(relax_mod, resolved: ResolvedTarget, target):
+    """The module MetaSchedule tunes and the default schedules apply to: fused PrimFuncs."""
+    import tvm
+    from tvm import relax
+
+    seq = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    if resolved.family == "cpu":
+        # channels last: output channels become the contiguous, vectorised axis
+        seq.append(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}))
+    seq += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    with target:
+        return tvm.transform.Sequential(seq)(relax_mod)
+
+
+def _count_scheduled(mod) -> int:
+    import tvm
+
+    return sum(1 for f in mod.functions.values()
+               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+               and f.attrs.get("tirx.is_scheduled", False))
+
+
+def _fcompile(resolved: ResolvedTarget):
+    if resolved.name == "arm" and resolved.cross:
+        from tvm.support import cc
+
+        if shutil.which(ARM_CC) is None:
+            raise BackendError(f"cross-compiling for arm needs {ARM_CC} (Debian package gcc-aarch64-linux-gnu)")
+        return cc.cross_compiler(ARM_CC)
+    return None
+
+
+@contextlib.contextmanager
+def _nvcc_ptx(arch: str, sink: list):
+    """During a CUDA build, turn the generated CUDA C into PTX for `arch` with nvcc."""
+    import tvm_ffi
+
+    from tvm.support import nvcc
+
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        raise BackendError("CUDA targets need nvcc (the CUDA toolkit) on PATH")
+    previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+
+    def compile_to_ptx(code, *_):
+        try:
+            ptx = nvcc.compile_cuda(code, target_format="ptx", arch=arch, compiler="nvcc")
+        except Exception as exc:
+            raise BackendError(f"nvcc failed to compile the generated CUDA for {arch}: {_first_line(exc)}") from None
+        sink.append((code, ptx))
+        return ptx
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_to_ptx, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+
+
+def _runner_for(resolved: ResolvedTarget, rpc: str | None, key: str | None):
+    from tvm.s_tir import meta_schedule as ms
+
+    if rpc:
+        if not key:
+            raise BackendError("tuning over RPC needs the server's key (key=... / --key)")
+        host, port = rpc_mod.parse_address(rpc)
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                     session_timeout_sec=600 if resolved.cross else 60)
+        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0,
+                                              enable_cpu_cache_flush=False)
+        return ms.runner.RPCRunner(config, evaluator, max_workers=1), f"rpc {rpc} key {key}"
+    if resolved.cross:
+        raise BackendError(f"tuning for {resolved.name} needs the board: pass rpc='HOST:PORT' and key "
+                           "(CLI: --rpc HOST:PORT --key K); compiling without --tune works offline")
+    if resolved.family == "gpu":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise BackendError("tuning for CUDA needs a GPU here or a GPU board over RPC")
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20,
+                                          enable_cpu_cache_flush=False)
+    return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator), "local"
+
+
+def compile(model: ModelLike, target: str | Mapping[str, Any] = "x86", *,
+            shapes: Mapping[str, Sequence[int]] | None = None, tune_trials: int = 0,
+            db: str | os.PathLike | None = None, rpc: str | None = None, key: str | None = None,
+            output_dir: str | os.PathLike | None = None, progress: bool = True) -> Artifact:
+    """Compile an ONNX model with TVM into an artifact directory and return it.
+
+    target: "x86" (host CPU), "arm" (aarch64 + NEON), "cuda" / "cuda:sm_XX", or a TVM target dict.
+    shapes: static shapes for inputs with dynamic dims, {name: [dims]}.
+    tune_trials: MetaSchedule trials (0 = default schedules, no measurement); tuning records go
+        to `db` (a directory; default ~/.cache/onnxpress/tvm-db) and are reused by later compiles.
+    rpc/key: a TVM RPC tracker "HOST:PORT" and a server key: tuning measures there, and the
+        returned artifact runs there by default.
+    """
+    try:
+        return _compile(model, target, shapes=shapes, tune_trials=tune_trials, db=db, rpc=rpc,
+                        key=key, output_dir=output_dir, progress=progress)
+    except OnnxPressError:
+        raise
+    except ImportError as exc:
+        if os.environ.get("ONNXPRESS_DEBUG"):
+            raise
+        raise BackendError(f"the TVM backend needs apache-tvm (pip install 'onnxpress[tvm]'): {exc}") from None
+    except Exception as exc:
+        if os.environ.get("ONNXPRESS_DEBUG"):
+            raise
+        raise BackendError(f"TVM failed to compile the model: {_first_line(exc)}") from None
+
+
+def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, progress) -> Artifact:
+    import tvm
+
+    t_start = time.perf_counter()
+    proto = load(model, check=False)
+    resolved = resolve_target(target)
+    tvm_target = resolved.tvm_target()
+    specs = bind_shapes(proto, shapes)
+    relax_mod = to_relax(proto, specs)
+    outputs = _output_specs(proto, relax_mod)
+    timings = {"import_s": time.perf_counter() - t_start}
+
+    summary = TuneSummary(trials_requested=int(tune_trials or 0))
+    build_mod = relax_mod
+    schedule_info: dict = {}
+    database = None
+    db_dir = None
+    if db is not None or tune_trials:
+        db_dir = str(Path(db if db is not None else default_db_dir()).resolve())
+        database = open_database(db_dir)
+        summary.db = db_dir
+    if resolved.family == "cpu":
+        t0 = time.perf_counter()
+        fused = lower_to_fused(relax_mod, resolved, tvm_target)
+        if tune_trials and tune_trials > 0:
+            runner, label = _runner_for(resolved, rpc, key)
+            summary = tune(fused, resolved, tvm_target, trials=int(tune_trials), database=database,
+                           runner=runner, runner_label=label, fcompile=_fcompile(resolved),
+                           progress=progress, db_dir=db_dir)
+            summary.db = db_dir
+        if database is not None:
+            with tvm_target, database:
+                fused = tvm.relax.transform.MetaScheduleApplyDatabase()(fused)
+        schedule_info["from_db"] = _count_scheduled(fused)
+        fused, info = apply_default_schedules(fused, tvm_target)
+        schedule_info.update(info)
+        build_mod = fused
+        timings["schedule_s"] = time.perf_counter() - t0
+    elif tune_trials:
+        _runner_for(resolved, rpc, key)       # raises with the reason (no GPU here)
+
+    t0 = time.perf_counter()
+    ptx_sink: list = []
+    with contextlib.ExitStack() as stack:
+        if resolved.spec.get("kind") == "cuda":
+            stack.enter_context(_nvcc_ptx(resolved.spec.get("arch", "sm_80"), ptx_sink))
+        try:
+            executable = tvm.compile(build_mod, target=tvm_target)
+        except OnnxPressError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"TVM failed to build for {resolved.name}: {_first_line(exc)}") from None
+    timings["build_s"] = time.perf_counter() - t0
+
+    final_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="onnxpress-tvm-"))
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    try:
+        try:
+            executable.export_library(str(build_dir / LIBRARY), fcompile=_fcompile(resolved))
+        except OnnxPressError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"exporting the library for {resolved.name} failed: {_first_line(exc)}") from None
+        if ptx_sink:
+            (build_dir / "kernels.cu").write_text("\n".join(code for code, _ in ptx_sink))
+            ptx = ptx_sink[-1][1]
+            (build_dir / "kernels.ptx").write_bytes(ptx if isinstance(ptx, bytes) else str(ptx).encode())
+        shutil.copyfile(Path(__file__).with_name("run_artifact.py"), build_dir / RUNNER)
+        passes, meta = _passes_from_metadata(proto)
+        versions = _versions()
+        versions["onnx_opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        manifest = {
+            "format": "onnxpress-tvm-artifact/1",
+            "library": LIBRARY,
+            "runner": RUNNER,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "inputs": [{"name": k, **v} for k, v in specs.items()],
+            "outputs": outputs,
+            "target": {"name": resolved.name, "family": resolved.family, "spec": resolved.spec,
+                       "host": resolved.host, "cross": resolved.cross,
+                       "triple": resolved.spec.get("mtriple") or (ARM_TRIPLE if resolved.name == "arm" else None),
+                       "tvm": str(tvm_target)},
+            "versions": versions,
+            "passes": passes,
+            "model_metadata": meta,
+            "source_model": str(model) if isinstance(model, (str, os.PathLike)) else None,
+            "schedules": schedule_info,
+            "tuning": summary.to_dict(),
+            "rpc": {"tracker": rpc, "key": key} if rpc else None,
+            "files": {"ptx": "kernels.ptx" if ptx_sink else None,
+                      "cuda_source": "kernels.cu" if ptx_sink else None},
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        write_atomically(build_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    return Artifact(final_dir, manifest, rpc=rpc, key=key)

@@ -1,0 +1,98 @@
+"""ONNX -> Relax: static shapes, unsupported-op detection, errors that name the node.
+
+    onnx.ModelProto --(shapes bound from options)--> relax IRModule (weights as constants)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import BackendError, UnsupportedOpError
+
+from .targets import _first_line
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    init = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init]
+
+
+def _dtype_of(vi: onnx.ValueInfoProto) -> str:
+    elem = vi.type.tensor_type.elem_type
+    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)))
+
+
+def bind_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, dict]:
+    """{input name: {"shape": [...], "dtype": str}}; every dim static, taken from `shapes` where given."""
+    shapes = dict(shapes or {})
+    names = [i.name for i in graph_inputs(model)]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise BackendError(f"--shape names unknown input(s) {', '.join(unknown)}; "
+                           f"the model's inputs are {', '.join(names)}")
+    specs = {}
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in shapes:
+            shape = [int(d) for d in shapes[vi.name]]
+            if len(shape) != len(dims):
+                raise BackendError(f"--shape {vi.name} has {len(shape)} dims, the model's input has {len(dims)}")
+            for k, (given, d) in enumerate(zip(shape, dims)):
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != given:
+                    raise BackendError(f"--shape {vi.name}: dim {k} is fixed to {d.dim_value} in the model, got {given}")
+        else:
+            shape = []
+            for k, d in enumerate(dims):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    shape.append(int(d.dim_value))
+                elif k == 0:
+                    shape.append(1)   # a symbolic batch dimension defaults to 1
+                else:
+                    label = d.dim_param or "?"
+                    raise BackendError(
+                        f"input '{vi.name}' has a dynamic dim {k} ('{label}'); TVM builds static shapes: "
+                        f"pass shapes={{'{vi.name}': [...]}} (CLI: --shape {vi.name}=1,...)")
+        specs[vi.name] = {"shape": shape, "dtype": _dtype_of(vi)}
+    return specs
+
+
+def check_supported_ops(model: onnx.ModelProto) -> None:
+    """Raise UnsupportedOpError naming the first node whose op TVM's ONNX frontend lacks."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    convert_map = _get_convert_map()
+    bad = [n for n in model.graph.node
+           if n.op_type not in convert_map and n.op_type not in ("Constant", "If")]
+    for n in model.graph.node:  # ops of non-default domains that share a name are still foreign
+        if n.domain not in ("", "ai.onnx", "com.microsoft") and n not in bad:
+            bad.append(n)
+    if bad:
+        first = bad[0]
+        others = sorted({n.op_type for n in bad[1:]} - {first.op_type})
+        more = f" (also unsupported: {', '.join(others)})" if others else ""
+        domain = f" in domain '{first.domain}'" if first.domain else ""
+        raise UnsupportedOpError(
+            f"TVM cannot import op '{first.op_type}'{domain} at node '{first.name or '(unnamed)'}'"
+            f"{more}; rewrite or remove it before compiling (onnxruntime can still run this model)")
+
+
+def to_relax(model: onnx.ModelProto, specs: Mapping[str, dict]):
+    """Import into Relax with weights bound as constants."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    check_supported_ops(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    try:
+        return from_onnx(model, shape_dict={k: v["shape"] for k, v in specs.items()},
+                         dtype_dict={k: v["dtype"] for k, v in specs.items()},
+                         opset=opset, keep_params_in_input=False, sanitize_input_names=False)
+    except Exception as exc:
+        msg = _first_line(exc)
+        for n in model.graph.node:
+            if n.op_type and n.op_type in msg:
+                raise UnsupportedOpError(
+                    f"TVM failed to import op '{n.op_type}' (first such node '{n.name}'): {msg}") from None
+        raise BackendError(f"TVM's ONNX importer failed: {msg}") from None

@@ -1,0 +1,213 @@
+"""Default CPU schedules without measurement ("untuned but usable").
+
+`tvm.compile` on an llvm target leaves every loop nest serial and scalar. Here each fused
+PrimFunc gets MetaSchedule's own design space for the target (multi-level tiling SSRSRS,
+auto-inline, parallelize/vectorize/unroll), and the random decisions of that space are replaced
+by fixed, shape-derived ones, dlight-style:
+
+    spatial axes  s0 .. s(k-3)   s(k-2) "w"              s(k-1) "vector"
+    tiles         [e,1,1,1]      [e/t, 1, t, 1]           [e/v, 1, 1, v]
+                  (h-like axis <= 16: [1, e, 1, 1] keeps a weight slice hot in L2)
+    reductions    [e, 1]         (all outside the register tile)
+
+so the innermost body is a t x v register block of FMAs (t <= 8 rows, v = SIMD lanes), the outer
+spatial loops run in parallel, padding is materialised once, and unrolling is moderate.
+Convolutions are first converted to NHWC/HWIO so the vector axis is output channels
+(contiguous in both the weights and the output). The result is marked scheduled; tuning
+records, where present, win over these defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+REGISTER_ROWS = 8
+
+
+def simd_lanes(target) -> int:
+    """float32 lanes of the target's vector unit (16 for AVX-512, 8 for AVX2, 4 for NEON)."""
+    from tvm.target import codegen
+
+    try:
+        bits = int(codegen.llvm_get_vector_width(target))
+    except Exception:
+        bits = 128
+    return max(4, bits // 32)
+
+
+def cpu_space_generator():
+    """MetaSchedule's default llvm rules minus the tensor-intrinsic ones (VNNI/AMX): building those
+    imports every tensor intrinsic first, ~20 s per process, and fp32 models never use them."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.schedule_rule import ReuseType
+
+    rules = [
+        ms.schedule_rule.ApplyCustomRule(),
+        ms.schedule_rule.InlineConstantScalars(),
+        ms.schedule_rule.AutoInline(into_producer=False, into_consumer=True, inline_const_tensor=True,
+                                    disallow_if_then_else=True, require_injective=True,
+                                    require_ordered=True, disallow_op=["tirx.exp"]),
+        ms.schedule_rule.AddRFactor(max_jobs_per_core=16, max_innermost_factor=64),
+        ms.schedule_rule.MultiLevelTiling(
+            structure="SSRSRS", tile_binds=None, max_innermost_factor=64, vector_load_lens=None,
+            reuse_read=None, reuse_write=ReuseType(req="may", levels=[1, 2], scope="global")),
+        ms.schedule_rule.ParallelizeVectorizeUnroll(max_jobs_per_core=16, max_vectorize_extent=64,
+                                                    unroll_max_steps=[0, 16, 64, 512],
+                                                    unroll_explicit=True),
+        ms.schedule_rule.RandomComputeLocation(),
+    ]
+    postprocs = [
+        ms.postproc.DisallowDynamicLoop(),
+        ms.postproc.RewriteParallelVectorizeUnroll(),
+        ms.postproc.RewriteReductionBlock(),
+        ms.postproc.RewriteLayout(),
+    ]
+    mutators = {
+        ms.mutator.MutateTileSize(): 0.9,
+        ms.mutator.MutateComputeLocation(): 0.05,
+        ms.mutator.MutateUnroll(): 0.03,
+        ms.mutator.MutateParallel(max_jobs_per_core=16): 0.02,
+    }
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs,
+                                             mutator_probs=mutators)
+
+
+def tune_context(mod, target, space_generator, *, search_strategy="evolutionary",
+                 task_name: str = "main", rand_state: int = 1, num_threads: int = 1, logger=None):
+    """A MetaSchedule TuneContext built without `TuneContext.__init__`'s blanket import of every
+    tensor intrinsic: that import parses hundreds of TVMScript functions, each calling
+    inspect.stack(), which takes 20 s to minutes in a process that has torch loaded."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule import _ffi_api
+    from tvm.s_tir.meta_schedule.logging import get_logger, get_logging_func
+
+    if isinstance(search_strategy, str):
+        search_strategy = ms.search_strategy.SearchStrategy.create(search_strategy)
+    ctx = ms.TuneContext.__new__(ms.TuneContext)
+    ctx.__init_handle_by_constructor__(
+        _ffi_api.TuneContext, mod, target, space_generator, search_strategy, task_name,
+        num_threads, rand_state, get_logging_func(logger or get_logger("onnxpress.tvm")))
+    _ffi_api.TuneContextInitialize(ctx)
+    return ctx
+
+
+def _largest_divisor(extent: int, cap: int) -> int:
+    for d in range(min(extent, cap), 0, -1):
+        if extent % d == 0:
+            return d
+    return 1
+
+
+def _tile_roles(trace) -> dict:
+    """Map each SamplePerfectTile instruction to (kind, position from the innermost axis)."""
+    groups: list[tuple[int, list]] = []
+    for inst in trace.insts:
+        if inst.kind.name != "SamplePerfectTile":
+            continue
+        n = int(inst.attrs[0])
+        if groups and groups[-1][0] == n:
+            groups[-1][1].append(inst)
+        else:
+            groups.append((n, [inst]))
+    roles = []
+    for n, group in groups:
+        for j, inst in enumerate(group):
+            if n >= 4:
+                roles.append((inst, "spatial", len(group) - 1 - j))
+            else:
+                roles.append((inst, "reduce", len(group) - 1 - j))
+    return roles
+
+
+def _pick_space(spaces):
+    """Prefer the design space that fuses the epilogue into the tile (better locality)."""
+    for sp in spaces:
+        if any(i.kind.name == "ReverseComputeAt" for i in sp.trace.insts):
+            return sp
+    return spaces[0]
+
+
+def schedule_primfunc(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
+    """Return `func` scheduled with fixed decisions (attr tirx.is_scheduled), or None on failure."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = tvm.IRModule({"main": func})
+    ctx = tune_context(mod, target, cpu_space_generator(), rand_state=1)
+    spaces = ctx.generate_design_space()
+    if not spaces:
+        return None
+    trace = _pick_space(spaces).trace
+    roles = _tile_roles(trace)
+    sch = s_tir.Schedule(mod)
+
+    def decide(inst, inputs, attrs, decision):
+        kind = inst.kind.name
+        if kind == "SamplePerfectTile":
+            role = next(((k, pos) for i, k, pos in roles if i.same_as(inst)), None)
+            if role is None:
+                return decision
+            extent = int(sch.get(inputs[0]).extent)
+            n = int(attrs[0])
+            if role[0] == "reduce":
+                return [extent] + [1] * (n - 1)
+            pos = role[1]
+            if n != 4:
+                return [extent] + [1] * (n - 1)
+            if pos == 0:
+                v = _largest_divisor(extent, lanes)
+                return [extent // v, 1, 1, v]
+            if pos == 1:
+                t = _largest_divisor(extent, rows)
+                return [extent // t, 1, t, 1]
+            if pos == 2 and extent <= 16:
+                return [1, extent, 1, 1]
+            return [extent, 1, 1, 1]
+        if kind == "SampleCategorical":
+            candidates = [int(c) for c in attrs[0]]
+            return candidates.index(64) if 64 in candidates else decision
+        if kind == "SampleComputeLocation":
+            return -2       # materialise producers (padding) at the root, once
+        return decision
+
+    trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=decide)
+    for postproc in ctx.space_generator.postprocs:
+        if not postproc.apply(sch):
+            return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def apply_default_schedules(mod, target):
+    """Schedule every PrimFunc of `mod` not yet scheduled (by the tuning database); returns mod."""
+    import tvm
+    import tvm_ffi
+
+    lanes = simd_lanes(target)
+    cache: dict = {}
+    done = failed = 0
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            continue
+        key = tvm_ffi.structural_hash(func)
+        if key not in cache:
+            try:
+                cache[key] = schedule_primfunc(func, target, lanes=lanes)
+            except Exception as exc:  # an op MetaSchedule's rules reject keeps TVM's default lowering
+                log.debug("no default schedule for %s: %s", gv.name_hint, exc)
+                cache[key] = None
+        scheduled = cache[key]
+        if scheduled is None:
+            failed += 1
+            continue
+        attrs = dict(func.attrs) if func.attrs is not None else {}
+        for k, v in attrs.items():
+            if k not in ("tirx.is_scheduled",):
+                scheduled = scheduled.with_attr(k, v)
+        mod[gv] = scheduled
+        done += 1
+    return mod, {"default_scheduled": done, "left_unscheduled": failed}

@@ -1,0 +1,110 @@
+"""Target names -> TVM targets.
+
+    x86           llvm for the host CPU (mcpu detected by LLVM, num-cores = physical cores)
+    arm           llvm for aarch64-linux-gnu with NEON (cross-compiled, exported with aarch64-linux-gnu-gcc)
+    cuda          CUDA for an architecture (default sm_80; "cuda:sm_90" picks another), host llvm
+    {dict}        any TVM target dict, e.g. {"kind": "llvm", "mcpu": "znver5", "num-cores": 2}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from typing import Any, Mapping
+
+from onnxpress.errors import BackendError
+
+ARM_TRIPLE = "aarch64-linux-gnu"
+DEFAULT_CUDA_ARCH = "sm_80"
+
+
+@dataclasses.dataclass
+class ResolvedTarget:
+    name: str                    # x86, arm, cuda or custom
+    spec: dict                   # the JSON dict given to tvm.target.Target
+    host: dict | None            # host target dict for device targets (cuda)
+    family: str                  # "cpu" or "gpu"
+    cross: bool                  # the library cannot run on this host (needs qemu or a board)
+
+    def tvm_target(self):
+        import tvm
+
+        try:
+            if self.host is not None:
+                return tvm.target.Target(self.spec, host=self.host)
+            return tvm.target.Target(self.spec)
+        except Exception as exc:
+            raise BackendError(f"TVM rejects the target {self.spec}: {_first_line(exc)}") from None
+
+    @property
+    def mcpu(self) -> str | None:
+        return self.spec.get("mcpu")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("File ", "Traceback", "  ")):
+            return line
+    return type(exc).__name__
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    return os.cpu_count() or 1
+
+
+def host_cpu() -> str:
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def host_is_aarch64() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
+def resolve_target(target: str | Mapping[str, Any], *, num_cores: int | None = None) -> ResolvedTarget:
+    """Turn "x86" | "arm" | "cuda[:sm_XX]" | a target dict into a ResolvedTarget."""
+    if isinstance(target, Mapping):
+        spec = dict(target)
+        kind = spec.get("kind")
+        if not kind:
+            raise BackendError(f"target dict {spec} has no 'kind' (e.g. 'llvm' or 'cuda')")
+        host = spec.pop("host", None)
+        if kind == "cuda":
+            host = host or {"kind": "llvm"}
+            return ResolvedTarget("cuda", spec, dict(host) if isinstance(host, Mapping) else host,
+                                  "gpu", False)
+        triple = str(spec.get("mtriple", ""))
+        cross = bool(triple) and triple.split("-")[0] != platform.machine().lower()
+        name = "arm" if triple.startswith("aarch64") else ("x86" if kind == "llvm" else "custom")
+        return ResolvedTarget(name, spec, None, "cpu" if kind == "llvm" else "gpu", cross)
+    if not isinstance(target, str):
+        raise BackendError(f"target must be 'x86', 'arm', 'cuda' or a dict, not {type(target).__name__}")
+    name, _, arg = target.partition(":")
+    name = name.strip().lower()
+    if name in ("x86", "x86_64", "host", "llvm", "cpu"):
+        spec = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": int(num_cores or physical_cores())}
+        return ResolvedTarget("x86", spec, None, "cpu", host_is_aarch64())
+    if name in ("arm", "aarch64", "arm64"):
+        spec = {"kind": "llvm", "mtriple": ARM_TRIPLE, "mattr": ["+neon"],
+                "num-cores": int(num_cores or 4)}
+        if arg:
+            spec["mcpu"] = arg
+        return ResolvedTarget("arm", spec, None, "cpu", not host_is_aarch64())
+    if name == "cuda":
+        arch = arg or DEFAULT_CUDA_ARCH
+        if not arch.startswith("sm_"):
+            raise BackendError(f"CUDA arch '{arch}' should look like sm_80")
+        return ResolvedTarget("cuda", {"kind": "cuda", "arch": arch}, {"kind": "llvm"}, "gpu", False)
+    raise BackendError(f"unknown target '{target}': use x86, arm, cuda (or cuda:sm_XX) or a TVM target dict")
