@@ -45,6 +45,10 @@ def test_builtin_recipe_runs_on_digits_cnn(name, digits_cnn_path, digits):
                                    ort.run(str(digits_cnn_path), feeds)["logits"], rtol=1e-4, atol=1e-4)
     else:
         assert acc >= base_acc - 0.05, (name, base_acc, acc)
+    if any(p["name"].startswith("quant_") for p in recipe.passes):
+        # int8 weights: a quarter of the float bytes, plus scales (fusions must not hide layers)
+        ratio = result.reports[-1].bytes_after / result.reports[0].bytes_before
+        assert ratio < 0.35, (name, ratio)
     if any(p["name"] == "reuse" for p in recipe.passes):
         keys = {p.key for p in result.model.metadata_props}
         assert "onnxpress.memory_plan" in keys
