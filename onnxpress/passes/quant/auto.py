@@ -16,7 +16,8 @@ The calibration statistics are computed once (the "calib" analysis) and serve ev
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Callable, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx
@@ -164,10 +165,9 @@ def choose_precisions(layers: list[Layer], table: dict, levels: list[str], evalu
         at = [layer for layer in layers if assign[layer.key] == level]
         if not at:
             continue
-        nxt = levels[j + 1]
         at.sort(key=lambda layer: -table.get(layer.key, {}).get(level, 0.0))
 
-        def moved(k: int) -> dict[str, str]:
+        def moved(k: int, assign=assign, at=at, j=j) -> dict[str, str]:
             a = dict(assign)
             for layer in at[:k]:
                 a[layer.key] = next(p for p in levels[j + 1:] if p == "fp32" or supports(layer, p))
@@ -190,7 +190,6 @@ def choose_precisions(layers: list[Layer], table: dict, levels: list[str], evalu
         assign = moved(hi)
         if best_d is not None:
             return assign, best_d, evaluated
-        del nxt
     d = evaluate(assign)
     return assign, d, evaluated + 1
 

@@ -122,17 +122,16 @@ def make_dq_weight(graph: onnx.GraphProto, init: onnx.TensorProto, axis: int | N
     name (every reader, in any scope, now reads the dequantized weight). Returns (node, scale)."""
     w = numpy_helper.to_array(init)
     q, scale = quantize_weight(w, axis, bits=bits)
-    qname = names(init.name + "_quantized")
-    sname = names(init.name + "_scale")
-    zname = names(init.name + "_zero_point")
+    qname = names(init.name + "_q")
+    sname = names(init.name + "_s")
+    zname = names(init.name + "_zp")
     graph.initializer.remove(init)
-    graph.initializer.extend([
-        numpy_helper.from_array(q, qname),
-        numpy_helper.from_array(scale, sname),
-        numpy_helper.from_array(np.zeros(scale.shape, np.int8), zname)])
+    graph.initializer.extend([numpy_helper.from_array(q, qname),
+                              numpy_helper.from_array(scale, sname),
+                              numpy_helper.from_array(np.zeros(scale.shape, np.int8), zname)])
     attrs = {"axis": axis} if axis is not None else {}
-    node = helper.make_node("DequantizeLinear", [qname, sname, zname], [init.name],
-                            name=names(init.name + "_DequantizeLinear"), **attrs)
+    # (an explicit zero point: onnxruntime's QGemm fusion wants one)
+    node = helper.make_node("DequantizeLinear", [qname, sname, zname], [init.name], **attrs)
     return node, scale
 
 

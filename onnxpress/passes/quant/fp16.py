@@ -92,7 +92,6 @@ def convert_precision(model: onnx.ModelProto, *, dtype: int = FLOAT16, keep_io_t
         return any(types.get(t) == FLOAT for t in list(n.input) + list(n.output) if t)
 
     graph_inputs = {i.name for i in graph.input}
-    graph_outputs = {o.name for o in graph.output}
     inits = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
     half_nodes = [n for n in graph.node if runs_half(n)]
     half_ids = {id(n) for n in half_nodes}

@@ -268,39 +268,34 @@ def quantize_static(
                 s = np.where(s > 0, s, np.float32(1e-12)).astype(np.float32)
                 bq = np.clip(np.round(b / s), -2**31, 2**31 - 1).astype(np.int32)
                 base = n.input[2]
-                qn = add_init(bq, base + "_quantized")
-                sn = add_init(s if s.size > 1 else s.reshape(()), base + "_scale")
-                zn = add_init(np.zeros(s.shape if s.size > 1 else (), np.int32),
-                              base + "_zero_point")
-                out = names(base + "_dequantized")
+                qn = add_init(bq, base + "_q")
+                sn = add_init(s if s.size > 1 else s.reshape(()), base + "_s")
+                out = names(base + "_dq")
                 attrs = {"axis": 0} if s.size > 1 else {}
-                head_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out],
-                                                   name=names(base + "_DequantizeLinear"),
-                                                   **attrs))
+                head_nodes.append(helper.make_node("DequantizeLinear", [qn, sn], [out], **attrs))
                 n.input[2] = out
 
     qtype = np.int8 if signed else np.uint8
+    shared: dict[tuple, tuple[str, str]] = {}
     for t, (scale, zp) in qdq.items():
-        sn = add_init(np.array(scale, np.float32), t + "_scale")
-        zn = add_init(np.array(zp, qtype), t + "_zero_point")
-        qn = names(t + "_quantized")
+        if (scale, zp) not in shared:        # passthrough ops reuse their input's parameters
+            shared[(scale, zp)] = (add_init(np.array(scale, np.float32), t + "_s"),
+                                   add_init(np.array(zp, qtype), t + "_zp"))
+        sn, zn = shared[(scale, zp)]
+        qn = names(t + "_q")
         if t in source_q:
-            src = names(t + "_float")
+            src = names(t + "_f")
             prod = next(p for p in graph.node if t in p.output)
             for k, o in enumerate(prod.output):
                 if o == t:
                     prod.output[k] = src
-            pair = [helper.make_node("QuantizeLinear", [src, sn, zn], [qn],
-                                     name=names(t + "_QuantizeLinear")),
-                    helper.make_node("DequantizeLinear", [qn, sn, zn], [t],
-                                     name=names(t + "_DequantizeLinear"))]
+            pair = [helper.make_node("QuantizeLinear", [src, sn, zn], [qn]),
+                    helper.make_node("DequantizeLinear", [qn, sn, zn], [t])]
             after.setdefault(src, []).extend(pair)
         else:
-            dq = names(t + "_dequantized")
-            pair = [helper.make_node("QuantizeLinear", [t, sn, zn], [qn],
-                                     name=names(t + "_QuantizeLinear")),
-                    helper.make_node("DequantizeLinear", [qn, sn, zn], [dq],
-                                     name=names(t + "_DequantizeLinear"))]
+            dq = names(t + "_dq")
+            pair = [helper.make_node("QuantizeLinear", [t, sn, zn], [qn]),
+                    helper.make_node("DequantizeLinear", [qn, sn, zn], [dq])]
             for c in consumers.get(t, []):
                 if id(c) in quantized_ids:
                     rename_input(c, t, dq)
@@ -351,6 +346,10 @@ def quantize_static(
     del graph.node[:]
     graph.node.extend(ordered)
     graph.initializer.extend(new_initializers)
+    produced = {o for n in graph.node for o in n.output}
+    stale = [v for v in graph.value_info if v.name not in produced]
+    for v in stale:
+        graph.value_info.remove(v)
 
     figures = {
         "nodes_quantized": len(quantized),
