@@ -143,6 +143,40 @@ def _nvcc_ptx(arch: str, sink: list):
             tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
 
 
+def _cuda_sources(module) -> list[str]:
+    found = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if getattr(m, "kind", None) == "cuda":
+            with contextlib.suppress(Exception):
+                src = m.inspect_source()
+                if src:
+                    found.append(src)
+        stack.extend(getattr(m, "imports", []))
+    return found
+
+
+def _ptx_from_source_modules(executable, arch: str) -> list:
+    from tvm.support import nvcc
+
+    if shutil.which("nvcc") is None:
+        raise BackendError("CUDA targets need nvcc (the CUDA toolkit) on PATH to produce PTX")
+    import tvm
+
+    out = []
+    for code in _cuda_sources(executable.mod):
+        try:
+            with tvm.target.Target({"kind": "cuda", "arch": arch}):
+                ptx = nvcc.compile_cuda(code, target_format="ptx", arch=arch, compiler="nvcc")
+        except Exception as exc:
+            raise BackendError(f"nvcc failed on the generated CUDA for {arch}: {_first_line(exc)}") from None
+        out.append((code, ptx))
+    if not out:
+        raise BackendError("the CUDA build produced no CUDA kernels (a pipeline without GPU schedules?)")
+    return out
+
+
 def _runner_for(resolved: ResolvedTarget, rpc: str | None, key: str | None):
     from tvm.s_tir import meta_schedule as ms
 
@@ -248,6 +282,9 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
             raise
         except Exception as exc:
             raise BackendError(f"TVM failed to build for {resolved.name}: {_first_line(exc)}") from None
+    if resolved.spec.get("kind") == "cuda" and not ptx_sink:
+        # without a CUDA driver TVM keeps the kernels as CUDA C; nvcc makes the PTX offline
+        ptx_sink.extend(_ptx_from_source_modules(executable, resolved.spec.get("arch", "sm_80")))
     timings["build_s"] = time.perf_counter() - t0
 
     final_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="onnxpress-tvm-"))

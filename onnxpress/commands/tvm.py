@@ -1,0 +1,153 @@
+"""`onnxpress compile` and `onnxpress run`: the TVM backend on the command line.
+
+    onnxpress compile model.onnx --target x86|arm|cuda[:sm_XX] [--shape NAME=1,3,224,224 ...]
+        [--tune N --db DIR] [--rpc HOST:PORT --key K] -o DIR
+    onnxpress run DIR --inputs x.npz [--verify model.onnx] [--rtol R --atol A] [--outputs y.npz]
+        [--bench N] [--rpc HOST:PORT --key K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from onnxpress.errors import BackendError, OnnxPressError
+
+
+def _parse_shapes(items) -> dict | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, eq, dims = item.partition("=")
+        if not eq or not name or not dims:
+            raise BackendError(f"--shape expects NAME=d1,d2,..., got '{item}'")
+        try:
+            out[name] = [int(d) for d in dims.replace("x", ",").split(",") if d]
+        except ValueError:
+            raise BackendError(f"--shape {item}: sizes must be integers") from None
+    return out
+
+
+def _parse_target(text: str):
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BackendError(f"--target looks like JSON but does not parse: {exc}") from None
+    return text
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from onnxpress.backends import tvm
+
+    art = tvm.compile(args.model, _parse_target(args.target), shapes=_parse_shapes(args.shape),
+                      tune_trials=args.tune, db=args.db, rpc=args.rpc, key=args.key,
+                      output_dir=args.output, progress=not args.quiet)
+    m = art.manifest
+    t = m["tuning"]
+    print(f"compiled {args.model} for {m['target']['name']} ({m['target']['tvm']}) -> {art.path}")
+    print(f"  inputs: " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in m["inputs"]))
+    sched = m.get("schedules") or {}
+    if sched:
+        print(f"  kernels: {sched.get('from_db', 0)} from the tuning DB, "
+              f"{sched.get('default_scheduled', 0)} default-scheduled")
+    if args.tune:
+        if t.get("previous_trials"):
+            print(f"  tuning: already tuned in {t['db']} ({t['previous_trials']} trials); nothing to do")
+        else:
+            print(f"  tuning: {t['trials_measured']} trials on {t['tasks_tuned']} task(s) in "
+                  f"{t['seconds']:.0f} s; {t['tasks_from_db']} task(s) reused from {t['db']}"
+                  + (f", {t['tasks_skipped_budget']} left for a larger budget" if t['tasks_skipped_budget'] else ""))
+    if m["files"].get("ptx"):
+        print(f"  PTX: {art.path / m['files']['ptx']} ({m['target']['spec'].get('arch')})")
+    return 0
+
+
+def _load_npz(path: str) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"cannot read inputs from {path}: {exc}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from onnxpress.backends import tvm
+
+    art = tvm.load_artifact(args.artifact, rpc=args.rpc, key=args.key)
+    feeds = _load_npz(args.inputs) if args.inputs else None
+    if args.verify:
+        result = art.verify(args.verify, feeds, rtol=args.rtol, atol=args.atol)
+        print(f"{art.target_name} artifact vs onnxruntime on {args.verify} ({art.where()}):")
+        print(f"  max abs error {result.max_abs:.3g}, max rel error {result.max_rel:.3g}")
+        print("\n".join("  " + line for line in str(result).splitlines()))
+        if args.outputs:
+            np.savez(args.outputs, **art.run(feeds))
+        status = 0 if result.ok else 1
+    else:
+        outs = art.run(feeds)
+        for name, value in outs.items():
+            print(f"{name}: shape {list(value.shape)} {value.dtype}, "
+                  f"first values {np.asarray(value).ravel()[:5].tolist()}")
+        if args.outputs:
+            np.savez(args.outputs, **outs)
+        status = 0
+    if args.bench:
+        b = art.benchmark(feeds, runs=args.bench)
+        print(f"latency ({art.where()}): p50 {b.p50_ms:.3f} ms, p90 {b.p90_ms:.3f} ms over {b.runs} runs")
+    return status
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("compile", help="compile (and tune) an ONNX model with Apache TVM",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("--target", "-t", default="x86",
+                   help="x86 (host CPU), arm (aarch64+NEON), cuda or cuda:sm_XX, or a TVM target as JSON")
+    p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
+                   help="static shape for an input with dynamic dims (repeatable)")
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="MetaSchedule trials (0: default schedules, no measurement)")
+    p.add_argument("--db", help="tuning database directory, reused by later compiles "
+                                "(default ~/.cache/onnxpress/tvm-db when tuning)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker: tune/run on a board")
+    p.add_argument("--key", help="the board's key at the tracker")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compile)
+
+    r = subparsers.add_parser("run", help="run a compiled TVM artifact, optionally verify it against onnxruntime")
+    r.add_argument("artifact", help="directory written by `onnxpress compile`")
+    r.add_argument("--inputs", help=".npz with one array per input (default: random inputs)")
+    r.add_argument("--verify", metavar="MODEL", help="compare with onnxruntime running this ONNX model")
+    r.add_argument("--rtol", type=float, default=1e-4)
+    r.add_argument("--atol", type=float, default=1e-5)
+    r.add_argument("--outputs", help="write the outputs to this .npz")
+    r.add_argument("--bench", type=int, default=0, metavar="RUNS", help="also time RUNS runs")
+    r.add_argument("--rpc", metavar="HOST:PORT", help="run on the board behind this tracker")
+    r.add_argument("--key")
+    r.set_defaults(func=cmd_run)
+
+
+def main(argv=None) -> int:
+    """Standalone entry (tests): `python -m onnxpress.commands.tvm compile ...`."""
+    parser = argparse.ArgumentParser(prog="onnxpress")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OnnxPressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
