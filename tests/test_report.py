@@ -57,6 +57,8 @@ def test_report_figures_and_json_twin(digits_report):
         mem = data["memory"]
         assert max(mem["live_bytes"]) == mem["lower_bound_bytes"] <= mem["arena_bytes"]
         assert after["peak_memory_bytes"] == mem["arena_bytes"]
+        # the input had no plan: it is planned with the same bindings, for a like-for-like card
+        assert before["peak_memory_bytes"] >= before["peak_lower_bound_bytes"] > 0
     if "prune" in names:
         prune = next(r for r in result.reports if r.name == "prune")
         per_layer = prune.figures.get("per_layer") or {}

@@ -111,7 +111,10 @@ def _cards(models: Mapping[str, Any]) -> str:
         out.append(
             f'<div class="card" data-key="{key}"><div class="k">{escape(label)}</div>'
             f'<div class="v">{escape(fmt(b.get(key)))} → {escape(fmt(a.get(key)))}</div>'
-            f'<div class="r">{_ratio(b.get(key), a.get(key))}</div></div>')
+            f'<div class="r">{_ratio(b.get(key), a.get(key))}'
+            + (' <span title="{}">(input planned for comparison)</span>'.format(escape(b["peak_memory_note"]))
+               if key == "peak_memory_bytes" and b.get("peak_memory_note") else "")
+            + "</div></div>")
     out.append("</div>")
     return "".join(out)
 
