@@ -85,7 +85,7 @@ def _digits_rows(quick: bool) -> list[dict]:
 def _timm_rows(quick: bool) -> list[dict]:
     rows = []
     x = zoo.photo_batch()[:1]
-    runs = 15 if quick else 60
+    runs = 30 if quick else 90
     for name in TIMM:
         t0 = time.time()
         model = onnx.load(zoo.timm_model(name))
