@@ -63,6 +63,23 @@ def output_divergence(reference: list[dict], model: onnx.ModelProto, batches: li
     return total / max(len(batches), 1)
 
 
+def calibration_sample(calib, max_samples: int, batch_size: int = 64) -> list[dict]:
+    """The first `max_samples` calibration samples, re-cut into batches of `batch_size` when the
+    batches stack (an .npz gives one sample per batch), else the batches as they come."""
+    batches, n = [], 0
+    for b in calib:
+        batches.append(b)
+        n += len(next(iter(b.values()))) if b and np.ndim(next(iter(b.values()))) else 1
+        if n >= max_samples:
+            break
+    try:
+        stacked = {k: np.concatenate([b[k] for b in batches])[:max_samples] for k in batches[0]}
+    except ValueError:
+        return batches
+    total = len(next(iter(stacked.values())))
+    return [{k: v[i:i + batch_size] for k, v in stacked.items()} for i in range(0, total, batch_size)]
+
+
 @dataclasses.dataclass
 class SearchResult:
     model: onnx.ModelProto
@@ -148,17 +165,17 @@ def search(model: onnx.ModelProto, ctx: PassContext, *,
            max_ratio: Annotated[float, Range(0, 0.99)] = 0.9,
            criterion: Literal["l2", "l1", "activation"] = "l2",
            round_to: Annotated[int, Range(0)] = 0,
-           max_batches: Annotated[int, Range(1)] = 8) -> onnx.ModelProto:
+           max_samples: Annotated[int, Range(1)] = 512) -> onnx.ModelProto:
     """Choose per-layer structured pruning ratios under a budget (MACs, params, bytes, latency).
 
     before: dense model       after: structured-pruned model whose cost <= budget x original,
     each channel group pruned by its own ratio (greedy steps of `step`, least calib output error
-    per unit of cost). round_to as in prune (0 = auto: multiples of 8). Reports the chosen ratio
-    and kept channels per group.
+    per unit of cost) on the first `max_samples` calibration samples. round_to as in prune
+    (0 = auto: multiples of 8). Reports the chosen ratio and kept channels per group.
     """
     calib = ctx.require_calib(model)
     remember_teacher(model, ctx)
-    batches = [b for _, b in zip(range(max_batches), calib)]
+    batches = calibration_sample(calib, max_samples)
     res = search_ratios(model, batches, budget=budget, metric=metric, step=step,
                         max_ratio=max_ratio, criterion=criterion, ctx=ctx,
                         round_to=round_to or AUTO_ROUND_TO,
