@@ -22,7 +22,7 @@ from onnxpress import stats
 from onnxpress.errors import PassError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.graph import copy_model_fields
-from onnxpress.passes.prune import AUTO_ROUND_TO, calib_error, remember_teacher
+from onnxpress.passes.prune import AUTO_ROUND_TO, calib_error, calibration_sample, remember_teacher
 from onnxpress.passes.prune.groups import channel_groups
 from onnxpress.passes.prune.structured import group_scores, prune_channels
 from onnxpress.passes.registry import Range, register
@@ -61,23 +61,6 @@ def output_divergence(reference: list[dict], model: onnx.ModelProto, batches: li
             else:
                 total += float(((r - o) ** 2).mean() / max(r.var(), 1e-12))
     return total / max(len(batches), 1)
-
-
-def calibration_sample(calib, max_samples: int, batch_size: int = 64) -> list[dict]:
-    """The first `max_samples` calibration samples, re-cut into batches of `batch_size` when the
-    batches stack (an .npz gives one sample per batch), else the batches as they come."""
-    batches, n = [], 0
-    for b in calib:
-        batches.append(b)
-        n += len(next(iter(b.values()))) if b and np.ndim(next(iter(b.values()))) else 1
-        if n >= max_samples:
-            break
-    try:
-        stacked = {k: np.concatenate([b[k] for b in batches])[:max_samples] for k in batches[0]}
-    except ValueError:
-        return batches
-    total = len(next(iter(stacked.values())))
-    return [{k: v[i:i + batch_size] for k, v in stacked.items()} for i in range(0, total, batch_size)]
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ from onnxpress.passes.prune.unstructured import prune_unstructured, sparse_bytes
 from onnxpress.passes.registry import Range, register
 
 __all__ = ["prune", "channel_groups", "ChannelGroups", "ChannelGroup", "prune_channels",
-           "prune_unstructured", "remember_teacher", "calib_error"]
+           "prune_unstructured", "remember_teacher", "calib_error", "calibration_sample"]
 
 TEACHER_KEY = "onnxpress.teacher"
 # onnxruntime's CPU convolutions work on channel blocks of 8 (AVX2) or 16 (AVX-512) in NCHWc
@@ -42,8 +42,25 @@ def remember_teacher(model: onnx.ModelProto, ctx: PassContext) -> None:
         ctx.options[TEACHER_KEY] = copy.deepcopy(model)
 
 
+def calibration_sample(calib, max_samples: int, batch_size: int = 64) -> list[dict]:
+    """The first `max_samples` calibration samples, re-cut into batches of `batch_size` when the
+    batches stack (an .npz gives one sample per batch), else the batches as they come."""
+    batches, n = [], 0
+    for b in calib:
+        batches.append(b)
+        n += len(next(iter(b.values()))) if b and np.ndim(next(iter(b.values()))) else 1
+        if n >= max_samples:
+            break
+    try:
+        stacked = {k: np.concatenate([b[k] for b in batches])[:max_samples] for k in batches[0]}
+    except ValueError:
+        return batches
+    total = len(next(iter(stacked.values())))
+    return [{k: v[i:i + batch_size] for k, v in stacked.items()} for i in range(0, total, batch_size)]
+
+
 def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
-                max_batches: int = 4) -> dict:
+                max_samples: int = 256) -> dict:
     """Output error of a lossy pass on calibration data (empty when there is none)."""
     if ctx.calib is None:
         return {}
@@ -52,9 +69,7 @@ def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContex
     sa, sb = ort.session(before, threads=1), ort.session(after, threads=1)
     max_abs, cos, agree, n = 0.0, 1.0, 0, 0
     names = [o.name for o in sa.get_outputs()]
-    for i, batch in enumerate(ctx.calib):
-        if i >= max_batches:
-            break
+    for batch in calibration_sample(ctx.calib, max_samples):
         ya, yb = sa.run(names, batch), sb.run(names, batch)
         for a, b in zip(ya, yb):
             if a.dtype.kind != "f":
