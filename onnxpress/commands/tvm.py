@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from onnxpress.errors import BackendError, OnnxPressError
 
@@ -50,7 +49,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     m = art.manifest
     t = m["tuning"]
     print(f"compiled {args.model} for {m['target']['name']} ({m['target']['tvm']}) -> {art.path}")
-    print(f"  inputs: " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in m["inputs"]))
+    print("  inputs: " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in m["inputs"]))
     sched = m.get("schedules") or {}
     if sched:
         print(f"  kernels: {sched.get('from_db', 0)} from the tuning DB, "

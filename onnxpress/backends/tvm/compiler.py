@@ -14,8 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import onnx
 
@@ -120,7 +121,6 @@ def _fcompile(resolved: ResolvedTarget):
 def _nvcc_ptx(arch: str, sink: list):
     """During a CUDA build, turn the generated CUDA C into PTX for `arch` with nvcc."""
     import tvm_ffi
-
     from tvm.support import nvcc
 
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):

@@ -133,7 +133,6 @@ def schedule_primfunc(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
     """Return `func` scheduled with fixed decisions (attr tirx.is_scheduled), or None on failure."""
     import tvm
     from tvm import s_tir
-    from tvm.s_tir import meta_schedule as ms
 
     mod = tvm.IRModule({"main": func})
     ctx = tune_context(mod, target, cpu_space_generator(), rand_state=1)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from onnxpress.errors import BackendError
 

@@ -122,9 +122,9 @@ def cross_export(fcompile):
 def make_in_process_builder(fcompile=None):
     """Build candidates in this process: LocalBuilder's workers spend ~17 s each importing
     tensor intrinsics before the first build, longer than a whole small tuning run."""
+    from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.ir.utils import derived_object
 
     export = cross_export(fcompile)
 
@@ -148,8 +148,8 @@ def make_in_process_builder(fcompile=None):
 
 
 def make_progress_callback(bar, names: list[str], summary: TuneSummary):
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class ProgressCallback(PyMeasureCallback):
@@ -200,7 +200,7 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
     # a workload already tuned (by this model or any other) is not tuned again
     per_task_budget = max(MIN_TRIALS_PER_TASK, trials // max(1, len(pending)))
     todo = []
-    for flops, task in pending:
+    for _flops_of_task, task in pending:
         if _records(database, task.dispatched[0], target) >= min(per_task_budget, MIN_TRIALS_PER_TASK):
             summary.tasks_from_db += 1
         else:

@@ -1,0 +1,166 @@
+"""The TVM backend on the trained digits CNN: x86 against onnxruntime, aarch64 under qemu (locally
+and through an RPC tracker + server on 127.0.0.1), CUDA PTX via nvcc, the tuning database, clear
+errors for ops TVM cannot import, and the compile/run command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("tvm")
+
+from onnxpress.backends import ort  # noqa: E402
+from onnxpress.backends import tvm as ox_tvm  # noqa: E402
+from onnxpress.errors import BackendError, UnsupportedOpError  # noqa: E402
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def digits_feeds(digits):
+    X = digits.test[0][:8]
+    return {"input": X}
+
+
+@pytest.fixture(scope="module")
+def x86_artifact(digits_cnn_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tvm") / "digits-x86"
+    return ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, output_dir=out,
+                          progress=False)
+
+
+def test_x86_build_matches_onnxruntime_on_real_digits(x86_artifact, digits_cnn_path, digits, digits_feeds):
+    art = ox_tvm.load_artifact(x86_artifact.path)
+    result = art.verify(digits_cnn_path, digits_feeds, rtol=RTOL, atol=ATOL)
+    assert result.ok, str(result)
+    assert result.max_abs < 1e-4
+    logits = art.run(digits_feeds)["logits"]
+    assert logits.shape == (8, 10)
+    assert (logits.argmax(1) == digits.test[1][:8]).mean() >= 0.875
+    bench = ox_tvm.benchmark_artifact(art.path, digits_feeds, runs=20)
+    assert 0 < bench.p50_ms <= bench.p90_ms
+
+
+def test_manifest_describes_the_artifact(x86_artifact):
+    m = json.loads((x86_artifact.path / "manifest.json").read_text())
+    assert m["inputs"] == [{"name": "input", "shape": [8, 1, 8, 8], "dtype": "float32"}]
+    assert m["outputs"][0]["name"] == "logits" and m["outputs"][0]["shape"] == [8, 10]
+    assert m["target"]["name"] == "x86" and m["target"]["spec"]["kind"] == "llvm"
+    assert m["versions"]["tvm"].startswith("0.27") and m["versions"]["onnxpress"]
+    assert m["schedules"]["default_scheduled"] >= 4          # convs, dense, pool got real schedules
+    assert (x86_artifact.path / "model.so").exists() and (x86_artifact.path / "run.py").exists()
+    assert not [p for p in x86_artifact.path.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_second_compile_with_the_same_db_does_no_tuning(digits_cnn_path, digits_feeds, tmp_path):
+    db = tmp_path / "db"
+    first = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, tune_trials=16,
+                           db=db, output_dir=tmp_path / "a", progress=False)
+    t1 = first.manifest["tuning"]
+    assert t1["trials_measured"] >= 1 and t1["tasks_tuned"] == 1
+    assert first.manifest["schedules"]["from_db"] >= 1
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+    second = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, tune_trials=16,
+                            db=db, output_dir=tmp_path / "b", progress=False)
+    t2 = second.manifest["tuning"]
+    assert t2["trials_measured"] == 0 and t2["previous_trials"] == 16
+    assert second.manifest["schedules"]["from_db"] == first.manifest["schedules"]["from_db"]
+    assert second.verify(digits_cnn_path, digits_feeds, rtol=RTOL, atol=ATOL).ok
+
+
+def _model_with_op(op_type: str, domain: str = "") -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu0"),
+             helper.make_node(op_type, ["h"], ["y"], name="mystery_node", domain=domain)]
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=opsets)
+
+
+def test_unsupported_op_names_the_op_and_node(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(UnsupportedOpError) as err:
+        ox_tvm.compile(_model_with_op("Det"), "x86", output_dir=out, progress=False)
+    msg = str(err.value)
+    assert "'Det'" in msg and "'mystery_node'" in msg
+    assert "Traceback" not in msg and len(msg.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())       # nothing half-written
+    with pytest.raises(UnsupportedOpError, match="MyOp.*mystery_node"):
+        ox_tvm.compile(_model_with_op("MyOp", "com.example"), "x86", progress=False)
+
+
+def test_bad_target_and_dynamic_shape_errors(digits_cnn_path):
+    with pytest.raises(BackendError, match="unknown target 'riscv'"):
+        ox_tvm.compile(digits_cnn_path, "riscv")
+    with pytest.raises(BackendError, match="unknown input"):
+        ox_tvm.compile(digits_cnn_path, "x86", shapes={"image": [1, 1, 8, 8]})
+    with pytest.raises(BackendError, match="tuning for arm needs the board"):
+        ox_tvm.compile(digits_cnn_path, "arm", tune_trials=8)
+
+
+arm_problem = ox_tvm.arm_runtime_problem() or (
+    None if shutil.which("aarch64-linux-gnu-gcc") else "aarch64-linux-gnu-gcc not found")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(arm_problem is not None, reason=f"no emulated aarch64 here: {arm_problem}")
+def test_arm_build_runs_under_qemu_locally_and_over_rpc(digits_cnn_path, digits_feeds, tmp_path):
+    art = ox_tvm.compile(digits_cnn_path, "arm", shapes={"input": [8, 1, 8, 8]},
+                         output_dir=tmp_path / "arm", progress=False)
+    with open(art.library, "rb") as f:
+        head = f.read(20)
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183   # EM_AARCH64
+    assert art.where() == "qemu"
+    local = art.verify(digits_cnn_path, digits_feeds, rtol=RTOL, atol=ATOL)
+    assert local.ok, str(local)
+    with ox_tvm.local_cluster(arm=True) as cluster:
+        remote = ox_tvm.load_artifact(art.path, rpc=cluster.rpc, key=cluster.key)
+        assert remote.where() == "rpc"
+        result = remote.verify(digits_cnn_path, digits_feeds, rtol=RTOL, atol=ATOL)
+        assert result.ok, str(result)
+        bench = remote.benchmark(digits_feeds, runs=3, warmup=1)
+        assert bench.p50_ms > 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
+def test_cuda_artifact_holds_ptx_made_by_nvcc(digits_cnn_path, tmp_path):
+    art = ox_tvm.compile(digits_cnn_path, "cuda:sm_80", output_dir=tmp_path / "cuda", progress=False)
+    ptx = (art.path / "kernels.ptx").read_text()
+    assert ".target sm_80" in ptx and ".entry" in ptx and "NVIDIA" in ptx
+    assert "__global__" in (art.path / "kernels.cu").read_text()
+    assert art.manifest["files"]["ptx"] == "kernels.ptx"
+    assert art.manifest["target"]["spec"] == {"kind": "cuda", "arch": "sm_80"}
+
+
+def test_cli_compile_then_run_with_verify(digits_cnn_path, digits_feeds, tmp_path, capsys):
+    from onnxpress.commands import tvm as cli
+
+    np.savez(tmp_path / "x.npz", **digits_feeds)
+    out = tmp_path / "cli-x86"
+    assert cli.main(["compile", str(digits_cnn_path), "--target", "x86", "--shape", "input=8,1,8,8",
+                     "-o", str(out), "--quiet"]) == 0
+    assert (out / "manifest.json").exists()
+    assert cli.main(["run", str(out), "--inputs", str(tmp_path / "x.npz"), "--verify",
+                     str(digits_cnn_path), "--outputs", str(tmp_path / "y.npz")]) == 0
+    text = capsys.readouterr().out
+    assert "max abs error" in text and "OK" in text
+    with np.load(tmp_path / "y.npz") as z:
+        ref = ort.run(digits_cnn_path, digits_feeds)["logits"]
+        np.testing.assert_allclose(z["logits"], ref, rtol=RTOL, atol=ATOL)
+    # a model with other weights: the same artifact must fail verification with a non-zero exit
+    other = onnx.load(digits_cnn_path)
+    for init in other.graph.initializer:
+        if init.dims and len(init.dims) == 4:
+            arr = onnx.numpy_helper.to_array(init) * 1.5
+            init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+            break
+    onnx.save(other, tmp_path / "other.onnx")
+    assert cli.main(["run", str(out), "--inputs", str(tmp_path / "x.npz"), "--verify",
+                     str(tmp_path / "other.onnx")]) == 1
+    assert "exceeds tolerance" in capsys.readouterr().out
+    assert cli.main(["run", str(tmp_path / "missing")]) == 2
