@@ -10,6 +10,7 @@ RMSNorm, SkipLayerNorm), attention (BERT/ViT attention -> com.microsoft.Attentio
 Gemm, constant chains), layout (Transpose/Reshape/Squeeze/Concat/Split identities).
 """
 
+from onnxpress.passes.fuse import activation, attention, conv, layout, matmul, norm  # noqa: F401,E402
 from onnxpress.passes.fuse.api import (  # noqa: F401
     MS_DOMAIN,
     Fusion,
@@ -26,5 +27,4 @@ from onnxpress.passes.fuse.api import (  # noqa: F401
     shape,
     unregister_fusion,
 )
-from onnxpress.passes.fuse import activation, attention, conv, layout, matmul, norm  # noqa: F401,E402
 from onnxpress.passes.fuse.fuse_pass import fuse  # noqa: F401,E402

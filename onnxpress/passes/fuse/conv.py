@@ -15,8 +15,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxpress.passes.fuse.api import MS_DOMAIN, attr, const, fusion, is_float, \
-    new_initializer, rank, scalar, shape
+from onnxpress.passes.fuse.api import (
+    MS_DOMAIN,
+    attr,
+    const,
+    fusion,
+    is_float,
+    new_initializer,
+    rank,
+    scalar,
+    shape,
+)
 
 
 def _weights(w) -> np.ndarray | None:

@@ -22,7 +22,7 @@ import onnx
 from onnxpress.errors import PassError, PassOptionError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.fuse import api
-from onnxpress.passes.graph import copy_model_fields, infer_shapes
+from onnxpress.passes.graph import copy_model_fields
 from onnxpress.passes.registry import Range, register
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater",
@@ -159,8 +159,8 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
     family (`fuse:disable=gelu+attention`) or run only some (`fuse:only=layout`). Contrib ops
     (com.microsoft) are used only when ctx.target is "ort"; other targets get plain ONNX.
     """
-    from onnxscript import ir
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+    from onnxscript import ir
 
 
     t0 = time.perf_counter()
@@ -185,7 +185,8 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
 
     counts: dict[str, int] = {}
     rounds = 0
-    for rounds in range(1, max_rounds + 1):
+    while rounds < max_rounds:
+        rounds += 1
         fired = 0
         for f in fusions:
             try:
