@@ -414,3 +414,48 @@ def test_minilm_plain_ops_for_tvm(minilm_path):
     assert not any(n.domain == "com.microsoft" for n in fused.graph.node)
     assert ops(fused)["Softmax"] == 6     # attention left to TVM
     assert_same(original, fused, zoo.minilm_feeds(["a short one", "and a somewhat longer one"]))
+
+
+# -- onnx's own conformance models -----------------------------------------------------------
+def test_conformance_models_unchanged_by_fuse():
+    """Every model case bundled with onnx (pytorch-converted, pytorch-operator, simple) that
+    onnxruntime runs gives the same outputs after `fuse` (rtol 1e-4, atol 1e-5)."""
+    from pathlib import Path
+
+    from onnxpress.errors import BackendError
+
+    data = Path(onnx.__file__).parent / "backend" / "test" / "data"
+    checked, failures = 0, []
+    for case in sorted(p for kind in ("pytorch-converted", "pytorch-operator", "simple")
+                       for p in (data / kind).iterdir() if (p / "model.onnx").exists()):
+        model = onnx.load(case / "model.onnx")
+        sets = sorted(case.glob("test_data_set_*"))
+        inits = {t.name for t in model.graph.initializer}
+        names = [i.name for i in model.graph.input if i.name not in inits]
+        if not sets:
+            continue
+        feeds = {}
+        for i, pb in enumerate(sorted(sets[0].glob("input_*.pb"),
+                                      key=lambda p: int(p.stem.split("_")[1]))):
+            t = onnx.TensorProto()
+            t.ParseFromString(pb.read_bytes())
+            if i < len(names):
+                feeds[names[i]] = numpy_helper.to_array(t)
+        if len(feeds) != len(names) or any(v.dtype == object for v in feeds.values()):
+            continue
+        try:
+            expected = ort.run(model, feeds, optimization="disable")
+        except BackendError:
+            continue
+        try:
+            fused = passes.apply(model, "fuse")
+            got = ort.run(fused, feeds, optimization="disable")
+        except Exception as exc:  # a crash is ours
+            failures.append(f"{case.name}: {type(exc).__name__}: {exc}"[:300])
+            continue
+        r = ort.compare_outputs(expected, got, rtol=1e-4, atol=1e-5)
+        checked += 1
+        if not r.ok:
+            failures.append(f"{case.name}: {r}")
+    assert checked > 90
+    assert not failures, "\n".join(failures[:10])
