@@ -160,7 +160,7 @@ def _bn_fusion(kind: str, rank_ok):
                plan(x, w, y, scale, bias, mean, var, bn_out) is not None,
            replacement=lambda op, x, w, y, scale, bias, mean, var, bn_out:
                _rebuild(op, kind, x, y, *plan(x, w, y, scale, bias, mean, var, bn_out)),
-           doc=f"BatchNormalization({kind}(x, W, B)) -> "
+           doc=f"BatchNormalization({kind}(x, W{'' if kind == 'MatMul' else ', B'})) -> "
                f"{'Gemm' if kind == 'MatMul' else kind}(x, W', B')")
 
 
@@ -223,7 +223,6 @@ def _affine_fusion(kind: str, op_name: str):
 for _kind in ("Conv", "ConvTranspose", "Gemm"):
     for _op in ("Mul", "Add"):
         _affine_fusion(_kind, _op)
-_affine_fusion("MatMul", "Mul")
 
 
 # MatMul with a constant weight of any input rank: a scale along the last axis folds into W
@@ -235,7 +234,7 @@ def _matmul_scale_plan(x, w, c, y):
     return None if vec is None else (weights * vec.reshape(1, -1)).astype(weights.dtype)
 
 
-fusion("mul_into_matmul_weight", family="channel_affine", priority=13,
+fusion("mul_into_matmul", family="channel_affine", priority=13,
        pattern=lambda op, x, w, c: op.Mul(op.MatMul(x, w, _outputs=["y"]), c),
        condition=lambda ctx, x, w, c, y: _matmul_scale_plan(x, w, c, y) is not None,
        replacement=lambda op, x, w, c, y: op.MatMul(
