@@ -315,3 +315,11 @@ def test_sensitivity_command(digits_cnn_path, tmp_path, capsys):
 
     out = json.loads(capsys.readouterr().out)
     assert len(out["layers"]) == 4 and {"int8", "int4"} <= set(out["layers"][0])
+
+
+def test_tvm_frontend_accepts_qdq_dynamic_and_fp16(digits_cnn, digits_calib):
+    relax_onnx = pytest.importorskip("tvm.relax.frontend.onnx")
+    for spec in ("quant_int8:latency_aware=false", "quant_dynamic:min_weight=0", "fp16"):
+        q = passes.apply(digits_cnn, spec, calib=digits_calib, target="tvm")
+        mod = relax_onnx.from_onnx(q, shape_dict={"input": [4, 1, 8, 8]})
+        assert "main" in [gv.name_hint for gv in mod.get_global_vars()]

@@ -238,11 +238,7 @@ def calibrate(model: onnx.ModelProto, ctx: PassContext, *, bins: int = 2048,
     out_names = [o.name for o in sess.get_outputs()]
     specs = graph_input_specs(model)
     batches = samples = 0
-    total = None
-    try:
-        total = len(calib)
-    except Exception:
-        pass
+    total = calib.length if getattr(calib, "length", None) is not None else None  # never count a stream
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
     for i, batch in enumerate(ctx.progress_bar(calib, desc="calibrating", total=total)):
