@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -28,8 +29,12 @@ EXTERNAL_URL = re.compile(r"(?:https?|ftp|wss?)://|(?:src|href)\s*=\s*[\"']?//|u
 
 
 def _pipeline() -> list[str]:
+    """Every capability that is registered in this checkout, so every section gets drawn."""
     names = {p.name for p in passes.list_passes()}
-    wanted = ["cleanup", "fuse", "prune:sparsity=0.5", "quant_int8", "reuse:batch=1"]
+    quant = ("quant_auto:precisions=int8+int4+fp32,objective=size" if "quant_auto" in names
+             else "quant_int8")
+    wanted = ["cleanup", "fuse:disable=conv_activation+gemm_activation", "prune:sparsity=0.5", quant,
+              "reuse:batch=1"]
     return [w for w in wanted if w.split(":")[0] in names]
 
 
@@ -64,6 +69,10 @@ def test_report_figures_and_json_twin(digits_report):
         per_layer = prune.figures.get("per_layer") or {}
         assert data["sparsity"]["layers"] == list(per_layer)
         assert data["sparsity"]["values"] == pytest.approx(list(per_layer.values()))
+    if "quant_auto" in names:
+        sens = data["sensitivity"]
+        assert sens["pass"] == "quant_auto" and len(sens["layers"]) == 4
+        assert set(sens["series"]) >= {"int8", "int4"} and all(v > 0 for v in sens["values"])
     # the same figures are embedded in the page
     html = html_path.read_text()
     embedded = re.search(r'<script type="application/json" id="onnxpress-report-data">(.*?)</script>',
@@ -192,6 +201,8 @@ def test_report_opens_in_headless_chromium(digits_report, tmp_path):
         expected.add("chart-memory")
     if "prune" in names:
         expected.add("chart-sparsity")
+    if "quant_auto" in names:
+        expected.add("chart-sensitivity")
     assert expected <= set(dom["sections"]), dom["sections"]
     assert int(dom["rendered"]) == int(dom["expected"]) >= len(expected)
     for chart in dom["charts"]:
@@ -202,6 +213,8 @@ def test_report_opens_in_headless_chromium(digits_report, tmp_path):
     height = int.from_bytes(png[20:24], "big")
     assert width == 1100 and height > 1500, (width, height)
     (tmp_path / "report.png").write_bytes(png)
+    if os.environ.get("ONNXPRESS_KEEP_SCREENSHOT"):  # for a person to look at
+        Path(os.environ["ONNXPRESS_KEEP_SCREENSHOT"]).write_bytes(png)
 
 
 def test_cli_optimize_writes_report_with_recipe(digits_cnn_path, tmp_path):

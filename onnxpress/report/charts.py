@@ -107,6 +107,30 @@ def per_layer_bars(layers: Sequence[str], values: Sequence[float], *, xlabel: st
     return _to_svg(fig)
 
 
+def sensitivity(section: Mapping[str, Any], top: int = 40) -> str:
+    """Per-layer sensitivity: one bar per precision measured (int8, int4...), most sensitive first."""
+    series = section.get("series") or {section.get("key", "value"): section["values"]}
+    main = list(section["values"])
+    order = sorted(range(len(main)), key=lambda i: -main[i])[:top]
+    names = [_short(section["layers"][i]) for i in order]
+    k = len(series)
+    height = 0.8 / k
+    palette = [ACCENT, AFTER, "#2f9e8f", BEFORE]
+    fig = _figure(7.5, (0.22 + 0.1 * k) * len(order) + 1.3)
+    ax = fig.subplots()
+    for j, (label, values) in enumerate(series.items()):
+        ys = [i + (j - (k - 1) / 2) * height for i in range(len(order))]
+        xs = [values[i] if values[i] is not None else 0.0 for i in order]
+        ax.barh(ys, xs, height=height, color=palette[j % len(palette)], label=str(label))
+    ax.set_yticks(range(len(order)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{section.get('key', 'sensitivity')} (higher: more sensitive)")
+    if k > 1:
+        ax.legend(loc="lower right", frameon=False, fontsize=8)
+    _style(ax)
+    return _to_svg(fig)
+
+
 def memory_timeline(section: Mapping[str, Any]) -> str:
     steps, live = section["steps"], [v / 1024 for v in section["live_bytes"]]
     fig = _figure(7.5, 3.2)
@@ -168,4 +192,4 @@ def pipeline_steps(passes: Sequence[Mapping[str, Any]]) -> str:
     return _to_svg(fig)
 
 
-__all__ = ["size_by_op", "per_layer_bars", "memory_timeline", "latency", "pipeline_steps"]
+__all__ = ["size_by_op", "per_layer_bars", "sensitivity", "memory_timeline", "latency", "pipeline_steps"]

@@ -148,7 +148,7 @@ def weight_bytes_by_op(model: onnx.ModelProto) -> dict[str, int]:
         def user_of(name: str, depth: int = 0, g=g, consumers=consumers) -> str:
             users = consumers.get(name, [])
             if not users:
-                return "(graph output)" if any(o.name == name for o in g.output) else "(unused)"
+                return "(graph output)" if any(o.name == name for o in g.output) else "(unused initializers)"
             node = users[0]
             if node.op_type in _WEIGHT_CARRIERS and depth < 4 and node.output:
                 return user_of(node.output[0], depth + 1)
@@ -179,8 +179,38 @@ def _pass_dicts(pipeline_result: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _sensitivity_rows(rows: list[Any]) -> dict[str, Any] | None:
+    """quant_auto's table: [{layer, op, params, int8: degradation, int4: ..., chosen}, ...]."""
+    skip = {"layer", "op", "params", "chosen", "name"}
+    layers: list[str] = []
+    series: dict[str, list[float | None]] = {}
+    chosen: list[str | None] = []
+    for row in rows:
+        if not isinstance(row, Mapping) or "layer" not in row:
+            continue
+        layers.append(str(row["layer"]))
+        chosen.append(str(row["chosen"]) if row.get("chosen") is not None else None)
+        for k, v in row.items():
+            if k in skip:
+                continue
+            x = _number(v)
+            if x is None and v is not None:
+                continue
+            series.setdefault(str(k), [None] * (len(layers) - 1)).append(x)
+        for vals in series.values():
+            if len(vals) < len(layers):
+                vals.append(None)
+    series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+    if not layers or not series:
+        return None
+    main = "int8" if "int8" in series else next(iter(series))
+    return {"layers": layers, "values": [x if x is not None else 0.0 for x in series[main]],
+            "key": main, "series": series, "chosen": chosen}
+
+
 def sensitivity(passes: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """{pass, key, layers, values} from the last pass that recorded per-layer sensitivity."""
+    """{pass, key, layers, values[, series, chosen]} from the last pass that recorded per-layer
+    sensitivity: a {layer: number} dict, or quant_auto's rows (one degradation per precision)."""
     found = None
     for p in passes:
         figs = p.get("figures") or {}
@@ -192,6 +222,12 @@ def sensitivity(passes: list[dict[str, Any]]) -> dict[str, Any] | None:
                 if pairs:
                     found = {"pass": p.get("name"), "key": key,
                              "layers": [k for k, _ in pairs], "values": [x for _, x in pairs]}
+            elif isinstance(v, list):
+                table = _sensitivity_rows(v)
+                if table:
+                    metric = figs.get("metric")
+                    table["key"] = f"{table['key']} degradation" + (f" ({metric})" if metric else "")
+                    found = {"pass": p.get("name"), **table}
     return found
 
 
@@ -276,6 +312,8 @@ def latency(passes: list[dict[str, Any]], extra: Mapping[str, Any] | None) -> di
             add(f"fp32 (timed by {name})", figs["latency_fp32_ms"], name)
         if "latency_int8_ms" in figs:
             add(f"int8 (timed by {name})", figs["latency_int8_ms"], name)
+        if "latency_ms" in figs:
+            add(f"after {name} (timed by it)", figs["latency_ms"], name)
     if not labels:
         return None
     return {"labels": labels, "ms": values, "source": sources}

@@ -189,9 +189,21 @@ def render(data: Mapping[str, Any]) -> str:
                               "(through DequantizeLinear, Transpose, Reshape, Cast)"))
     sec = data.get("sensitivity")
     if sec:
-        rows = sorted(zip(sec["layers"], sec["values"]), key=lambda p: -p[1])
-        body = charts.per_layer_bars(sec["layers"], sec["values"], xlabel=f"{sec['key']} (higher: more sensitive)")
-        body += f"<details><summary>all {len(rows)} layers</summary>{_kv_table(rows, ('layer', sec['key']), lambda v: f'{v:.4g}')}</details>"
+        series = sec.get("series") or {sec["key"]: sec["values"]}
+        chosen = sec.get("chosen") or []
+        head = "".join(f"<th>{escape(str(k))}</th>" for k in series) + ("<th>chosen</th>" if chosen else "")
+        rows_html = []
+        for i, layer in enumerate(sec["layers"]):
+            cells = "".join(
+                f'<td data-v="{v[i] if v[i] is not None else ""}">{"–" if v[i] is None else f"{v[i]:.4g}"}</td>'
+                for v in series.values())
+            if chosen:
+                cells += f'<td class="l">{escape(str(chosen[i] or "–"))}</td>'
+            rows_html.append(f'<tr><td class="l">{escape(layer)}</td>{cells}</tr>')
+        table = (f'<table class="sortable"><thead><tr><th>layer</th>{head}</tr></thead>'
+                 f'<tbody>{"".join(rows_html)}</tbody></table>')
+        body = charts.sensitivity(sec)
+        body += f"<details><summary>all {len(sec['layers'])} layers</summary>{table}</details>"
         parts.append(_section("chart-sensitivity", "Per-layer quantization sensitivity", body, chart=True,
                               note=f"recorded by pass '{sec['pass']}'; the 40 most sensitive layers shown"))
     sec = data.get("sparsity")
