@@ -89,14 +89,17 @@ def lower_to_fused(relax_mod, resolved: ResolvedTarget, target):
     import tvm
     from tvm import relax
 
-    seq = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
-    if resolved.family == "cpu":
-        # channels last: output channels become the contiguous, vectorised axis
-        seq.append(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}))
-    seq += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     with target:
-        return tvm.transform.Sequential(seq)(relax_mod)
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                        relax.transform.CanonicalizeBindings()])(relax_mod)
+        if resolved.family == "cpu" and "relax.nn.conv2d" in mod.script(show_meta=False):
+            # channels last: output channels become the contiguous, vectorised axis
+            with contextlib.suppress(Exception):   # a graph it cannot convert keeps NCHW
+                mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+        return tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        ])(mod)
 
 
 def _count_scheduled(mod) -> int:

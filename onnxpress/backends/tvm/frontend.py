@@ -79,14 +79,59 @@ def check_supported_ops(model: onnx.ModelProto) -> None:
             f"{more}; rewrite or remove it before compiling (onnxruntime can still run this model)")
 
 
+def has_dynamic_inputs(model: onnx.ModelProto) -> bool:
+    return any(not (d.HasField("dim_value") and d.dim_value > 0)
+               for vi in graph_inputs(model) for d in vi.type.tensor_type.shape.dim)
+
+
+def fold_static_shapes(model: onnx.ModelProto, specs: Mapping[str, dict]) -> onnx.ModelProto:
+    """With every input shape bound, shape arithmetic (Shape -> Gather -> ConstantOfShape ...)
+    becomes constant: fold it with onnxpress's own cleanup passes before TVM sees it (TVM's
+    importer mishandles some of these chains, e.g. MiniLM's attention-mask ConstantOfShape)."""
+    from onnxpress import passes
+
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for vi in static.graph.input:
+        if vi.name in specs:
+            for d, size in zip(vi.type.tensor_type.shape.dim, specs[vi.name]["shape"]):
+                d.Clear()
+                d.dim_value = int(size)
+    del static.graph.value_info[:]          # stale symbolic shapes; shape_infer recomputes them
+    try:
+        return passes.apply(static, ["shape_infer", "fold_constants", "dce"],
+                            shapes={k: v["shape"] for k, v in specs.items()})
+    except Exception:
+        return static
+
+
 def to_relax(model: onnx.ModelProto, specs: Mapping[str, dict]):
     """Import into Relax with weights bound as constants."""
+    check_supported_ops(model)
+    folded = has_dynamic_inputs(model)
+    if folded:
+        model = fold_static_shapes(model, specs)
+    try:
+        return _import(model, specs)
+    except UnsupportedOpError:
+        raise
+    except BackendError:
+        if folded:
+            raise
+        return _import(fold_static_shapes(model, specs), specs)
+
+
+def _import(model: onnx.ModelProto, specs: Mapping[str, dict]):
+    import contextlib
+    import io
+
     from tvm.relax.frontend.onnx import from_onnx
 
-    check_supported_ops(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     try:
-        return from_onnx(model, shape_dict={k: v["shape"] for k, v in specs.items()},
+        # the importer prints its own diagnostics to stdout before raising; we raise a clear error
+        with contextlib.redirect_stdout(io.StringIO()):
+            return from_onnx(model, shape_dict={k: v["shape"] for k, v in specs.items()},
                          dtype_dict={k: v["dtype"] for k, v in specs.items()},
                          opset=opset, keep_params_in_input=False, sanitize_input_names=False)
     except Exception as exc:

@@ -149,7 +149,10 @@ def schedule_primfunc(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
             role = next(((k, pos) for i, k, pos in roles if i.same_as(inst)), None)
             if role is None:
                 return decision
-            extent = int(sch.get(inputs[0]).extent)
+            extent = sch.get(inputs[0]).extent
+            if not isinstance(extent, tvm.tirx.IntImm):
+                return decision       # a symbolic extent keeps MetaSchedule's own choice
+            extent = int(extent)
             n = int(attrs[0])
             if role[0] == "reduce":
                 return [extent] + [1] * (n - 1)
@@ -172,7 +175,12 @@ def schedule_primfunc(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
             return -2       # materialise producers (padding) at the root, once
         return decision
 
-    trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=decide)
+    try:
+        trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=decide)
+    except Exception:
+        # symbolic shapes can defeat the fixed decisions: keep the sampled ones
+        sch = s_tir.Schedule(mod)
+        trace.apply_to_schedule(sch, remove_postproc=True)
     for postproc in ctx.space_generator.postprocs:
         if not postproc.apply(sch):
             return None

@@ -1,0 +1,108 @@
+"""TVM vs onnxruntime fp32, side by side in one run: untuned (default schedules) and tuned
+(MetaSchedule, fresh database) x86 builds of real models, with their errors against onnxruntime.
+
+    python -m bench --only tvm [--quick]
+
+quick: the digits CNN (untuned and 32 trials) and resnet18 untuned, a few minutes.
+full:  digits CNN, resnet18, mobilenetv3_small_100, efficientnet_b0, MiniLM (batch 1, seq 128),
+       each untuned and tuned (budgets in FULL_TRIALS; resnet18 gets the 30-minute class budget).
+Set ONNXPRESS_BENCH_TVM_TRIALS=model=N,... to change budgets, ONNXPRESS_BENCH_TVM_MODELS to pick.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+FULL_TRIALS = {"digits_cnn": 128, "resnet18": 640, "mobilenetv3_small_100": 320,
+               "efficientnet_b0": 320, "minilm": 192}
+QUICK_TRIALS = {"digits_cnn": 32, "resnet18": 0}
+RUNS = 30
+
+
+def _model(name: str):
+    from onnxpress import zoo
+
+    if name == "digits_cnn":
+        X = zoo.digits_data().test[0][:1]
+        return zoo.digits_cnn(), {"input": X}, {"input": [1, 1, 8, 8]}
+    if name == "minilm":
+        path = zoo.minilm()
+        feeds = zoo.minilm_feeds(["a sentence encoder compiled by apache tvm for an edge board"],
+                                 max_length=128, pad_to_max=True)
+        return path, feeds, {k: list(v.shape) for k, v in feeds.items()}
+    import onnx
+
+    path = zoo.timm_model(name)
+    inp = onnx.load(path, load_external_data=False).graph.input[0].name
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    return path, {inp: x}, {inp: [1, 3, 224, 224]}
+
+
+def _budgets(quick: bool) -> dict:
+    budgets = dict(QUICK_TRIALS if quick else FULL_TRIALS)
+    env = os.environ.get("ONNXPRESS_BENCH_TVM_TRIALS")
+    if env:
+        for item in env.split(","):
+            k, _, v = item.partition("=")
+            budgets[k.strip()] = int(v)
+    only = os.environ.get("ONNXPRESS_BENCH_TVM_MODELS")
+    if only:
+        budgets = {k: budgets.get(k, 0) for k in only.split(",")}
+    return budgets
+
+
+def run(quick: bool) -> dict:
+    from onnxpress.backends import ort
+    from onnxpress.backends import tvm as ox_tvm
+
+    rows = []
+    work = tempfile.mkdtemp(prefix="onnxpress-bench-tvm-")
+    db = os.path.join(work, "db")              # fresh: tuning time is what it really costs
+    try:
+        for name, trials in _budgets(quick).items():
+            path, feeds, shapes = _model(name)
+            t0 = time.perf_counter()
+            untuned = ox_tvm.compile(path, "x86", shapes=shapes, output_dir=os.path.join(work, name),
+                                     progress=False)
+            compile_s = time.perf_counter() - t0
+            err = untuned.verify(path, feeds)
+            tuned = None
+            tune_s = None
+            if trials:
+                t0 = time.perf_counter()
+                tuned = ox_tvm.compile(path, "x86", shapes=shapes, tune_trials=trials, db=db,
+                                       output_dir=os.path.join(work, name + "-tuned"), progress=False)
+                tune_s = time.perf_counter() - t0
+                terr = tuned.verify(path, feeds)
+            # interleave the three so load drift on a shared machine hits all alike
+            o, u, t = [], [], []
+            for _ in range(3):
+                o.append(ort.benchmark(path, feeds, threads=2, runs=RUNS).p50_ms)
+                u.append(untuned.benchmark(feeds, runs=RUNS).p50_ms)
+                if tuned is not None:
+                    t.append(tuned.benchmark(feeds, runs=RUNS).p50_ms)
+            ort_ms, un_ms = float(np.median(o)), float(np.median(u))
+            row = {"model": name, "ort_fp32_ms": round(ort_ms, 3), "tvm_untuned_ms": round(un_ms, 3),
+                   "untuned_vs_ort": round(un_ms / ort_ms, 2),
+                   "untuned_max_abs_err": float(f"{err.max_abs:.2g}"), "untuned_ok": err.ok,
+                   "compile_s": round(compile_s, 1)}
+            if tuned is not None:
+                tu_ms = float(np.median(t))
+                tm = tuned.manifest["tuning"]
+                row.update({"trials": tm["trials_measured"], "tasks_tuned": f"{tm['tasks_tuned']}/{tm['tasks_total']}",
+                            "tune_s": round(tune_s, 0), "tvm_tuned_ms": round(tu_ms, 3),
+                            "tuned_vs_ort": round(tu_ms / ort_ms, 2), "tuned_ok": terr.ok})
+            rows.append(row)
+            print(row, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    notes = ("p50 latency, batch 1, 2 threads for both runtimes on the same machine, interleaved. "
+             "untuned = MetaSchedule's design space with fixed shape-derived decisions (no "
+             "measurement); tuned = MetaSchedule with the given trials into a fresh database, "
+             "hottest tasks first. *_ok: outputs within rtol 1e-4 / atol 1e-5 of onnxruntime.")
+    return {"title": "TVM x86 vs onnxruntime fp32 (untuned and tuned)", "rows": rows, "notes": notes}
