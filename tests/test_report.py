@@ -229,3 +229,19 @@ def test_cli_optimize_writes_report_with_recipe(digits_cnn_path, tmp_path):
     assert data["extra"]["recipe"] == "lossless"
     assert all(p["verify"]["ok"] for p in data["passes"])  # the recipe asks for verification
     assert not EXTERNAL_URL.search(report.read_text())
+
+
+def test_compile_report_for_a_tvm_artifact(digits_cnn_path, tmp_path):
+    pytest.importorskip("tvm", reason="apache-tvm not installed (the tvm extra)")
+    from onnxpress.backends import tvm
+    from onnxpress.report import compile_report
+
+    art = tvm.compile(str(digits_cnn_path), target="x86", tune_trials=0, output_dir=tmp_path / "x86",
+                      progress=False)
+    X = zoo.digits_data().test[0][:1]
+    out = compile_report(tmp_path / "compile.html", digits_cnn_path, art, feeds={"input": X}, runs=20)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["extra"]["target"] == "x86" and data["extra"]["artifact"] == str(tmp_path / "x86")
+    assert set(data["latency"]["labels"]) == {"onnxruntime (this host)", "TVM x86"}
+    assert all(ms > 0 for ms in data["latency"]["ms"])
+    assert not EXTERNAL_URL.search(out.read_text())

@@ -13,7 +13,8 @@ For a compiled artifact (the TVM backend), pass what was measured in `extra`:
                         "target": "llvm -mcpu=cortex-a72", "tuning trials": 2000})
 
 `extra["latency"]` ({label: milliseconds}) becomes the latency chart; every other key is shown in
-a table. `measure_latency=True` times before and after on onnxruntime, interleaved, and adds
+a table. `compile_report(path, model, artifact)` does this for a TVM artifact (what
+`onnxpress compile --report` should call). `measure_latency=True` times before and after on onnxruntime, interleaved, and adds
 them. Sections whose data does not exist are left out (see figures.py).
 """
 
@@ -101,6 +102,59 @@ def write_report(
     return path
 
 
+def compile_report(
+    path: str | os.PathLike,
+    model: Any,
+    artifact: Any,
+    *,
+    feeds: Mapping[str, Any] | None = None,
+    measure: bool = True,
+    runs: int = 30,
+    title: str | None = None,
+) -> Path:
+    """The report for `onnxpress compile`: the model, the artifact's target and tuning, and
+    latency side by side (onnxruntime on this host vs the compiled artifact where it runs).
+
+    `artifact` is what `onnxpress.backends.tvm.compile` returned (its `manifest` is read with
+    care: missing keys are left out). With measure=False nothing is timed.
+    """
+    from onnxpress.frontends.auto import import_any
+
+    proto = import_any(model)
+    manifest = dict(getattr(artifact, "manifest", {}) or {})
+    target = manifest.get("target") or {}
+    tuning = manifest.get("tuning") or {}
+    sched = manifest.get("schedules") or {}
+    extra: dict[str, Any] = {"artifact": str(getattr(artifact, "path", "")),
+                             "target": target.get("name"), "TVM target": target.get("tvm")}
+    for key, label in (("trials_measured", "tuning trials measured"), ("tasks_tuned", "tasks tuned"),
+                       ("tasks_from_db", "tasks reused from the tuning DB"), ("db", "tuning DB")):
+        if tuning.get(key) is not None:
+            extra[label] = tuning[key]
+    for key, label in (("from_db", "kernels from the tuning DB"),
+                       ("default_scheduled", "kernels default-scheduled")):
+        if sched.get(key) is not None:
+            extra[label] = sched[key]
+    if measure:
+        from onnxpress.backends import ort
+
+        latency: dict[str, float] = {}
+        try:
+            latency["onnxruntime (this host)"] = round(ort.benchmark(proto, feeds, runs=runs).p50_ms, 4)
+        except OnnxPressError as exc:
+            extra["onnxruntime not measured"] = str(exc)
+        try:
+            where = f"TVM {target.get('name', '')}".strip()
+            latency[where] = round(artifact.benchmark(feeds, runs=runs).p50_ms, 4)
+        except OnnxPressError as exc:
+            extra["artifact not measured"] = str(exc)
+        if latency:
+            extra["latency"] = latency
+    extra = {k: v for k, v in extra.items() if v not in (None, "")}
+    return write_report(path, before=proto, after=proto, extra=extra,
+                        title=title or f"onnxpress compile: {target.get('name', 'TVM')}")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,4 +165,4 @@ def _atomic_write(path: Path, text: str) -> None:
         raise ModelSaveError(f"could not write the report {path}: {exc.strerror or exc}") from None
 
 
-__all__ = ["write_report", "build", "collect", "measure_latency"]
+__all__ = ["write_report", "compile_report", "build", "collect", "measure_latency"]
