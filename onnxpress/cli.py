@@ -283,7 +283,7 @@ def build_parser(extensions: list | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_passes)
 
     p = sub.add_parser("inspect", help="ops, parameters, bytes, MACs per layer, opset, IO")
-    p.add_argument("model")
+    p.add_argument("model", help=".onnx file, .keras/.h5 Keras file or TensorFlow SavedModel directory")
     p.add_argument("--batch", type=int, default=1, help="batch size for dynamic batch dims")
     p.add_argument("--top", type=int, default=20, help="layers shown by MACs (0: all)")
     p.add_argument("--shape", action="append", metavar="NAME=DIMS",
@@ -295,7 +295,7 @@ def build_parser(extensions: list | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: cmd_inspect(a, extensions))
 
     p = sub.add_parser("optimize", help="run a pass pipeline and write the result")
-    p.add_argument("model")
+    p.add_argument("model", help=".onnx file, .keras/.h5 Keras file or TensorFlow SavedModel directory")
     p.add_argument("-p", "--passes", help="pipeline, e.g. fold_constants,dce,simplify")
     p.add_argument("-o", "--output", help="output .onnx (never the input; a recipe may name it)")
     p.add_argument("--recipe", metavar="NAME|FILE.toml",
