@@ -57,6 +57,7 @@ class Fusion:
     doc: str = ""
     commute: bool = True
     approximation: str | None = None
+    default: bool = True
     source: str = "builtin"
     _rules: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -231,11 +232,12 @@ def fusion(name: str, *, pattern: Callable | Sequence[Callable] | None = None,
            rewrite: Callable | None = None, priority: int = 100,
            opset: tuple[int, int | None] = (1, None), targets: Iterable[str] | None = None,
            family: str | None = None, commute: bool = True, approximation: str | None = None,
-           doc: str | None = None, replace: bool = False):
+           default: bool = True, doc: str | None = None, replace: bool = False):
     """Register a fusion; returns it, or a decorator when no pattern/rewrite is given.
 
     Decorate a class holding `pattern` (or a list `patterns`), `replacement` and optionally
     `condition` functions; or a function, which becomes a graph-level `rewrite(model, ctx)`.
+    `default=False` registers a fusion that runs only when asked for (`fuse:enable=name`).
     """
 
     def make(obj: Any = None) -> Fusion:
@@ -263,7 +265,7 @@ def fusion(name: str, *, pattern: Callable | Sequence[Callable] | None = None,
                    priority=priority, opset=(opset[0], opset[1]),
                    targets=tuple(targets) if targets is not None else None,
                    family=family or name, doc=text or "", commute=commute,
-                   approximation=approximation,
+                   approximation=approximation, default=default,
                    source="builtin" if module.startswith("onnxpress.") else module or "user")
         _FUSIONS[name] = f
         return f

@@ -80,8 +80,12 @@ def _common_ok(x, probs, mask, out, hidden: int, head: int) -> bool:
     if mask is not None:
         if rank(mask) != 4 or not is_float(mask):
             return False
-        ms = shape(mask)
+        # onnxruntime takes attention_bias as (B or 1, 1 or N, S, T): a mask broadcast along
+        # the query axis ([B, 1, 1, T]) would need an Expand first, so it is left alone
+        ms, ss = shape(mask), shape(probs)
         if isinstance(ms[1], int) and ms[1] != 1:
+            return False
+        if isinstance(ms[2], int) and ms[2] == 1 and not (ss and ss[2] == 1):
             return False
     os_ = shape(out)
     if os_ is None or len(os_) != 3 or (isinstance(os_[-1], int) and os_[-1] != hidden):
@@ -103,10 +107,10 @@ def _bert_pattern(style: str, masked: bool):
     def pattern(op, x, wq, bq, wk, bk, wv, bv, shape_q, shape_k, shape_v):
         q = op.Transpose(op.Reshape(op.MatMul(x, wq) + bq, shape_q, _allow_other_attributes=True),
                          perm=[0, 2, 1, 3], _outputs=["q"])
-        kt = op.Transpose(op.Reshape(op.MatMul(x, wk) + bk, shape_k,
+        kt = op.Transpose(op.Reshape(op.MatMul(x, wk) + bk, shape_k, _outputs=["k4"],
                                      _allow_other_attributes=True), perm=[0, 2, 3, 1])
-        v = op.Transpose(op.Reshape(op.MatMul(x, wv) + bv, shape_v, _allow_other_attributes=True),
-                         perm=[0, 2, 1, 3])
+        v = op.Transpose(op.Reshape(op.MatMul(x, wv) + bv, shape_v, _outputs=["v4"],
+                                    _allow_other_attributes=True), perm=[0, 2, 1, 3])
         return _attention_tail(op, _scores(op, q, kt, style), v, masked)
 
     return pattern
@@ -131,10 +135,30 @@ def _head_size(q) -> int:
     return qs[-1] if qs is not None and len(qs) == 4 and isinstance(qs[-1], int) else -1
 
 
-def _bert_condition(ctx, x, wq, bq, wk, bk, wv, bv, q, probs, out_shape, mask=None,
+def _split_heads_ok(value, heads: int, head: int) -> bool:
+    """A Reshape output [B, S, N, d] that splits only the hidden axis into heads x head size."""
+    s = shape(value)
+    if s is None or len(s) != 4 or s[3] != head:
+        return False
+    if isinstance(s[2], int) and s[2] != heads:
+        return False
+    target = const(value.producer().inputs[1])
+    if target is not None and [int(t) for t in target[2:]] not in ([heads, head], [-1, head],
+                                                                    [heads, -1]):
+        return False
+    return True
+
+
+def _bert_condition(ctx, x, wq, bq, wk, bk, wv, bv, q, k4, v4, probs, out_shape, mask=None,
                     scale_q=None, scale_k=None, scale=None, divisor=None, **_):
     packed = _bert_weights(wq, bq, wk, bk, wv, bv)
     if packed is None or _scale_of(scale_q, scale_k, scale, divisor) is None:
+        return False
+    head = _head_size(q)
+    if head <= 0 or packed[0].shape[0] % head:
+        return False
+    heads = packed[0].shape[0] // head
+    if not all(_split_heads_ok(v, heads, head) for v in (q.producer().inputs[0], k4, v4)):
         return False
     hidden = packed[0].shape[0]
     out = ctx.root.outputs[0] if hasattr(ctx, "root") else None

@@ -151,12 +151,14 @@ def _eliminate_identities(model) -> int:
 
 @register("fuse")
 def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
-         only: list[str] = (), max_rounds: Annotated[int, Range(1, 20)] = 6) -> onnx.ModelProto:
+         only: list[str] = (), enable: list[str] = (),
+         max_rounds: Annotated[int, Range(1, 20)] = 6) -> onnx.ModelProto:
     """Fuse subgraphs into single ops: BN/Mul/Add/Pad into Conv/Gemm, GELU, LayerNorm, attention...
 
     before: x -> Div(1.414) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5)      after: x -> Gelu
     Patterns are listed by `onnxpress.passes.fuse.list_fusions()`; switch any off by name or
-    family (`fuse:disable=gelu+attention`) or run only some (`fuse:only=layout`). Contrib ops
+    family (`fuse:disable=gelu+attention`), run only some (`fuse:only=layout`), or turn on
+    one that is off by default (`fuse:enable=skip_layernorm_sum_ort`). Contrib ops
     (com.microsoft) are used only when ctx.target is "ort"; other targets get plain ONNX.
     """
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
@@ -166,11 +168,12 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
     t0 = time.perf_counter()
     disabled = api.select(disable, option="disable") if disable else set()
     chosen = api.select(only, option="only") if only else None
+    extra = api.select(enable, option="enable") if enable else set()
     opset = _default_opset(model)
     target = ctx.target or "ort"
     fusions = [f for f in api.list_fusions()
-               if f.name not in disabled and (chosen is None or f.name in chosen)
-               and f.applies_to(opset, target)]
+               if f.name not in disabled and f.applies_to(opset, target)
+               and (f.name in chosen if chosen is not None else (f.default or f.name in extra))]
     nodes_before = len(model.graph.node)
 
     types = _inferred_shapes(model)
