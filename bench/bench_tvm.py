@@ -76,7 +76,8 @@ def run(quick: bool) -> dict:
             if trials:
                 t0 = time.perf_counter()
                 tuned = ox_tvm.compile(path, "x86", shapes=shapes, tune_trials=trials, db=db,
-                                       output_dir=os.path.join(work, name + "-tuned"), progress=False)
+                                       output_dir=os.path.join(work, name + "-tuned"),
+                                       progress=bool(os.environ.get("ONNXPRESS_BENCH_PROGRESS")))
                 tune_s = time.perf_counter() - t0
                 terr = tuned.verify(path, feeds)
             # interleave the three so load drift on a shared machine hits all alike

@@ -164,3 +164,23 @@ def test_cli_compile_then_run_with_verify(digits_cnn_path, digits_feeds, tmp_pat
                      str(tmp_path / "other.onnx")]) == 1
     assert "exceeds tolerance" in capsys.readouterr().out
     assert cli.main(["run", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("pipeline", [["fuse"], ["quant_int8"]])
+def test_optimized_models_compile_and_match_onnxruntime(digits_cnn_path, digits_feeds, pipeline):
+    from onnxpress import passes, zoo
+
+    model = passes.apply(digits_cnn_path, pipeline, calib=zoo.digits_calib(), target="tvm")
+    art = ox_tvm.compile(model, "x86", shapes={"input": [8, 1, 8, 8]}, progress=False)
+    result = art.verify(model, digits_feeds, rtol=RTOL, atol=ATOL)
+    assert result.ok, str(result)
+
+
+def test_ort_contrib_ops_get_a_hint(digits_cnn_path):
+    from onnxpress import passes
+
+    model = passes.apply(digits_cnn_path, ["fuse"], target="ort")
+    if not any(n.domain == "com.microsoft" for n in model.graph.node):
+        pytest.skip("fuse produced no onnxruntime contrib op for this model")
+    with pytest.raises(UnsupportedOpError, match="target='tvm'"):
+        ox_tvm.compile(model, "x86", progress=False)

@@ -74,9 +74,13 @@ def check_supported_ops(model: onnx.ModelProto) -> None:
         others = sorted({n.op_type for n in bad[1:]} - {first.op_type})
         more = f" (also unsupported: {', '.join(others)})" if others else ""
         domain = f" in domain '{first.domain}'" if first.domain else ""
+        hint = ("rewrite or remove it before compiling (onnxruntime can still run this model)")
+        if first.domain == "com.microsoft":
+            hint = ("it is an onnxruntime contrib op: run the passes for TVM instead "
+                    "(passes.apply(..., target='tvm'), which keeps plain ONNX ops)")
         raise UnsupportedOpError(
             f"TVM cannot import op '{first.op_type}'{domain} at node '{first.name or '(unnamed)'}'"
-            f"{more}; rewrite or remove it before compiling (onnxruntime can still run this model)")
+            f"{more}; {hint}")
 
 
 def has_dynamic_inputs(model: onnx.ModelProto) -> bool:

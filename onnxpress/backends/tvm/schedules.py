@@ -131,6 +131,15 @@ def _pick_space(spaces):
 
 def schedule_primfunc(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
     """Return `func` scheduled with fixed decisions (attr tirx.is_scheduled), or None on failure."""
+    sch = default_schedule(func, target, lanes=lanes, rows=rows)
+    if sch is None:
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def default_schedule(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
+    """The fixed-decision schedule of `func` as a traced s_tir.Schedule (None when no rule fits);
+    its trace is what tuning starts from."""
     import tvm
     from tvm import s_tir
 
@@ -184,7 +193,7 @@ def schedule_primfunc(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
     for postproc in ctx.space_generator.postprocs:
         if not postproc.apply(sch):
             return None
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
 
 
 def apply_default_schedules(mod, target):

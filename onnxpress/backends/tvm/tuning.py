@@ -21,7 +21,7 @@ from typing import Any
 
 from onnxpress.errors import BackendError
 
-from .targets import ResolvedTarget, _first_line
+from .targets import ResolvedTarget, _first_line, physical_cores
 
 MIN_TRIALS_PER_TASK = 16
 
@@ -39,6 +39,7 @@ class TuneSummary:
     runner: str = "local"
     best_ms: dict = dataclasses.field(default_factory=dict)     # task name -> best latency (ms)
     previous_trials: int = 0       # budget already spent on this model and target in this DB
+    default_ms: dict = dataclasses.field(default_factory=dict)  # task -> untuned latency (ms)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,6 +148,38 @@ def make_in_process_builder(fcompile=None):
     return InProcessBuilder()
 
 
+def seed_default_schedules(tasks, target, database, builder, runner, summary: TuneSummary) -> None:
+    """Measure each task's default (untuned) schedule and record it, so the evolutionary search
+    starts from it and a small budget never ends slower than the untuned build."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import default_schedule, simd_lanes
+
+    lanes = simd_lanes(target)
+    device = "cuda" if target.kind.name == "cuda" else "cpu"
+    for task in tasks:
+        mod = task.dispatched[0]
+        try:
+            sch = default_schedule(mod["main"], target, lanes=lanes)
+            if sch is None:
+                continue
+            built = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
+            if built.error_msg:
+                continue
+            args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+            result = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])[0].result()
+            if result.error_msg or not result.run_secs:
+                continue
+            workload = database.commit_workload(mod)
+            database.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, workload, [float(x) for x in result.run_secs], target,
+                ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+            secs = [float(x) for x in result.run_secs]
+            summary.default_ms[task.task_name] = 1e3 * sum(secs) / len(secs)
+        except Exception:  # the default is a head start, never a reason to fail tuning
+            continue
+
+
 def make_progress_callback(bar, names: list[str], summary: TuneSummary):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -220,10 +253,18 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
     contexts, weights = [], []
     for i, task in enumerate(selected):
         space = cpu_space_generator() if resolved.family == "cpu" else ms.space_generator.PostOrderApply()
+        # small budgets need no 512-strong population: the search itself would dominate
+        strategy = ms.search_strategy.EvolutionarySearch(
+            population_size=256 if per_task < 128 else 512, init_measured_ratio=0.2,
+            init_min_unmeasured=32, genetic_num_iters=2 if per_task < 128 else 4)
         contexts.append(tune_context(task.dispatched[0], task.target, space, task_name=task.task_name,
-                                     rand_state=seed + i, num_threads=1))
+                                     search_strategy=strategy, rand_state=seed + i,
+                                     num_threads=physical_cores()))
         weights.append(float(task.weight))
     names = [t.task_name for t in selected]
+    builder = make_in_process_builder(fcompile)
+    if resolved.family == "cpu":
+        seed_default_schedules(selected, target, database, builder, runner, summary)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -237,7 +278,7 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
         ms.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=work,
             max_trials_global=min(trials, per_task * len(selected)), max_trials_per_task=per_task,
-            num_trials_per_iter=min(64, per_task), builder=make_in_process_builder(fcompile),
+            num_trials_per_iter=min(64, per_task), builder=builder,
             runner=runner, database=database, cost_model="xgb", measure_callbacks=callbacks,
             task_scheduler="gradient" if len(selected) > 1 else "round-robin")
     except BackendError:
