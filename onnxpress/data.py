@@ -218,5 +218,5 @@ def make_inputs(model: onnx.ModelProto, *, shapes: Mapping[str, Any] | None = No
                 arr = rng.integers(0, 100, size=shape).astype(dtype)
         else:
             arr = rng.standard_normal(shape).astype(dtype)
-        feed[name] = arr
+        feed[name] = np.asarray(arr, dtype=dtype)  # a 0-d draw is a numpy scalar: make it an array
     return feed

@@ -56,6 +56,9 @@ def _parse_bytes(data: bytes, where: str) -> onnx.ModelProto:
 def load(model: ModelLike, *, check: bool = True, load_external_data: bool = True) -> onnx.ModelProto:
     """Return a ModelProto from a path, bytes or a ModelProto (returned as is, not copied).
 
+    A `.keras`/`.h5` file or a TensorFlow SavedModel directory is converted with the TensorFlow
+    frontend (needs `pip install onnxpress[tf]`).
+
     External data next to the file is loaded. Raises ModelLoadError for unreadable input and
     InvalidModelError when the checker rejects the model.
     """
@@ -70,6 +73,11 @@ def load(model: ModelLike, *, check: bool = True, load_external_data: bool = Tru
         return proto
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
+        if path.suffix.lower() in (".keras", ".h5") or (path / "saved_model.pb").exists():
+            # Keras files and SavedModels convert through the TensorFlow frontend (extra `tf`)
+            from onnxpress.frontends.auto import import_any
+
+            return import_any(path)
         if path.is_dir():
             raise ModelLoadError(f"{path} is a directory, not an .onnx file")
         if not path.exists():

@@ -75,6 +75,9 @@ def model_bytes(model: onnx.ModelProto) -> int:
         total += sum(v.ByteSize() + 3 for v in list(g.input) + list(g.output) + list(g.value_info))
     for f in model.functions:
         total += f.ByteSize()
+    total += sum(p.ByteSize() + 3 for p in model.metadata_props)
+    total += sum(o.ByteSize() + 2 for o in model.opset_import)
+    total += len(model.doc_string) + len(model.producer_name) + len(model.producer_version) + 16
     return total
 
 

@@ -30,7 +30,10 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -c constraints.txt -e ".[all]"
 # timm imports torchvision at import time; onnxpress.zoo provides a stand-in, so no deps here.
 "$VENV/bin/python" -c "import timm" 2>/dev/null || "${PIP[@]}" --no-deps -c constraints.txt timm
-if [ -x scripts/setup_arm_runtime.sh ]; then
+if [ -f scripts/setup_browser.sh ]; then
+    bash scripts/setup_browser.sh   # Debian's chromium, for the HTML report's rendering test
+fi
+if [ -f scripts/setup_arm_runtime.sh ]; then
     bash scripts/setup_arm_runtime.sh
 fi
 touch "$VENV/.installed"

@@ -63,7 +63,16 @@ def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
-        sym = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+        # when its inference is incomplete it saves sym_shape_infer_temp.onnx plus uuid-named
+        # .data files into the working directory: give it a throwaway one
+        cwd = os.getcwd()
+        with tempfile.TemporaryDirectory(prefix="onnxpress-symshape-") as scratch:
+            os.chdir(scratch)
+            try:
+                sym = SymbolicShapeInference.infer_shapes(model, auto_merge=True,
+                                                          guess_output_rank=False)
+            finally:
+                os.chdir(cwd)
     except Exception:
         return model
     return model if sym is None else sym

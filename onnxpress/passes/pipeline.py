@@ -200,20 +200,21 @@ class PipelineResult:
         """A rich Table of the reports."""
         from rich.table import Table
 
-        t = Table(title="onnxpress passes")
+        t = Table(title="onnxpress passes (before>after; bytes in KiB/MiB)")
         for col in ("pass", "nodes", "params", "bytes", "time", "figures"):
             t.add_column(col, justify="right" if col in ("nodes", "params", "bytes", "time") else "left",
-                         no_wrap=col != "figures", overflow="fold")
+                         no_wrap=col != "figures", min_width=18 if col == "figures" else None,
+                         overflow="fold")
         for r in self.reports:
-            figs = ", ".join(f"{k}={_short(v)}" for k, v in r.figures.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)
-                             and "." not in k)
+            figs = [f"{k}={_short(v)}" for k, v in r.figures.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and "." not in k]
             if r.verify:
-                figs = (figs + ", " if figs else "") + f"max_abs_err={r.verify.get('max_abs', 0):.2g}"
-            t.add_row(r.name, f"{r.nodes_before} -> {r.nodes_after}",
-                      f"{_count(r.params_before)} -> {_count(r.params_after)}",
-                      f"{_human(r.bytes_before)} -> {_human(r.bytes_after)}",
-                      f"{r.seconds:.2f}s", figs)
+                figs.append(f"max_abs_err={r.verify.get('max_abs', 0):.2g}")
+            shown = ", ".join(figs[:4]) + (f" (+{len(figs) - 4} more)" if len(figs) > 4 else "")
+            t.add_row(r.name, f"{r.nodes_before}>{r.nodes_after}",
+                      f"{_count(r.params_before)}>{_count(r.params_after)}",
+                      f"{_human(r.bytes_before)}>{_human(r.bytes_after)}",
+                      f"{r.seconds:.2f}s", shown)
         return t
 
 
@@ -225,9 +226,9 @@ def _count(n: float) -> str:
 
 
 def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    for unit in ("B", "K", "M", "G"):
+        if abs(n) < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)
 
