@@ -248,7 +248,7 @@ def quant_auto(
         batches.append(b)
     scorer = Scorer(model, batches, metric, callback)
     stats = ctx.analysis("calib", model)
-    int8_options = dict(method=method)
+    int8_options = dict(method=method, contrib_ops=ctx.target == "ort")
     int4_options = dict(block_size=block_size, use_nbits=ctx.target == "ort")
     layers, table = layer_sensitivity(model, ctx, precisions=measure, scorer=scorer,
                                       int8_options=int8_options, int4_options=int4_options)
@@ -318,7 +318,7 @@ def sensitivity_table(model: onnx.ModelProto, calib: Any, *, metric: str = "cosi
     scorer = Scorer(model, batches, metric, None)
     layers, table = layer_sensitivity(
         model, ctx, precisions=list(precisions), scorer=scorer,
-        int8_options=dict(method=method),
+        int8_options=dict(method=method, contrib_ops=target == "ort"),
         int4_options=dict(block_size=32, use_nbits=target == "ort"))
     rows = []
     for layer in layers:

@@ -32,6 +32,8 @@ from onnxpress.passes.quant.common import (
     ensure_opset,
     make_dq_weight,
     quantize_gather_tables,
+    quantize_weight,
+    set_opset,
     weight_axis,
 )
 from onnxpress.passes.registry import Range, register
@@ -88,11 +90,16 @@ def quantize_static(
     depthwise: bool = False,
     matmul_activations: bool = False,
     embeddings: bool = True,
+    contrib_ops: bool = False,
     names_filter=None,
 ) -> tuple[onnx.ModelProto, dict]:
     """The work behind `quant_int8` (also used by quant_auto with a node filter).
 
     `names_filter(node) -> bool` further restricts which main-graph nodes get integer kernels.
+    `contrib_ops` (onnxruntime targets): a MatMul with a constant weight and a float result is
+    written directly as com.microsoft.MatMulIntegerToFloat with its bias Add folded in, instead
+    of relying on onnxruntime to fuse DQ -> MatMul (its MatMul+Add -> Gemm fusion, which runs
+    first on static shapes, would otherwise leave the weights dequantized on every run).
     Returns (model, figures)."""
     model, raised = ensure_opset(model, 13)
     lifted = constants_to_initializers(model.graph)
@@ -246,9 +253,33 @@ def quantize_static(
         new_initializers.append(numpy_helper.from_array(arr, name))
         return name
 
+    direct: dict[int, tuple[str, str | None]] = {}   # id(MatMul) -> (input, bias folded in)
+    dropped_adds: set[str] = set()           # outputs of bias Adds folded into a MatMul
+    if contrib_ops:
+        for n in quantized:
+            if (n.op_type != "MatMul" or not float_weight(n.input[1])
+                    or len(inits[n.input[1]].dims) != 2 or n.input[0] not in qdq
+                    or n.output[0] in qdq):
+                continue
+            bias = None
+            readers = consumers.get(n.output[0], [])
+            if len(readers) == 1 and readers[0].op_type == "Add" and \
+                    n.output[0] not in graph_outputs:
+                add = readers[0]
+                other = add.input[1] if add.input[0] == n.output[0] else add.input[0]
+                b = inits.get(other)
+                if b is not None and b.data_type == FLOAT and list(b.dims) == \
+                        [inits[n.input[1]].dims[1]]:
+                    bias = other
+                    n.output[0] = add.output[0]
+                    dropped_adds.add(add.output[0])
+            direct[id(n)] = (n.input[0], bias)
+
     weights_quantized = 0
     for n in quantized:
         if n.op_type not in COMPUTE or not float_weight(n.input[1]):
+            continue
+        if id(n) in direct:
             continue
         wname = n.input[1]
         if wname not in weight_scales:
@@ -277,12 +308,14 @@ def quantize_static(
 
     qtype = np.int8 if signed else np.uint8
     shared: dict[tuple, tuple[str, str]] = {}
+    qnames: dict[str, tuple[str, str, str]] = {}
     for t, (scale, zp) in qdq.items():
         if (scale, zp) not in shared:        # passthrough ops reuse their input's parameters
             shared[(scale, zp)] = (add_init(np.array(scale, np.float32), t + "_s"),
                                    add_init(np.array(zp, qtype), t + "_zp"))
         sn, zn = shared[(scale, zp)]
         qn = names(t + "_q")
+        qnames[t] = (qn, sn, zn)
         if t in source_q:
             src = names(t + "_f")
             prod = next(p for p in graph.node if t in p.output)
@@ -303,6 +336,25 @@ def quantize_static(
                 head_nodes.extend(pair)
             else:
                 after.setdefault(t, []).extend(pair)
+
+    for n in quantized:
+        if id(n) not in direct:
+            continue
+        x, bias = direct[id(n)]
+        w = numpy_helper.to_array(inits[n.input[1]])
+        q, ws = quantize_weight(w, 1 if per_channel else None)
+        base = n.input[1]
+        qw = add_init(q, base + "_q")
+        sw = add_init(ws, base + "_s")
+        zw = add_init(np.zeros(ws.shape, np.int8), base + "_zp")
+        xq, xs, xz = qnames[x]
+        inputs = [xq, qw, xs, sw, xz, zw]
+        if bias:
+            inputs.append(bias)
+        n.op_type, n.domain = "MatMulIntegerToFloat", "com.microsoft"
+        del n.input[:]
+        n.input.extend(inputs)
+        weights_quantized += 1
 
     # weights inside subgraphs, and compute nodes of the main graph left without integer kernels
     weight_only = 0
@@ -340,9 +392,27 @@ def quantize_static(
 
     ordered = list(head_nodes)
     for n in graph.node:
+        if n.op_type == "Add" and n.output[0] in dropped_adds:
+            continue
         ordered.append(n)
         for o in n.output:
             ordered.extend(after.get(o, []))
+    if direct:
+        read = {i for n in ordered for i in n.input} | graph_outputs
+        for g in iter_graphs(graph):
+            if g is not graph:
+                read |= {i for n in g.node for i in n.input}
+        ordered = [n for n in ordered
+                   if n.op_type != "DequantizeLinear" or n.output[0] in read]
+        set_opset(model, "com.microsoft", 1)
+        used = {i for n in ordered for i in n.input}
+        for g in iter_graphs(graph):
+            if g is not graph:
+                used |= {i for n in g.node for i in n.input}
+        stale_w = [t for t in graph.initializer if t.name not in used and t.name in inits
+                   and t.name not in graph_inputs]
+        for t in stale_w:
+            graph.initializer.remove(t)
     del graph.node[:]
     graph.node.extend(ordered)
     graph.initializer.extend(new_initializers)
@@ -353,7 +423,9 @@ def quantize_static(
 
     figures = {
         "nodes_quantized": len(quantized),
-        "int8_compute_nodes": sum(1 for n in quantized if n.op_type in COMPUTE),
+        "int8_compute_nodes": sum(1 for n in quantized
+                                  if n.op_type in COMPUTE + ("MatMulIntegerToFloat",)),
+        "matmul_integer_to_float": len(direct),
         "weights_quantized": weights_quantized,
         "weights_weight_only": weight_only,
         "embedding_tables_int8": tables,
@@ -428,6 +500,7 @@ def quant_int8(
                   op_types=op_types, include_nodes=include_nodes, exclude_nodes=exclude_nodes,
                   exclude_op_types=exclude_op_types, depthwise=depthwise,
                   matmul_activations=matmul_activations, embeddings=embeddings)
+    kwargs["contrib_ops"] = ctx.target == "ort"
     original = onnx.ModelProto()
     original.CopyFrom(model)
     out, figures = quantize_static(model, stats, **kwargs)
