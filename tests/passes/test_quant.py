@@ -297,11 +297,18 @@ def test_minilm_fp16_and_dynamic(minilm_path, minilm_sentences, tmp_path):
 
 
 def test_calibration_analysis_is_shared(digits_cnn, digits_calib):
+    import onnxpress.passes.quant  # noqa: F401  (registers the "calib" analysis)
+
     ctx = PassContext(calib=digits_calib, progress=False)
     a = ctx.analysis("calib", digits_cnn)
     assert ctx.analysis("calib", digits_cnn) is a
     assert a.batches == len(digits_calib) and a.samples == 256
     assert "input" in a and all(st.hist.size == 2048 for st in a.tensors.values())
+    lo, hi = a.channel_range("input")                   # per-channel statistics too
+    X = np.concatenate([b["input"] for b in digits_calib])
+    assert lo.shape == (1,) and np.isclose(hi[0], X.max())
+    conv = next(n.output[0] for n in digits_cnn.graph.node if n.op_type == "Conv")
+    assert a.channel_range(conv)[1].shape == (16,)
 
 
 def test_sensitivity_command(digits_cnn_path, tmp_path, capsys):

@@ -187,6 +187,14 @@ class CalibrationStats:
             raise CalibrationError(f"tensor '{name}' was not calibrated")
         return self.tensors[name].range(method, **kw)
 
+    def channel_range(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (axis 1) running min and max of a tensor of rank >= 2."""
+        st = self.tensors.get(name)
+        if st is None or st.channel_min is None:
+            raise CalibrationError(f"tensor '{name}' has no per-channel statistics (rank < 2 or "
+                                   "not calibrated)")
+        return np.minimum(st.channel_min, 0.0), np.maximum(st.channel_max, 0.0)
+
 
 def float_activations(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[str]:
     """Float tensors of the main graph that are computed at run time (not constants)."""
