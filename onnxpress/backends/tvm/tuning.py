@@ -148,9 +148,11 @@ def make_in_process_builder(fcompile=None):
     return InProcessBuilder()
 
 
-def seed_default_schedules(tasks, target, database, builder, runner, summary: TuneSummary) -> None:
-    """Measure each task's default (untuned) schedule and record it, so the evolutionary search
-    starts from it and a small budget never ends slower than the untuned build."""
+def measure_default_schedules(tasks, target, database, builder, runner, summary: TuneSummary) -> list:
+    """Measure each task's default (untuned) schedule; committed to the database after the
+    search, so the database's best for a task is never slower than the untuned build. (Seeding
+    the search with them before it starts crashed MetaSchedule's mutators in 0.27.)"""
+    records = []
     from tvm.s_tir import meta_schedule as ms
 
     from .schedules import default_schedule, simd_lanes
@@ -170,13 +172,23 @@ def seed_default_schedules(tasks, target, database, builder, runner, summary: Tu
             result = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])[0].result()
             if result.error_msg or not result.run_secs:
                 continue
-            workload = database.commit_workload(mod)
-            database.commit_tuning_record(ms.database.TuningRecord(
-                sch.trace, workload, [float(x) for x in result.run_secs], target,
-                ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
             secs = [float(x) for x in result.run_secs]
+            records.append((mod, sch.trace, secs))
             summary.default_ms[task.task_name] = 1e3 * sum(secs) / len(secs)
-        except Exception:  # the default is a head start, never a reason to fail tuning
+        except Exception:  # the default is a fallback, never a reason to fail tuning
+            continue
+    return records
+
+
+def commit_default_records(records, target, database) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    for mod, trace, secs in records:
+        try:
+            database.commit_tuning_record(ms.database.TuningRecord(
+                trace, database.commit_workload(mod), secs, target,
+                ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        except Exception:
             continue
 
 
@@ -263,8 +275,9 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
         weights.append(float(task.weight))
     names = [t.task_name for t in selected]
     builder = make_in_process_builder(fcompile)
+    defaults = []
     if resolved.family == "cpu":
-        seed_default_schedules(selected, target, database, builder, runner, summary)
+        defaults = measure_default_schedules(selected, target, database, builder, runner, summary)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -290,6 +303,7 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
             bar.close()
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
+    commit_default_records(defaults, target, database)
     summary.tasks_tuned = len(selected)
     _ledger_add(db_dir, ledger_key, trials)
     summary.seconds = time.perf_counter() - start
