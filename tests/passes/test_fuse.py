@@ -205,7 +205,9 @@ def test_skip_layernorm_and_opt_in_sum_output():
     assert_same(m, out, feeds)
     single = make(nodes[:3], [vi("a", [2, 5, 16]), vi("skip", [2, 5, 16])], [vi("y", [2, 5, 16])],
                   [init("bias", rand(16)), init("g", rand(16) + 1), init("b", rand(16))])
-    out, figs = run_fuse(single)
+    out, figs = run_fuse(single)                    # off by default too (slower in ORT 1.32)
+    assert "SkipLayerNormalization" not in ops(out)
+    out, figs = run_fuse(single, "fuse:enable=skip_layernorm_ort")
     assert ops(out) == {"SkipLayerNormalization": 1} and figs["fused"] == {"skip_layernorm_ort": 1}
     assert_same(single, out, feeds)
 

@@ -213,12 +213,15 @@ def _skip_replacement(op, a, skip, gamma, beta, normed, bias=None, keep_sum=Fals
     return (outs[0], outs[3]) if keep_sum else outs[0]
 
 
-fusion("skip_layernorm_ort", family="layernorm", priority=55, targets=("ort",),
+# Both SkipLayerNormalization fusions are off by default: onnxruntime 1.32's CPU kernel costs
+# more than the Add + LayerNormalization it replaces (MiniLM, 2 threads, optimizations off: 11%
+# more CPU time for the whole model; with ORT_ENABLE_ALL onnxruntime fuses it itself anyway).
+# Turn them on for runtimes where the fused kernel wins (`fuse:enable=skip_layernorm_ort`).
+fusion("skip_layernorm_ort", family="layernorm", priority=55, targets=("ort",), default=False,
        pattern=_skip_patterns(), condition=_skip_condition, replacement=_skip_replacement,
        doc="LayerNormalization(a + bias + skip) -> com.microsoft.SkipLayerNormalization")
 
-# Off by default: onnxruntime 1.32's CPU SkipLayerNormalization is slower when it also writes
-# the sum (pre-LN ViT: 12-20% slower overall, 2 threads) than LayerNormalization + Add.
+# Writing the sum too is slower still (pre-LN ViT: 12-20% slower overall, 2 threads).
 fusion("skip_layernorm_sum_ort", family="layernorm", priority=56, targets=("ort",),
        default=False,
        pattern=_skip_patterns_keep_sum(), condition=_skip_condition,
