@@ -135,7 +135,7 @@ def cmd_inspect(args: argparse.Namespace, extensions: list) -> int:
         for c, j in (("layer", "left"), ("op", "left"), ("MACs", "right"), ("share", "right"),
                      ("params", "right")):
             layers.add_column(c, justify=j)
-        shown = sorted(st.layers, key=lambda l: -l.macs)[: args.top] if args.top else st.layers
+        shown = sorted(st.layers, key=lambda layer: -layer.macs)[: args.top] if args.top else st.layers
         for layer in shown:
             share = layer.macs / st.macs if st.macs else 0
             layers.add_row(escape(layer.node), layer.op_type, f"{layer.macs:,}", f"{share:.1%}",

@@ -51,7 +51,7 @@ class CalibrationData:
             return batch
         raise CalibrationError(f"calibration data from {self.description} is empty")
 
-    def take(self, n: int) -> "CalibrationData":
+    def take(self, n: int) -> CalibrationData:
         return CalibrationData(lambda: itertools.islice(self._source(), n),
                                description=f"first {n} batches of {self.description}",
                                length=None if self.length is None else min(n, self.length))

@@ -14,7 +14,6 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

@@ -51,7 +51,7 @@ def test_digits_macs_match_hand_count(digits_cnn):
     st = stats.model_stats(digits_cnn)
     assert abs(st.macs - hand) <= 0.01 * hand
     assert st.params == 38282
-    assert [l.op_type for l in st.layers] == ["Conv", "Conv", "Gemm", "Gemm"]
+    assert [layer.op_type for layer in st.layers] == ["Conv", "Conv", "Gemm", "Gemm"]
 
 
 def test_minilm_macs_with_bound_shapes(minilm_path):

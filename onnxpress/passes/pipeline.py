@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import time
 import zlib
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx

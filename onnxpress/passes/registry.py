@@ -23,7 +23,7 @@ import inspect
 import types
 import typing
 from importlib import metadata
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal
 
 from onnxpress.errors import PassOptionError, UnknownPassError
 
@@ -299,7 +299,7 @@ def _load_entry_points() -> None:
         except Exception as exc:  # a broken plugin must not break onnxpress
             import warnings
 
-            warnings.warn(f"onnxpress: could not load pass plugin '{ep.name}' ({ep.value}): {exc}")
+            warnings.warn(f"onnxpress: could not load pass plugin '{ep.name}' ({ep.value}): {exc}", stacklevel=2)
             continue
         if ep.name in _REGISTRY:
             continue

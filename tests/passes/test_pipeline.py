@@ -26,7 +26,7 @@ def scale_pass():
         """Multiply float initializers by `factor` (a deliberately lossy test pass)."""
         if dry_run:
             return model
-        for i, t in enumerate(model.graph.initializer):
+        for t in model.graph.initializer:
             if only and t.name not in only:
                 continue
             if t.data_type == onnx.TensorProto.FLOAT:
