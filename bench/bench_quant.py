@@ -116,6 +116,8 @@ def minilm_rows(quick: bool) -> list[dict]:
     specs = {"quant_int8": "quant_int8", "quant_dynamic": "quant_dynamic",
              "quant_auto": "quant_auto:max_batches=2" if quick else "quant_auto",
              "quant_int4": "quant_int4", "fp16": "fp16"}
+    if not quick:   # a stricter budget: shows the mixed precision at work (more layers in fp32)
+        specs["quant_auto budget=0.995"] = "quant_auto:budget=0.995"
     for label, spec in specs.items():
         timed(f"onnxpress {label}", lambda spec=spec: passes.apply(fp32, spec, calib=calib))
 
@@ -188,7 +190,7 @@ def speed_rows(quick: bool) -> list[dict]:
     calib = cnn_calib()
     feeds = {"input": zoo.photo_batch(224)[:1]}
     rows = []
-    for name in ("resnet18", "efficientnet_b0", "convnext_atto"):
+    for name in ("resnet18", "efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224"):
         path = zoo.timm_model(name)
         fp32 = onnx.load(path)
         tmp = Path(tempfile.mkdtemp(prefix="bench-quant-"))
