@@ -182,7 +182,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
     except Exception as exc:
         raise PassError(f"pass 'fuse' could not read the model into onnx_ir: {exc}") from None
     _attach_shapes(work, types)
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work)
+    lifted = LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work).modified
     scalarized = _scalarize_constants(work)
     _constants_second(work)
 
@@ -205,6 +205,12 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
         if not fired:
             break
     identities = _eliminate_identities(work)
+    if not counts and not identities and not lifted:
+        # nothing to fuse: hand the model back as it came (no serialization churn)
+        ctx.record(fused={}, fusions_fired=0, rounds=rounds, nodes_before=nodes_before,
+                   nodes_after=nodes_before, fuse_seconds=round(time.perf_counter() - t0, 3))
+        ctx.preserve("shapes")
+        return model
     RemoveUnusedNodesPass()(work)
     out = ir.serde.serialize_model(work)
 
