@@ -84,6 +84,21 @@ def _output_specs(model: onnx.ModelProto, relax_mod) -> list[dict]:
     return specs
 
 
+def _has_conv2d(mod) -> bool:
+    from tvm import relax
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
 def lower_to_fused(relax_mod, resolved: ResolvedTarget, target):
     """The module MetaSchedule tunes and the default schedules apply to: fused PrimFuncs."""
     import tvm
@@ -92,7 +107,7 @@ def lower_to_fused(relax_mod, resolved: ResolvedTarget, target):
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings()])(relax_mod)
-        if resolved.family == "cpu" and "relax.nn.conv2d" in mod.script(show_meta=False):
+        if resolved.family == "cpu" and _has_conv2d(mod):
             # channels last: output channels become the contiguous, vectorised axis
             with contextlib.suppress(Exception):   # a graph it cannot convert keeps NCHW
                 mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
