@@ -53,6 +53,7 @@ def test_manifest_describes_the_artifact(x86_artifact):
     assert m["target"]["name"] == "x86" and m["target"]["spec"]["kind"] == "llvm"
     assert m["versions"]["tvm"].startswith("0.27") and m["versions"]["onnxpress"]
     assert m["schedules"]["default_scheduled"] >= 4          # convs, dense, pool got real schedules
+    assert m["schedules"]["conv2d_layout"] == "NHWC"         # channels-last: vectorised over channels
     assert (x86_artifact.path / "model.so").exists() and (x86_artifact.path / "run.py").exists()
     assert not [p for p in x86_artifact.path.parent.iterdir() if ".tmp-" in p.name]
 

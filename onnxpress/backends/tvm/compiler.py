@@ -99,8 +99,10 @@ def _has_conv2d(mod) -> bool:
     return bool(found)
 
 
-def lower_to_fused(relax_mod, resolved: ResolvedTarget, target):
-    """The module MetaSchedule tunes and the default schedules apply to: fused PrimFuncs."""
+def lower_to_fused(relax_mod, resolved: ResolvedTarget, target, layout_used: dict | None = None):
+    """The module MetaSchedule tunes and the default schedules apply to: fused PrimFuncs.
+    `layout_used` (if given) receives {"conv2d": "NHWC"} when convolutions were converted."""
+    layout_used = {} if layout_used is None else layout_used
     import tvm
     from tvm import relax
 
@@ -111,6 +113,7 @@ def lower_to_fused(relax_mod, resolved: ResolvedTarget, target):
             # channels last: output channels become the contiguous, vectorised axis
             with contextlib.suppress(Exception):   # a graph it cannot convert keeps NCHW
                 mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+                layout_used["conv2d"] = "NHWC"
         return tvm.transform.Sequential([
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
@@ -271,7 +274,9 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
         summary.db = db_dir
     if resolved.family == "cpu":
         t0 = time.perf_counter()
-        fused = lower_to_fused(relax_mod, resolved, tvm_target)
+        layout_used: dict = {}
+        fused = lower_to_fused(relax_mod, resolved, tvm_target, layout_used)
+        schedule_info["conv2d_layout"] = layout_used.get("conv2d")
         if tune_trials and tune_trials > 0:
             runner, label = _runner_for(resolved, rpc, key)
             summary = tune(fused, resolved, tvm_target, trials=int(tune_trials), database=database,
