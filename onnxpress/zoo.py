@@ -270,13 +270,13 @@ TIMM_MODELS = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0", "vit_tiny
                "convnext_atto")
 
 
-def _install_torchvision_standin() -> None:
+def _install_torchvision_standin():
     """timm imports torchvision names at import time; PyPI's torchvision does not import beside
     this torch build, so serve every `torchvision.*` import from stand-in modules whose unknown
     attributes are placeholder classes (only when the real torchvision is unusable)."""
     try:
         import torchvision  # noqa: F401
-        return
+        return None
     except Exception:
         pass
     import importlib.abc
@@ -289,6 +289,7 @@ def _install_torchvision_standin() -> None:
 
     class InterpolationMode:
         NEAREST = "nearest"
+        NEAREST_EXACT = "nearest-exact"
         BILINEAR = "bilinear"
         BICUBIC = "bicubic"
         BOX = "box"
@@ -332,13 +333,31 @@ def _install_torchvision_standin() -> None:
         def exec_module(self, module):
             pass
 
-    sys.meta_path.insert(0, Finder())
+    finder = Finder()
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+def _remove_torchvision_standin(finder) -> None:
+    """Take the stand-in away once timm is imported: other libraries (transformers) probe for
+    torchvision and would otherwise believe a real one is installed."""
+    if finder is None:
+        return
+    if finder in sys.meta_path:
+        sys.meta_path.remove(finder)
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
 
 
 def timm_module(name: str, seed: int = SEED):
     """A timm model with random, non-degenerate weights: every all-zero parameter and the norm
     layers' statistics are re-randomised so outputs depend on inputs."""
-    _install_torchvision_standin()
+    if "timm" not in sys.modules:
+        finder = _install_torchvision_standin()
+        try:
+            import timm  # noqa: F401
+        finally:
+            _remove_torchvision_standin(finder)
     import timm
     import torch
 
