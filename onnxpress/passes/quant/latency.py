@@ -83,7 +83,7 @@ def time_models(models: list[onnx.ModelProto], feeds: dict, *, threads: int = 1,
 
 
 def choose_fastest(original: onnx.ModelProto, quantized: onnx.ModelProto, stats,
-                   kwargs: dict[str, Any], calib, ctx, *, margin: float = 0.97,
+                   kwargs: dict[str, Any], calib, ctx, *, margin: float = 0.95,
                    floor_ms: float = 1.0) -> tuple[onnx.ModelProto, dict]:
     """Compare the fully quantized model with float on onnxruntime; when it does not pay, drop
     op groups greedily (the one whose removal helps most first) until it does, or give back the
