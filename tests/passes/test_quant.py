@@ -330,3 +330,15 @@ def test_tvm_frontend_accepts_qdq_dynamic_and_fp16(digits_cnn, digits_calib):
         q = passes.apply(digits_cnn, spec, calib=digits_calib, target="tvm")
         mod = relax_onnx.from_onnx(q, shape_dict={"input": [4, 1, 8, 8]})
         assert "main" in [gv.name_hint for gv in mod.get_global_vars()]
+
+
+def test_quant_int8_after_fuse(digits_cnn, digits, digits_calib):
+    """fuse's com.microsoft FusedConv/FusedGemm (Relu) join the integer chain after fusion."""
+    if not passes.registry.is_registered("fuse"):
+        pytest.skip("no fuse pass")
+    res = passes.run(digits_cnn, "fuse,quant_int8", calib=digits_calib)
+    f = res.reports[-1].figures
+    assert f["int8_compute_nodes"] == 4 and f["fused_relu_nodes"] >= 2
+    Xte, yte = digits.test
+    assert zoo.accuracy(digits_cnn, Xte, yte) - zoo.accuracy(res.model, Xte, yte) <= 0.003
+    assert res.model.ByteSize() <= 0.3 * digits_cnn.ByteSize()

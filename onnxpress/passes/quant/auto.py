@@ -46,7 +46,8 @@ def weighted_layers(model: onnx.ModelProto) -> list[Layer]:
     consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     out = []
     for n in model.graph.node:
-        if n.op_type not in ("Conv", "MatMul", "Gemm") or has_subgraphs(n) or len(n.input) < 2:
+        if n.op_type not in ("Conv", "MatMul", "Gemm", "FusedConv") or has_subgraphs(n) \
+                or len(n.input) < 2:
             continue
         t = inits.get(n.input[1])
         if t is None and n.input[1] not in consts:

@@ -132,9 +132,37 @@ def quantize_static(
         for i in n.input:
             consumers.setdefault(i, []).append(n)
 
+    # 0. com.microsoft.FusedConv(activation=Relu) from the fuse pass: a Conv whose output Q (zero
+    #    point at the bottom of a [0, hi] range) does the Relu, so it joins the integer chain
+    #    (FusedGemm likewise becomes Gemm)
+    unfused = 0
+    absorbed: set[str] = set()
+    if not symmetric_activations:
+        for n in graph.node:
+            base_op = {"FusedConv": "Conv", "FusedGemm": "Gemm"}.get(n.op_type)
+            if (base_op is None or n.domain != "com.microsoft" or len(n.input) > 3
+                    or _attr(n, "activation", b"") not in (b"Relu", "Relu")
+                    or n.output[0] in graph_outputs or not float_weight(n.input[1])
+                    or not has_range(n.input[0]) or not has_range(n.output[0])
+                    or (is_depthwise(n, inits) and not depthwise)):
+                continue
+            if base_op == "Gemm" and (_attr(n, "alpha", 1.0) != 1.0 or _attr(n, "beta", 1.0) != 1.0
+                                      or _attr(n, "transA", 0)):
+                continue
+            probe = onnx.NodeProto()
+            probe.CopyFrom(n)
+            probe.op_type, probe.domain = base_op, ""
+            if not selected(probe):
+                continue
+            keep = [a for a in n.attribute if not a.name.startswith("activation")]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+            n.op_type, n.domain = base_op, ""
+            absorbed.add(n.output[0])           # its output Q must do the Relu for every reader
+            unfused += 1
+
     # 1. Relu/Clip(0, ..) directly after a compute node: absorbed into the output Q (zero point at
     #    the bottom of the range saturates exactly like the Relu).
-    absorbed: set[str] = set()
     if not symmetric_activations:
         drop = set()
         for n in graph.node:
@@ -431,6 +459,7 @@ def quantize_static(
         "embedding_tables_int8": tables,
         "activations_quantized": len(qdq),
         "constants_lifted": lifted,
+        "fused_relu_nodes": unfused,
         "opset_raised": raised,
         "method": method,
     }
