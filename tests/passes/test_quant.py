@@ -342,3 +342,29 @@ def test_quant_int8_after_fuse(digits_cnn, digits, digits_calib):
     Xte, yte = digits.test
     assert zoo.accuracy(digits_cnn, Xte, yte) - zoo.accuracy(res.model, Xte, yte) <= 0.003
     assert res.model.ByteSize() <= 0.3 * digits_cnn.ByteSize()
+
+
+def test_relu_stays_when_its_producer_stays_float():
+    """A Relu is folded into its producer's output Q only when that producer really gets an
+    integer kernel: after an Add of float tensors or a Gemm with alpha=2 it must stay."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([
+        helper.make_node("Add", ["x", "x2"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w"], ["c"], name="conv"),
+        helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "wg"], ["g"], name="gemm", alpha=2.0, transB=1),
+        helper.make_node("Relu", ["g"], ["y"], name="relu2"),
+    ], "relus", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 6, 6])
+                 for n in ("x", "x2")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal((5, 64)).astype(np.float32), "wg")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calib = [{n: rng.standard_normal((1, 3, 6, 6)).astype(np.float32) for n in ("x", "x2")}
+             for _ in range(4)]
+    q = passes.apply(model, "quant_int8", calib=calib)
+    assert _ops(q).count("Relu") == 2
+    ref, got = ort.run(model, calib[0])["y"], ort.run(q, calib[0])["y"]
+    assert (got >= 0).all() and _cos(ref, got).min() > 0.99

@@ -163,6 +163,7 @@ def quantize_static(
 
     # 1. Relu/Clip(0, ..) directly after a compute node: absorbed into the output Q (zero point at
     #    the bottom of the range saturates exactly like the Relu).
+    absorbed_relus: dict[str, onnx.NodeProto] = {}
     if not symmetric_activations:
         drop = set()
         for n in graph.node:
@@ -181,6 +182,9 @@ def quantize_static(
             if prod.op_type in COMPUTE and (not float_weight(prod.input[1])
                                             or (is_depthwise(prod, inits) and not depthwise)):
                 continue
+            relu = onnx.NodeProto()
+            relu.CopyFrom(n)
+            absorbed_relus[n.output[0]] = relu     # put back if prod ends up in float
             prod.output[0] = n.output[0]
             absorbed.add(n.output[0])
             drop.add(id(n))
@@ -231,6 +235,17 @@ def quantize_static(
             if op in NEEDS_OUTPUT_Q:
                 q_outputs.update(o for o in n.output[:1])
 
+    # an absorbed Relu whose producer stayed float comes back
+    restored: dict[str, list[onnx.NodeProto]] = {}
+    q_produced = {o for n in quantized for o in n.output}
+    for t, relu in absorbed_relus.items():
+        if t in q_produced:
+            continue
+        prod = next(p for p in graph.node if t in p.output)
+        prod.output[list(prod.output).index(t)] = relu.input[0]
+        restored[relu.input[0]] = [relu]
+        absorbed.discard(t)
+
     # 3. quantization parameters of every tensor carrying a Q/DQ pair
     range_kw = dict(percentile=percentile, qmax=255, symmetric=symmetric_activations)
 
@@ -273,7 +288,7 @@ def quantize_static(
     new_initializers: list[onnx.TensorProto] = []
     weight_scales: dict[str, np.ndarray] = {}
     head_nodes: list[onnx.NodeProto] = []
-    after: dict[str, list[onnx.NodeProto]] = {}
+    after: dict[str, list[onnx.NodeProto]] = dict(restored)
     quantized_ids = {id(n) for n in quantized}
 
     def add_init(arr: np.ndarray, base: str) -> str:
@@ -418,13 +433,20 @@ def quantize_static(
 
     tables = quantize_gather_tables(model, names) if embeddings else 0
 
-    ordered = list(head_nodes)
+    ordered = []
+
+    def emit(node: onnx.NodeProto) -> None:
+        ordered.append(node)
+        for o in node.output:            # Q/DQ pairs, restored Relus (and their Q/DQ pairs)
+            for follower in after.get(o, []):
+                emit(follower)
+
+    for n in head_nodes:
+        emit(n)
     for n in graph.node:
         if n.op_type == "Add" and n.output[0] in dropped_adds:
             continue
-        ordered.append(n)
-        for o in n.output:
-            ordered.extend(after.get(o, []))
+        emit(n)
     if direct:
         read = {i for n in ordered for i in n.input} | graph_outputs
         for g in iter_graphs(graph):
