@@ -5,7 +5,7 @@ PrimFunc gets MetaSchedule's own design space for the target (multi-level tiling
 auto-inline, parallelize/vectorize/unroll), and the random decisions of that space are replaced
 by fixed, shape-derived ones, dlight-style:
 
-    spatial axes  s0 .. s(k-3)   s(k-2) "w"              s(k-1) "vector"
+    spatial axes  s0 .. s(k-3)   s(k-2) "w"              s(k-1) "vector" (2 SIMD registers)
     tiles         [e,1,1,1]      [e/t, 1, t, 1]           [e/v, 1, 1, v]
                   (h-like axis <= 16: [1, e, 1, 1] keeps a weight slice hot in L2)
     reductions    [e, 1]         (all outside the register tile)
@@ -91,6 +91,12 @@ def tune_context(mod, target, space_generator, *, search_strategy="evolutionary"
         num_threads, rand_state, get_logging_func(logger or get_logger("onnxpress.tvm")))
     _ffi_api.TuneContextInitialize(ctx)
     return ctx
+
+
+def vector_tile(target) -> int:
+    """Output channels per register-tile row: two SIMD registers (measured on resnet18 with
+    AVX-512: 2 x 16 lanes x 7 rows beat 1 x 16 by 1.5x and 4 x 16 by 1.4x)."""
+    return 2 * simd_lanes(target)
 
 
 def _largest_divisor(extent: int, cap: int) -> int:
@@ -201,7 +207,7 @@ def apply_default_schedules(mod, target):
     import tvm
     import tvm_ffi
 
-    lanes = simd_lanes(target)
+    lanes = vector_tile(target)
     cache: dict = {}
     done = failed = 0
     for gv, func in list(mod.functions.items()):

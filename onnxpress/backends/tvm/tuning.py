@@ -155,9 +155,9 @@ def measure_default_schedules(tasks, target, database, builder, runner, summary:
     records = []
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules import default_schedule, simd_lanes
+    from .schedules import default_schedule, vector_tile
 
-    lanes = simd_lanes(target)
+    lanes = vector_tile(target)
     device = "cuda" if target.kind.name == "cuda" else "cpu"
     for task in tasks:
         mod = task.dispatched[0]
