@@ -270,12 +270,12 @@ def quant_auto(
                            int4_options=int4_options, embeddings=embeddings)
     figures: dict[str, Any] = {}
     if latency_aware and objective == "latency" and ctx.target == "ort":
-        from onnxpress.passes.quant.latency import time_models
+        from onnxpress.passes.quant.latency import relative_costs
 
-        t_fp, t_q = time_models([model, out], batches[0])
-        figures.update(latency_fp32_ms=round(t_fp, 3), latency_ms=round(t_q, 3),
-                       speedup=round(t_fp / t_q, 3))
-        if t_q > t_fp * 1.03 and t_fp >= 1.0:
+        cost, (cpu_fp, wall_fp) = relative_costs([model, out], batches[0])
+        figures.update(latency_fp32_cpu_ms=round(cpu_fp, 3), latency_fp32_wall_ms=round(wall_fp, 3),
+                       speedup=round(1 / cost[1], 3))
+        if cost[1] > 1.0 and cpu_fp >= 1.0:
             # the mix does not pay here: keep only what shrinks the model without int8 kernels
             assign = {k: ("fp32" if v == "int8" else v) for k, v in assign.items()}
             out = apply_assignment(model, stats, assign, int8_options=int8_options,
