@@ -87,6 +87,11 @@ class PassContext:
     # -- analyses ---------------------------------------------------------------------------
     def analysis(self, name: str, model: onnx.ModelProto, **params: Any) -> Any:
         if name not in _ANALYSES:
+            # analyses live beside the passes that own them: load those modules, then retry
+            from onnxpress.passes.registry import _load_builtins
+
+            _load_builtins()
+        if name not in _ANALYSES:
             raise PassError(f"no analysis named '{name}'; known: {', '.join(sorted(_ANALYSES))}")
         key = (name, _freeze(params))
         if key not in self._cache:
