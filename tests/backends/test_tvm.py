@@ -168,11 +168,12 @@ def test_cli_compile_then_run_with_verify(digits_cnn_path, digits_feeds, tmp_pat
 
 
 @pytest.mark.parametrize("pipeline", [["fuse"], ["quant_int8"]])
-def test_optimized_models_compile_and_match_onnxruntime(digits_cnn_path, digits_feeds, pipeline):
+def test_optimized_models_compile_and_match_onnxruntime(digits_cnn_path, digits_feeds, pipeline, tmp_path):
     from onnxpress import passes, zoo
 
     model = passes.apply(digits_cnn_path, pipeline, calib=zoo.digits_calib(), target="tvm")
-    art = ox_tvm.compile(model, "x86", shapes={"input": [8, 1, 8, 8]}, progress=False)
+    art = ox_tvm.compile(model, "x86", shapes={"input": [8, 1, 8, 8]}, output_dir=tmp_path / "art",
+                         progress=False)
     result = art.verify(model, digits_feeds, rtol=RTOL, atol=ATOL)
     assert result.ok, str(result)
 

@@ -109,25 +109,26 @@ def _flops(mod) -> float:
         return 0.0
 
 
-def cross_export(fcompile):
-    """A MetaSchedule export function writing a shared library with `fcompile` (e.g. aarch64 gcc)."""
+def cross_export(fcompile, workdir: str | None = None):
+    """A MetaSchedule export function writing a shared library with `fcompile` (e.g. aarch64 gcc)
+    into `workdir` (removed with the tuning run)."""
 
     def export(rt_mod) -> str:
-        path = os.path.join(tempfile.mkdtemp(prefix="onnxpress-ms-"), "candidate.so")
+        path = os.path.join(tempfile.mkdtemp(prefix="candidate-", dir=workdir), "candidate.so")
         rt_mod.export_library(path, fcompile=fcompile)
         return path
 
     return export
 
 
-def make_in_process_builder(fcompile=None):
+def make_in_process_builder(fcompile=None, workdir: str | None = None):
     """Build candidates in this process: LocalBuilder's workers spend ~17 s each importing
     tensor intrinsics before the first build, longer than a whole small tuning run."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 
-    export = cross_export(fcompile)
+    export = cross_export(fcompile, workdir)
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -274,7 +275,7 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
                                      num_threads=physical_cores()))
         weights.append(float(task.weight))
     names = [t.task_name for t in selected]
-    builder = make_in_process_builder(fcompile)
+    builder = make_in_process_builder(fcompile, work)
     defaults = []
     if resolved.family == "cpu":
         defaults = measure_default_schedules(selected, target, database, builder, runner, summary)
