@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from onnxpress.errors import OnnxPressError
+from onnxpress.units import human_bytes, human_count
 
 
 def _console(stderr: bool = False):
@@ -46,19 +47,10 @@ def parse_shapes(items: Sequence[str] | None) -> dict[str, Any] | None:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
+    return human_bytes(n)
 
 def _count(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
+    return human_count(n)
 
 # -- passes ------------------------------------------------------------------------------------
 def cmd_passes(args: argparse.Namespace) -> int:

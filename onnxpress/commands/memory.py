@@ -9,6 +9,8 @@ from typing import Any
 
 import onnx
 
+from onnxpress.units import human_bytes
+
 
 def add_inspect_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -20,12 +22,7 @@ def add_inspect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
+    return human_bytes(n)
 
 def memory_summary(model: onnx.ModelProto, shapes: dict[str, Any] | None = None,
                    batch: int | None = None) -> tuple[dict[str, Any], str]:

@@ -29,6 +29,7 @@ from onnxpress.passes.graph import (
     model_size_ok,
     quiet_gs,
     rename_input,
+    restore_graph_io,
     subgraph_outer_inputs,
 )
 from onnxpress.passes.registry import Range, register
@@ -125,7 +126,7 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
         ctx.record(folded=shape_folds, skipped_reason=f"{type(exc).__name__}: {exc}"[:200])
         return model
     copy_model_fields(model, out)
-    _restore_graph_io(model, out)
+    restore_graph_io(model, out)
     try:
         onnx.checker.check_model(out) if model_size_ok(out) else None
     except Exception as exc:
@@ -186,19 +187,6 @@ def _fold_static_shapes(graph: onnx.GraphProto, shapes: dict) -> int:
         del graph.node[:]
         graph.node.extend(new_nodes)
     return folded
-
-
-def _restore_graph_io(original: onnx.ModelProto, out: onnx.ModelProto) -> None:
-    """graphsurgeon re-exports graph inputs/outputs; keep the original's declarations exactly
-    (it may drop shapes or reorder when an output became a constant)."""
-    orig_in = {v.name: v for v in original.graph.input}
-    orig_out = {v.name: v for v in original.graph.output}
-    for v in out.graph.input:
-        if v.name in orig_in:
-            v.CopyFrom(orig_in[v.name])
-    for v in out.graph.output:
-        if v.name in orig_out:
-            v.CopyFrom(orig_out[v.name])
 
 
 def _graphs(graph: onnx.GraphProto):

@@ -286,3 +286,17 @@ def bind_input_shapes(model: onnx.ModelProto, shapes: dict | None) -> onnx.Model
                 if d.HasField("dim_param"):
                     d.Clear()
     return infer_shapes(out)
+
+
+def restore_graph_io(original: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """Graph rewriters re-export graph inputs/outputs; keep the original's declarations exactly
+    (they may drop shapes or symbolic dim names)."""
+    orig_in = {v.name: v for v in original.graph.input}
+    orig_out = {v.name: v for v in original.graph.output}
+    for v in out.graph.input:
+        if v.name in orig_in:
+            v.CopyFrom(orig_in[v.name])
+    for v in out.graph.output:
+        if v.name in orig_out:
+            v.CopyFrom(orig_out[v.name])
+

@@ -34,6 +34,7 @@ from onnxpress.errors import (
 from onnxpress.io import ModelLike, load
 from onnxpress.passes import registry
 from onnxpress.passes.context import PassContext
+from onnxpress.units import human_bytes, human_count
 
 
 @dataclasses.dataclass
@@ -219,19 +220,10 @@ class PipelineResult:
 
 
 def _count(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
+    return human_count(n)
 
 def _human(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if abs(n) < 1024 or unit == "G":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
-
+    return human_bytes(n, 1, compact=True)
 
 def fingerprint(model: onnx.ModelProto) -> str:
     """A hash of the graph's structure and weights, to tell whether a pass changed anything."""

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from onnxpress.errors import MissingExtraError
+from onnxpress.units import human_bytes
 
 BEFORE, AFTER = "#9aa5b1", "#2f6fde"
 ACCENT, WARN = "#e8833a", "#c23b3b"
@@ -30,12 +31,7 @@ def _mpl():
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
+    return human_bytes(n, 1)
 
 def _short(name: str, width: int = 34) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]

@@ -9,6 +9,7 @@ from html import escape
 from typing import Any
 
 from onnxpress.report import charts
+from onnxpress.units import human_bytes, human_count
 
 CSS = """
 :root { --fg:#1d2530; --muted:#5f6b7a; --line:#e3e7ec; --after:#2f6fde; --good:#1f8a4c; --bad:#c23b3b; }
@@ -74,23 +75,10 @@ SCRIPT = """
 
 
 def _bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "–"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
+    return human_bytes(n)
 
 def _count(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "–"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
+    return human_count(n)
 
 def _ratio(b: Any, a: Any) -> str:
     if not isinstance(b, (int, float)) or not isinstance(a, (int, float)) or not b:

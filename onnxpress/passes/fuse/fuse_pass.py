@@ -22,7 +22,7 @@ import onnx
 from onnxpress.errors import PassError, PassOptionError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.fuse import api
-from onnxpress.passes.graph import copy_model_fields
+from onnxpress.passes.graph import copy_model_fields, restore_graph_io
 from onnxpress.passes.registry import Range, register
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater",
@@ -219,14 +219,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
     vis = [v for v in out.graph.value_info if v.name in had]
     del out.graph.value_info[:]
     out.graph.value_info.extend(vis)
-    orig_in = {v.name: v for v in model.graph.input}
-    orig_out = {v.name: v for v in model.graph.output}
-    for v in out.graph.input:
-        if v.name in orig_in:
-            v.CopyFrom(orig_in[v.name])
-    for v in out.graph.output:
-        if v.name in orig_out:
-            v.CopyFrom(orig_out[v.name])
+    restore_graph_io(model, out)
     copy_model_fields(model, out)
     if any(n.domain == api.MS_DOMAIN for n in out.graph.node) and \
             not any(o.domain == api.MS_DOMAIN for o in out.opset_import):
