@@ -63,6 +63,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
                   + (f", {t['tasks_skipped_budget']} left for a larger budget" if t['tasks_skipped_budget'] else ""))
     if m["files"].get("ptx"):
         print(f"  PTX: {art.path / m['files']['ptx']} ({m['target']['spec'].get('arch')})")
+    if getattr(args, "report", None):
+        from onnxpress.report import compile_report
+
+        path = compile_report(args.report, args.model, art)
+        print(f"  report: {path}")
     return 0
 
 
@@ -121,6 +126,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--key", help="the board's key at the tracker")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report", metavar="HTML",
+                   help="write a self-contained HTML report (model, target, tuning, latency)")
     p.set_defaults(func=cmd_compile)
 
     r = subparsers.add_parser("run", help="run a compiled TVM artifact, optionally verify it against onnxruntime")

@@ -144,8 +144,10 @@ def test_cli_compile_then_run_with_verify(digits_cnn_path, digits_feeds, tmp_pat
     np.savez(tmp_path / "x.npz", **digits_feeds)
     out = tmp_path / "cli-x86"
     assert cli.main(["compile", str(digits_cnn_path), "--target", "x86", "--shape", "input=8,1,8,8",
-                     "-o", str(out), "--quiet"]) == 0
+                     "-o", str(out), "--quiet", "--report", str(tmp_path / "compile.html")]) == 0
     assert (out / "manifest.json").exists()
+    html = (tmp_path / "compile.html").read_text()
+    assert "<svg" in html and "x86" in html and "http://" not in html and "https://" not in html
     assert cli.main(["run", str(out), "--inputs", str(tmp_path / "x.npz"), "--verify",
                      str(digits_cnn_path), "--outputs", str(tmp_path / "y.npz")]) == 0
     text = capsys.readouterr().out
