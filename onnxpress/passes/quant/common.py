@@ -70,6 +70,19 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
     return lifted
 
 
+def replace_graph_nodes(model: onnx.ModelProto, graph: onnx.GraphProto,
+                        nodes: list[onnx.NodeProto], keep: set[str]) -> None:
+    """Put `nodes` in place of `graph`'s nodes and drop the initializers no node of the model
+    (subgraphs included) and no graph output reads any more; names in `keep` always stay."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for g in iter_graphs(model.graph) for n in g.node for i in n.input}
+    used |= {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used or t.name in keep]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def _numel(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 

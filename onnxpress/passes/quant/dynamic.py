@@ -25,6 +25,7 @@ from onnxpress.passes.quant.common import (
     ensure_opset,
     quantize_gather_tables,
     quantize_weight,
+    replace_graph_nodes,
 )
 from onnxpress.passes.registry import Range, register
 from onnxpress.stats import iter_graphs
@@ -117,13 +118,7 @@ def dynamic_quantize(model: onnx.ModelProto, *, per_channel: bool = True,
             count += 1
             changed = True
         if changed:
-            del g.node[:]
-            g.node.extend(rebuilt)
-            used = {i for g2 in iter_graphs(model.graph) for n in g2.node for i in n.input}
-            used |= {o.name for o in g.output}
-            keep = [t for t in g.initializer if t.name in used or t.name in g_inputs]
-            del g.initializer[:]
-            g.initializer.extend(keep)
+            replace_graph_nodes(model, g, rebuilt, g_inputs)
     tables = quantize_gather_tables(model, names) if embeddings else 0
     return model, {"matmuls_quantized": count, "embedding_tables_int8": tables,
                    "constants_lifted": lifted, "opset_raised": raised}

@@ -24,6 +24,7 @@ from onnxpress.passes.quant.common import (
     constants_to_initializers,
     ensure_opset,
     quantize_gather_tables,
+    replace_graph_nodes,
     set_opset,
 )
 from onnxpress.passes.quant.dynamic import matmul_weight
@@ -147,13 +148,7 @@ def int4_quantize(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bo
             count += 1
             changed = True
         if changed:
-            del g.node[:]
-            g.node.extend(rebuilt)
-            used = {i for g2 in iter_graphs(model.graph) for n in g2.node for i in n.input}
-            used |= {o.name for o in g.output}
-            keep = [t for t in g.initializer if t.name in used or t.name in g_inputs]
-            del g.initializer[:]
-            g.initializer.extend(keep)
+            replace_graph_nodes(model, g, rebuilt, g_inputs)
     if use_nbits and count:
         set_opset(model, "com.microsoft", 1)
     tables = quantize_gather_tables(model, names) if embeddings else 0
