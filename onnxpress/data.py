@@ -12,7 +12,6 @@ graph inputs and raises CalibrationError naming the batch, input and what is wro
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -50,11 +49,6 @@ class CalibrationData:
         for batch in self:
             return batch
         raise CalibrationError(f"calibration data from {self.description} is empty")
-
-    def take(self, n: int) -> CalibrationData:
-        return CalibrationData(lambda: itertools.islice(self._source(), n),
-                               description=f"first {n} batches of {self.description}",
-                               length=None if self.length is None else min(n, self.length))
 
     def validate(self, model: onnx.ModelProto, *, max_batches: int | None = None) -> int:
         """Check every batch (or the first `max_batches`) against the model's inputs.

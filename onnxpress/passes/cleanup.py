@@ -13,13 +13,13 @@ Subgraphs (If/Loop/Scan bodies) are rewritten too: their outputs are kept like g
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpress.errors import InvalidModelError, PassError
+from onnxpress.errors import InvalidModelError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.graph import (
     constants,
@@ -245,10 +245,8 @@ def dce(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     """
     inits_before = len(model.graph.initializer)
     removed = eliminate_dead_code(model.graph)
-    used_domains = {n.domain for n in _all_nodes(model.graph)}
     ctx.record(nodes_removed=removed,
                initializers_removed=inits_before - len(model.graph.initializer))
-    _ = used_domains
     ctx.preserve("shapes")
     return model
 
@@ -555,5 +553,3 @@ def convert_opset(model: onnx.ModelProto, ctx: PassContext, *,
     ctx.record(converted=True, opset_before=current, opset=version)
     return out
 
-
-_ = (Any, PassError)

@@ -9,7 +9,6 @@ for it with `ctx.analysis("name", model, **params)`.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -147,11 +146,3 @@ def _shapes_analysis(model: onnx.ModelProto, ctx: PassContext, *,
             out[t.name] = (t.data_type, list(t.dims))
     return out
 
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start

@@ -134,19 +134,6 @@ def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelP
     return dst
 
 
-def to_gs(model: onnx.ModelProto):
-    import onnx_graphsurgeon as gs
-
-    return gs.import_onnx(model)
-
-
-def from_gs(graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    import onnx_graphsurgeon as gs
-
-    out = gs.export_onnx(graph, do_type_check=False)
-    return copy_model_fields(original, out)
-
-
 @contextmanager
 def quiet_gs() -> Iterator[None]:
     """onnx-graphsurgeon logs warnings for every fold it skips; keep them out of users' faces."""
@@ -173,26 +160,6 @@ def constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
                                    dtype=np.float32 if "float" in a.name else np.int64)
                     out[node.output[0]] = numpy_helper.from_array(arr, node.output[0])
     return out
-
-
-def const_array(graph: onnx.GraphProto, name: str, cache: dict | None = None) -> np.ndarray | None:
-    table = cache if cache is not None else constants(graph)
-    t = table.get(name)
-    return None if t is None else numpy_helper.to_array(t)
-
-
-def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """{tensor name: nodes reading it}; reads from inside subgraphs count for their parent node."""
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input) | subgraph_outer_inputs(node):
-            if name:
-                out.setdefault(name, []).append(node)
-    return out
-
-
-def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output if o}
 
 
 def subgraph_outer_inputs(node: onnx.NodeProto) -> set[str]:
@@ -237,12 +204,6 @@ def rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
 
 def model_size_ok(model: onnx.ModelProto) -> bool:
     return _size(model) <= EXTERNAL_DATA_THRESHOLD
-
-
-def tmp_path(suffix: str = ".onnx") -> str:
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="onnxpress-")
-    os.close(fd)
-    return path
 
 
 def bind_input_shapes(model: onnx.ModelProto, shapes: dict | None) -> onnx.ModelProto:

@@ -381,9 +381,8 @@ def run(
         working = model if inplace else copy.deepcopy(model)
     else:
         working = load(model)
-    for step in steps:
-        if "calib" in step.info.requires:
-            ctx.require_calib(working) if ctx.calib is not None else None
+    if ctx.calib is not None and any("calib" in s.info.requires for s in steps):
+        ctx.require_calib(working)  # bad calibration data fails before the first pass runs
     instruments = list(instruments)
     if verify:
         verifier = _Verifier(rtol, atol, ctx)

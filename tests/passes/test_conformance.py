@@ -9,13 +9,10 @@ on the original (rtol 1e-4, atol 1e-5) and no pass may crash.
 from __future__ import annotations
 
 import collections
-import glob
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import numpy_helper
 
 from onnxpress import passes
@@ -125,5 +122,3 @@ def test_generated_node_cases(capsys):
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:10])
     assert stats["preserved"] >= 900
 
-
-_ = (glob, os, np, pytest)
