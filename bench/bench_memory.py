@@ -30,7 +30,6 @@ from onnxpress import zoo  # noqa: E402
 from onnxpress.passes.memory import (  # noqa: E402
     bind_static_shapes,
     plan_memory,
-    static_types,
     verify_memory_plan,
 )
 
@@ -57,24 +56,12 @@ def static_graph_for_tvm(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.M
     value, then onnxpress's cleanup (fold_constants, dce, simplify): TVM's ONNX importer keeps
     Shape -> Range chains symbolic otherwise, and its memory estimate rejects symbolic sizes."""
     from onnxpress import passes
+    from onnxpress.backends.tvm.frontend import freeze_shape_ops
 
     bound = bind_static_shapes(model, dims)
-    types = static_types(bound)
-    nodes = []
-    frozen = 0
-    for n in bound.graph.node:
-        info = types.get(n.input[0]) if n.op_type == "Shape" and n.input else None
-        if info is not None and info[1] is not None:
-            dims_ = info[1]
-            start = next((a.i for a in n.attribute if a.name == "start"), 0)
-            end = next((a.i for a in n.attribute if a.name == "end"), len(dims_))
-            value = np.array(dims_[slice(start, end)], dtype=np.int64)
-            bound.graph.initializer.append(onnx.numpy_helper.from_array(value, n.output[0]))
-            frozen += 1
-            continue
-        nodes.append(n)
-    del bound.graph.node[:]
-    bound.graph.node.extend(nodes)
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bound.graph.input
+              if i.name not in {t.name for t in bound.graph.initializer}}
+    bound = freeze_shape_ops(bound, shapes)
     with contextlib.redirect_stderr(io.StringIO()):
         return passes.apply(bound, ["cleanup"])
 

@@ -88,12 +88,47 @@ def has_dynamic_inputs(model: onnx.ModelProto) -> bool:
                for vi in graph_inputs(model) for d in vi.type.tensor_type.shape.dim)
 
 
+def freeze_shape_ops(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of `model` with its inputs bound to `input_shapes` and every Shape node whose input
+    then has static dims replaced by that value (an initializer). Dims onnx shape inference
+    cannot follow are measured by running the bound model once on onnxruntime."""
+    from onnxpress.passes.memory.liveness import bind_static_shapes, static_types
+
+    bound = bind_static_shapes(model, input_shapes=input_shapes)
+    types = static_types(bound)
+    nodes = []
+    for n in bound.graph.node:
+        info = types.get(n.input[0]) if n.op_type == "Shape" and n.input else None
+        if info is not None and info[1] is not None:
+            start = next((a.i for a in n.attribute if a.name == "start"), 0)
+            end = next((a.i for a in n.attribute if a.name == "end"), len(info[1]))
+            value = np.array(info[1][slice(start, end)], dtype=np.int64)
+            bound.graph.initializer.append(onnx.numpy_helper.from_array(value, n.output[0]))
+            continue
+        nodes.append(n)
+    del bound.graph.node[:]
+    bound.graph.node.extend(nodes)
+    return bound
+
+
 def fold_static_shapes(model: onnx.ModelProto, specs: Mapping[str, dict]) -> onnx.ModelProto:
-    """With every input shape bound, shape arithmetic (Shape -> Gather -> ConstantOfShape ...)
-    becomes constant: fold it with onnxpress's own cleanup passes before TVM sees it (TVM's
-    importer mishandles some of these chains, e.g. MiniLM's attention-mask ConstantOfShape)."""
+    """With every input shape bound, shape arithmetic (Shape -> Gather -> Concat -> Reshape ...)
+    becomes constant: freeze the Shape nodes and fold the rest with onnxpress's own cleanup
+    before TVM sees it. Left symbolic, TVM's importer keeps dims such as MiniLM's `x * 384`
+    that no schedule rule accepts (those kernels then run unscheduled, 10x slower) and
+    mishandles some chains (MiniLM's attention-mask ConstantOfShape)."""
+    import contextlib
+    import io
+
     from onnxpress import passes
 
+    shapes = {k: v["shape"] for k, v in specs.items()}
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            static = freeze_shape_ops(model, shapes)
+            return passes.apply(static, ["shape_infer", "fold_constants", "dce", "simplify"], shapes=shapes)
+    except Exception:
+        pass
     static = onnx.ModelProto()
     static.CopyFrom(model)
     for vi in static.graph.input:
@@ -103,8 +138,7 @@ def fold_static_shapes(model: onnx.ModelProto, specs: Mapping[str, dict]) -> onn
                 d.dim_value = int(size)
     del static.graph.value_info[:]          # stale symbolic shapes; shape_infer recomputes them
     try:
-        return passes.apply(static, ["shape_infer", "fold_constants", "dce"],
-                            shapes={k: v["shape"] for k, v in specs.items()})
+        return passes.apply(static, ["shape_infer", "fold_constants", "dce"], shapes=shapes)
     except Exception:
         return static
 
