@@ -45,6 +45,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     art = tvm.compile(args.model, _parse_target(args.target), shapes=_parse_shapes(args.shape),
                       tune_trials=args.tune, db=args.db, rpc=args.rpc, key=args.key,
+                      fast_math=not args.exact_math,
                       output_dir=args.output, progress=not args.quiet)
     m = art.manifest
     t = m["tuning"]
@@ -126,6 +127,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--key", help="the board's key at the tracker")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--exact-math", action="store_true",
+                   help="keep libm's exp/erf/tanh (default: TVM's vectorised approximations)")
     p.add_argument("--report", metavar="HTML",
                    help="write a self-contained HTML report (model, target, tuning, latency)")
     p.set_defaults(func=cmd_compile)
