@@ -85,7 +85,11 @@ def variant_rows(work: str, names: list[str]) -> list[dict]:
             art = ox_tvm.compile(model, "x86", shapes=shapes, progress=False,
                                  output_dir=os.path.join(work, f"{name}-{spec}"))
             compile_s = time.perf_counter() - t0
-            err = art.verify(model, feeds)
+            err = art.verify(model, feeds)        # QDQ models: against unoptimized onnxruntime
+            gap = None
+            if spec != "fuse":
+                a, b = ort.run(model, feeds), ort.run(model, feeds, optimization="disable")
+                gap = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
             o = [ort.benchmark(model, feeds, threads=2, runs=RUNS).p50_ms for _ in range(2)]
             u = [art.benchmark(feeds, runs=RUNS).p50_ms for _ in range(2)]
             ort_ms, un_ms = float(np.median(o)), float(np.median(u))
@@ -95,6 +99,12 @@ def variant_rows(work: str, names: list[str]) -> list[dict]:
                    "untuned_vs_ort": round(un_ms / ort_ms, 2),
                    "untuned_max_abs_err": float(f"{err.max_abs:.2g}"), "untuned_ok": err.ok,
                    "compile_s": round(compile_s, 1)}
+            if gap is not None:
+                # int8 rounding flips from a different float summation order propagate; TVM
+                # passes when it is as close to onnxruntime's QDQ reference as onnxruntime's own
+                # optimized session is
+                row["ort_all_vs_unoptimized_max_abs"] = float(f"{gap:.2g}")
+                row["untuned_ok"] = bool(err.ok or err.max_abs <= 2 * gap)
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -155,5 +165,9 @@ def run(quick: bool) -> dict:
              "Rows 'after fuse' / 'after quant_int8': the model optimized by onnxpress (target tvm; "
              "quant_int8 calibrated on 8 perturbed photos, 64 Debian descriptions or the digits "
              "calibration split), compiled untuned, compared with onnxruntime running that same "
-             "model; the ort column is then that model on onnxruntime.")
+             "model; the ort column is then that model on onnxruntime. QDQ models are compared "
+             "with onnxruntime's unoptimized session (QDQ's reference float semantics, which TVM "
+             "compiles; its optimized session fuses int8 kernels that round differently): ok when "
+             "within rtol 1e-4 or within twice the gap between onnxruntime's optimized and "
+             "unoptimized sessions (ort_all_vs_unoptimized_max_abs).")
     return {"title": "TVM x86 vs onnxruntime fp32 (untuned and tuned)", "rows": rows, "notes": notes}
