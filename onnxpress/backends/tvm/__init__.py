@@ -13,11 +13,15 @@ See docs/tvm.md.
 
 from __future__ import annotations
 
-from .artifact import Artifact, benchmark_artifact, load_artifact
-from .compiler import compile, default_db_dir
-from .rpc import LocalCluster, arm_runtime_problem, local_cluster
-from .targets import ResolvedTarget, resolve_target
-from .tuning import TuneSummary
+from .targets import use_all_cores
+
+use_all_cores()
+
+from .artifact import Artifact, benchmark_artifact, load_artifact  # noqa: E402
+from .compiler import compile, default_db_dir  # noqa: E402
+from .rpc import LocalCluster, arm_runtime_problem, local_cluster  # noqa: E402
+from .targets import ResolvedTarget, resolve_target  # noqa: E402
+from .tuning import TuneSummary  # noqa: E402
 
 __all__ = [
     "Artifact",

@@ -12,11 +12,16 @@ import sys
 
 
 def load(artifact_dir, device=None):
+    with open(os.path.join(artifact_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        # TVM's default is half the logical CPUs (it assumes hyper-threading): use them all,
+        # capped by the cores the artifact was compiled for
+        cores = manifest["target"].get("spec", {}).get("num-cores") or os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(max(1, min(int(cores), os.cpu_count() or 1)))
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    with open(os.path.join(artifact_dir, "manifest.json")) as f:
-        manifest = json.load(f)
     lib = tvm.runtime.load_module(os.path.join(artifact_dir, manifest["library"]))
     dev = device or (tvm.cuda(0) if manifest["target"]["family"] == "gpu" else tvm.cpu(0))
     return manifest, VirtualMachine(lib, dev), dev
