@@ -44,6 +44,7 @@ def cpu_space_generator():
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.schedule_rule import ReuseType
 
+    register_custom_rules()
     rules = [
         ms.schedule_rule.ApplyCustomRule(),
         ms.schedule_rule.InlineConstantScalars(),
@@ -280,36 +281,67 @@ def reduce_outer_schedule(mod, lanes: int):
         reductions = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
         if len(reductions) != 1:
             return None
-        main = reductions[0]
-        if "schedule_rule" in sch.get(main).annotations:
-            sch.unannotate(main, "schedule_rule")
-        for b in blocks:
-            if not b.same_as(main):
-                sch.compute_inline(b)
-        kinds = [int(iv.iter_type) for iv in sch.get(main).iter_vars]
-        loops = sch.get_loops(main)
-        if len(loops) != len(kinds):
-            return None
-        spatial = [lp for lp, k in zip(loops, kinds) if k == 0]
-        reduce = [lp for lp, k in zip(loops, kinds) if k == 2]
-        if not spatial or kinds != [0] * len(spatial) + [2] * len(reduce):
-            return None
-        inner = spatial[-1]
-        extent = int(sch.get(inner).extent)
-        if extent % lanes == 0 and extent > lanes:
-            outer_c, inner = sch.split(inner, factors=[None, lanes])
-            sch.reorder(*spatial[:-1], outer_c, *reduce, inner)
-        else:
-            sch.reorder(*spatial[:-1], *reduce, inner)
-        if len(spatial) > 1:
-            sch.parallel(sch.fuse(*spatial[:min(2, len(spatial) - 1)]))
-        sch.vectorize(inner)
-        init = sch.decompose_reduction(main, reduce[0])
-        sch.vectorize(sch.get_loops(init)[-1])
+        return sch if _reduce_outer(sch, reductions[0], lanes) else None
     except Exception as exc:
         log.debug("reduce-outer schedule does not apply: %s", exc)
         return None
-    return sch
+
+
+def _reduce_outer(sch, main, lanes: int) -> bool:
+    """Apply the reduce-outer schedule to block `main` of `sch` in place (False: it does not fit)."""
+    if "schedule_rule" in sch.get(main).annotations:
+        sch.unannotate(main, "schedule_rule")
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if not b.same_as(main):
+            sch.compute_inline(b)
+    kinds = [int(iv.iter_type) for iv in sch.get(main).iter_vars]
+    loops = sch.get_loops(main)
+    if len(loops) != len(kinds):
+        return False
+    spatial = [lp for lp, k in zip(loops, kinds) if k == 0]
+    reduce = [lp for lp, k in zip(loops, kinds) if k == 2]
+    if not spatial or not reduce or kinds != [0] * len(spatial) + [2] * len(reduce):
+        return False
+    inner = spatial[-1]
+    extent = int(sch.get(inner).extent)
+    if extent % lanes == 0 and extent > lanes:
+        outer_c, inner = sch.split(inner, factors=[None, lanes])
+        sch.reorder(*spatial[:-1], outer_c, *reduce, inner)
+    else:
+        sch.reorder(*spatial[:-1], *reduce, inner)
+    if len(spatial) > 1:
+        sch.parallel(sch.fuse(*spatial[:min(2, len(spatial) - 1)]))
+    sch.vectorize(inner)
+    init = sch.decompose_reduction(main, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    return True
+
+
+def _pool_rule(sch, block):
+    """MetaSchedule's custom rule for TOPI's pooling blocks (their `schedule_rule` annotation):
+    the reduce-outer schedule as the only design space. Unregistered, MetaSchedule warns on
+    every pooling task and falls back to rfactoring the window into scalar code."""
+    from tvm.target import Target
+
+    target = Target.current(allow_none=True)
+    lanes = simd_lanes(target) if target is not None else 16
+    candidate = sch.copy()
+    try:
+        if _reduce_outer(candidate, block, lanes):
+            return [candidate]
+    except Exception as exc:
+        log.debug("pool rule does not apply: %s", exc)
+    sch.unannotate(block, "schedule_rule")
+    return [sch]
+
+
+def register_custom_rules() -> None:
+    """Register the CPU pooling rules TOPI's blocks ask for (idempotent)."""
+    import tvm
+
+    for name in ("pool_max", "pool_avg", "adaptive_pool_max", "adaptive_pool_avg"):
+        tvm.register_global_func(f"s_tir.meta_schedule.cpu.meta_schedule.{name}", _pool_rule,
+                                 override=True)
 
 
 def _all_float(block) -> bool:
