@@ -110,6 +110,33 @@ def variant_rows(work: str, names: list[str]) -> list[dict]:
     return rows
 
 
+def cuda_rows(work: str) -> tuple[list[dict], str]:
+    """Where a GPU is present: the digits CNN and resnet18 built for it, run and compared with
+    onnxruntime on the CPU. Returns (rows, a note saying what ran)."""
+    import tvm
+
+    from onnxpress.backends import ort
+    from onnxpress.backends import tvm as ox_tvm
+
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        return [], "No GPU on this machine: CUDA builds were checked for PTX only (tests)."
+    arch = "sm_" + str(dev.compute_version).replace(".", "")
+    rows = []
+    for name in ("digits_cnn", "resnet18"):
+        path, feeds, shapes = _model(name)
+        art = ox_tvm.compile(path, f"cuda:{arch}", shapes=shapes, progress=False,
+                             output_dir=os.path.join(work, f"{name}-cuda"))
+        err = art.verify(path, feeds)
+        ort_ms = ort.benchmark(path, feeds, threads=2, runs=RUNS).p50_ms
+        gpu_ms = art.benchmark(feeds, runs=RUNS).p50_ms
+        rows.append({"model": f"{name} on CUDA ({arch}, {dev.device_name})", "ort_fp32_ms": round(ort_ms, 3),
+                     "tvm_untuned_ms": round(gpu_ms, 3), "untuned_vs_ort": round(gpu_ms / ort_ms, 2),
+                     "untuned_max_abs_err": float(f"{err.max_abs:.2g}"), "untuned_ok": err.ok})
+        print(rows[-1], flush=True)
+    return rows, f"CUDA rows: TVM's dlight GPU schedules on {dev.device_name}, onnxruntime on the CPU."
+
+
 def run(quick: bool) -> dict:
     from onnxpress.backends import ort
     from onnxpress.backends import tvm as ox_tvm
@@ -156,6 +183,11 @@ def run(quick: bool) -> dict:
             print(row, flush=True)
         if os.environ.get("ONNXPRESS_BENCH_TVM_VARIANTS", "0" if quick else "1") != "0":
             rows.extend(variant_rows(work, list(_budgets(quick))))
+        try:
+            gpu, gpu_note = cuda_rows(work)
+        except Exception as exc:  # a GPU machine without nvcc, a driver mismatch...
+            gpu, gpu_note = [], f"CUDA rows failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        rows.extend(gpu)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     notes = ("p50 latency, batch 1, 2 threads for both runtimes on the same machine, interleaved. "
@@ -169,5 +201,5 @@ def run(quick: bool) -> dict:
              "with onnxruntime's unoptimized session (QDQ's reference float semantics, which TVM "
              "compiles; its optimized session fuses int8 kernels that round differently): ok when "
              "within rtol 1e-4 or within twice the gap between onnxruntime's optimized and "
-             "unoptimized sessions (ort_all_vs_unoptimized_max_abs).")
+             "unoptimized sessions (ort_all_vs_unoptimized_max_abs). " + gpu_note)
     return {"title": "TVM x86 vs onnxruntime fp32 (untuned and tuned)", "rows": rows, "notes": notes}

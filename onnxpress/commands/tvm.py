@@ -1,7 +1,7 @@
 """`onnxpress compile` and `onnxpress run`: the TVM backend on the command line.
 
     onnxpress compile model.onnx --target x86|arm|cuda[:sm_XX] [--shape NAME=1,3,224,224 ...]
-        [--tune N --db DIR] [--rpc HOST:PORT --key K] -o DIR
+        [--tune N --db DIR] [--rpc HOST:PORT --key K] [--exact-math] -o DIR
     onnxpress run DIR --inputs x.npz [--verify model.onnx] [--rtol R --atol A] [--outputs y.npz]
         [--bench N] [--rpc HOST:PORT --key K]
 """
