@@ -204,3 +204,21 @@ def test_minilm_builds_with_every_kernel_scheduled_and_matches(minilm_path, tmp_
     assert sched["fast_math"] is True
     result = art.verify(minilm_path, feeds, rtol=RTOL, atol=ATOL)
     assert result.ok, str(result)
+
+
+def test_tvm_runs_on_every_physical_core_unless_told_otherwise():
+    """TVM's own default is half the logical CPUs (it assumes hyper-threading)."""
+    import os
+    import subprocess
+    import sys
+
+    from onnxpress.backends.tvm.targets import physical_cores
+
+    code = ("import onnxpress.backends.tvm, tvm; "
+            "print(tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == physical_cores()
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == 1

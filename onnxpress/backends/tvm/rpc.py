@@ -24,6 +24,8 @@ from pathlib import Path
 
 from onnxpress.errors import BackendError
 
+from .targets import threads_chosen_by_user
+
 ARM_RUNTIME_ENV = "ONNXPRESS_ARM_RUNTIME"
 
 
@@ -54,7 +56,8 @@ def qemu_env() -> dict:
     env["PYTHONPATH"] = str(arm_runtime_dir() / "site")
     env.pop("PYTHONHOME", None)
     env["PYTHONNOUSERSITE"] = "1"
-    env.setdefault("TVM_NUM_THREADS", "1")   # emulated threads only add contention
+    if not threads_chosen_by_user():
+        env["TVM_NUM_THREADS"] = "1"   # emulated threads only add contention
     return env
 
 

@@ -59,8 +59,19 @@ def use_all_cores() -> None:
     (resnet18: 38.4 -> 20.3 ms) and made tuning measure single-threaded candidates. The pool
     reads this when it is first used, so it is set on import, before any TVM code runs;
     MetaSchedule's measurement workers inherit it."""
+    global _THREADS_SET_HERE
     if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
         os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+        _THREADS_SET_HERE = os.environ["TVM_NUM_THREADS"]
+
+
+_THREADS_SET_HERE: str | None = None
+
+
+def threads_chosen_by_user() -> bool:
+    """Whether TVM_NUM_THREADS in the environment is the user's, not use_all_cores()'s."""
+    value = os.environ.get("TVM_NUM_THREADS")
+    return value is not None and value != _THREADS_SET_HERE
 
 
 def physical_cores() -> int:
