@@ -99,12 +99,43 @@ def _has_conv2d(mod) -> bool:
     return bool(found)
 
 
+def _fast_sigmoid(mod):
+    """relax.sigmoid as 1 / (1 + fast_exp(-x)): TVM's FastMathTransform covers exp, erf, tanh and
+    softmax but not sigmoid, which lowers to libm's expf per element (EfficientNet's SiLU and
+    squeeze-excite gates: the 1x1 convs they follow ran at 9-30 GFLOP/s)."""
+    from tvm import relax, topi
+    from tvm.relax import expr_functor
+
+    @expr_functor.mutator
+    class FastSigmoid(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm_ir_op()) and call.op.name == "relax.sigmoid":
+                return self.builder_.call_te(
+                    lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))),
+                    call.args[0], primfunc_name_hint="fast_sigmoid")
+            return call
+
+    mutator = FastSigmoid(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def tvm_ir_op():
+    import tvm
+
+    return tvm.ir.Op
+
+
 def lower_to_fused(relax_mod, resolved: ResolvedTarget, target, layout_used: dict | None = None,
                    *, fast_math: bool = True):
     """The module MetaSchedule tunes and the default schedules apply to: fused PrimFuncs.
     `layout_used` (if given) receives {"conv2d": "NHWC"} when convolutions were converted.
-    fast_math: softmax, exp, erf and tanh as TVM's polynomial approximations (topi.fast_*), which
-    vectorise; the exact ones call libm per element (MiniLM's GELU and softmax took 45% of it)."""
+    fast_math: softmax, sigmoid, exp, erf and tanh as TVM's polynomial approximations
+    (topi.fast_*), which vectorise; the exact ones call libm per element (MiniLM's GELU and
+    softmax took 45% of it, EfficientNet's SiLU gates half)."""
     layout_used = {} if layout_used is None else layout_used
     import tvm
     from tvm import relax
@@ -112,13 +143,14 @@ def lower_to_fused(relax_mod, resolved: ResolvedTarget, target, layout_used: dic
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings()])(relax_mod)
-        if fast_math and resolved.family == "cpu":
-            mod = relax.transform.FastMathTransform()(mod)
         if resolved.family == "cpu" and _has_conv2d(mod):
             # channels last: output channels become the contiguous, vectorised axis
             with contextlib.suppress(Exception):   # a graph it cannot convert keeps NCHW
                 mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
                 layout_used["conv2d"] = "NHWC"
+        if fast_math and resolved.family == "cpu":
+            # after the layout change: ConvertLayout wraps the call_tir these become in transposes
+            mod = relax.transform.FastMathTransform()(_fast_sigmoid(mod))
         return tvm.transform.Sequential([
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),

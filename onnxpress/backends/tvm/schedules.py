@@ -288,12 +288,21 @@ def reduce_outer_schedule(mod, lanes: int):
 
 
 def _reduce_outer(sch, main, lanes: int) -> bool:
-    """Apply the reduce-outer schedule to block `main` of `sch` in place (False: it does not fit)."""
+    """Apply the reduce-outer schedule to block `main` of `sch` in place (False: it does not fit).
+    Producers (padding) are inlined; elementwise consumers (a mean's division) are computed per
+    parallel task. When the leading spatial axes are too short to share out (global pooling:
+    n = h = w = 1), the parallel loop runs over channel chunks instead."""
     if "schedule_rule" in sch.get(main).annotations:
         sch.unannotate(main, "schedule_rule")
+    for b in sch.get_producers(main):
+        sch.compute_inline(b)
+    consumers = list(sch.get_consumers(main))
+    known = [sch.get(main)] + [sch.get(c) for c in consumers]     # RVs differ, blocks compare
     for b in sch.get_child_blocks(sch.get_sblock("root")):
-        if not b.same_as(main):
-            sch.compute_inline(b)
+        if not any(sch.get(b).same_as(k) for k in known):
+            return False
+    if any(any(int(iv.iter_type) == 2 for iv in sch.get(c).iter_vars) for c in consumers):
+        return False
     kinds = [int(iv.iter_type) for iv in sch.get(main).iter_vars]
     loops = sch.get_loops(main)
     if len(loops) != len(kinds):
@@ -302,18 +311,36 @@ def _reduce_outer(sch, main, lanes: int) -> bool:
     reduce = [lp for lp, k in zip(loops, kinds) if k == 2]
     if not spatial or not reduce or kinds != [0] * len(spatial) + [2] * len(reduce):
         return False
+    lead = spatial[:-1]
+    lead_extent = 1
+    for lp in lead:
+        lead_extent *= int(sch.get(lp).extent)
     inner = spatial[-1]
     extent = int(sch.get(inner).extent)
+    outer_c = None
     if extent % lanes == 0 and extent > lanes:
         outer_c, inner = sch.split(inner, factors=[None, lanes])
-        sch.reorder(*spatial[:-1], outer_c, *reduce, inner)
+    if outer_c is not None and lead_extent < 4:
+        sch.reorder(outer_c, *lead, *reduce, inner)
+        par = outer_c
     else:
-        sch.reorder(*spatial[:-1], *reduce, inner)
-    if len(spatial) > 1:
-        sch.parallel(sch.fuse(*spatial[:min(2, len(spatial) - 1)]))
+        sch.reorder(*lead, *([outer_c] if outer_c is not None else []), *reduce, inner)
+        par = sch.fuse(*lead[:2]) if len(lead) > 1 else (lead[0] if lead else None)
+    if par is not None:
+        sch.parallel(par)
     sch.vectorize(inner)
     init = sch.decompose_reduction(main, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
+    for c in consumers:
+        if par is None:
+            break
+        sch.reverse_compute_at(c, par, preserve_unit_loops=True)
+        c_inner = sch.get_loops(c)[-1]
+        if not c_inner.same_as(par) and _all_float(sch.get(c)):
+            c_extent = int(sch.get(c_inner).extent)
+            if c_extent > lanes and c_extent % lanes == 0:
+                c_inner = sch.split(c_inner, factors=[None, lanes])[1]
+            sch.vectorize(c_inner)
     return True
 
 
