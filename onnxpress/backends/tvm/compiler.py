@@ -103,6 +103,7 @@ def _fast_sigmoid(mod):
     """relax.sigmoid as 1 / (1 + fast_exp(-x)): TVM's FastMathTransform covers exp, erf, tanh and
     softmax but not sigmoid, which lowers to libm's expf per element (EfficientNet's SiLU and
     squeeze-excite gates: the 1x1 convs they follow ran at 9-30 GFLOP/s)."""
+    import tvm
     from tvm import relax, topi
     from tvm.relax import expr_functor
 
@@ -110,7 +111,7 @@ def _fast_sigmoid(mod):
     class FastSigmoid(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if isinstance(call.op, tvm_ir_op()) and call.op.name == "relax.sigmoid":
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.sigmoid":
                 return self.builder_.call_te(
                     lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))),
                     call.args[0], primfunc_name_hint="fast_sigmoid")
@@ -121,12 +122,6 @@ def _fast_sigmoid(mod):
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
-
-
-def tvm_ir_op():
-    import tvm
-
-    return tvm.ir.Op
 
 
 def lower_to_fused(relax_mod, resolved: ResolvedTarget, target, layout_used: dict | None = None,
