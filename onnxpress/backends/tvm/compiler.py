@@ -167,8 +167,11 @@ def _time_build(executable, specs: Mapping[str, dict], runs: int = 10) -> float:
         arr = (rng.integers(0, 2, size=spec["shape"]) if dt.kind in "iub"
                else rng.standard_normal(spec["shape"])).astype(dt)
         args.append(tvm.runtime.tensor(arr, dev))
+    t0 = time.perf_counter()
     for _ in range(2):
         vm["main"](*args)
+    once = (time.perf_counter() - t0) / 2
+    runs = max(3, min(runs, int(1.5 / max(once, 1e-6))))   # about 1.5 s per build and round
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
