@@ -33,6 +33,20 @@ LIBRARY = "model.so"
 RUNNER = "run.py"
 
 
+def random_inputs(specs: Mapping[str, Mapping[str, Any]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random arrays for {input name: {"shape", "dtype"}}: integers and booleans 0/1 (valid
+    token ids and masks), floats standard normal."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, spec in specs.items():
+        dt = np.dtype(spec["dtype"])
+        if dt.kind in "iub":
+            out[name] = rng.integers(0, 2, size=spec["shape"]).astype(dt)
+        else:
+            out[name] = rng.standard_normal(spec["shape"]).astype(dt)
+    return out
+
+
 def _bench_result(times_ms: list[float], threads: int | None) -> BenchResult:
     t = sorted(times_ms)
     if not t:
@@ -98,17 +112,7 @@ class Artifact:
     # -- inputs --------------------------------------------------------------------------------
     def _feeds(self, feeds: Mapping[str, np.ndarray] | None, seed: int = 0) -> dict[str, np.ndarray]:
         if feeds is None:
-            rng = np.random.default_rng(seed)
-            out = {}
-            for spec in self.inputs:
-                dt = np.dtype(spec["dtype"])
-                if dt.kind in "iu":
-                    out[spec["name"]] = rng.integers(0, 2, size=spec["shape"]).astype(dt)
-                elif dt.kind == "b":
-                    out[spec["name"]] = rng.integers(0, 2, size=spec["shape"]).astype(bool)
-                else:
-                    out[spec["name"]] = rng.standard_normal(spec["shape"]).astype(dt)
-            return out
+            return random_inputs({spec["name"]: spec for spec in self.inputs}, seed)
         result = {}
         for spec in self.inputs:
             if spec["name"] not in feeds:

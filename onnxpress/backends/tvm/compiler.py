@@ -24,7 +24,7 @@ from onnxpress.errors import BackendError, OnnxPressError
 from onnxpress.io import ModelLike, load
 
 from . import rpc as rpc_mod
-from .artifact import LIBRARY, MANIFEST, RUNNER, Artifact, write_atomically
+from .artifact import LIBRARY, MANIFEST, RUNNER, Artifact, random_inputs, write_atomically
 from .frontend import bind_shapes, to_relax
 from .schedules import apply_default_schedules
 from .targets import ARM_TRIPLE, ResolvedTarget, _first_line, resolve_target
@@ -154,19 +154,12 @@ def lower_to_fused(relax_mod, resolved: ResolvedTarget, target, layout_used: dic
 
 def _time_build(executable, specs: Mapping[str, dict], runs: int = 10) -> float:
     """p50 ms of one run of a built module on this host's CPU, on random inputs."""
-    import numpy as np
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
     dev = tvm.cpu(0)
     vm = VirtualMachine(executable, dev)
-    rng = np.random.default_rng(0)
-    args = []
-    for spec in specs.values():
-        dt = np.dtype(spec["dtype"])
-        arr = (rng.integers(0, 2, size=spec["shape"]) if dt.kind in "iub"
-               else rng.standard_normal(spec["shape"])).astype(dt)
-        args.append(tvm.runtime.tensor(arr, dev))
+    args = [tvm.runtime.tensor(arr, dev) for arr in random_inputs(specs).values()]
     t0 = time.perf_counter()
     for _ in range(2):
         vm["main"](*args)
