@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onnxpress import zoo  # noqa: E402
 from onnxpress.passes.memory import (  # noqa: E402
-    bind_static_shapes,
     plan_memory,
     verify_memory_plan,
 )
@@ -58,10 +57,7 @@ def static_graph_for_tvm(model: onnx.ModelProto, dims: dict[str, int]) -> onnx.M
     from onnxpress import passes
     from onnxpress.backends.tvm.frontend import freeze_shape_ops
 
-    bound = bind_static_shapes(model, dims)
-    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in bound.graph.input
-              if i.name not in {t.name for t in bound.graph.initializer}}
-    bound = freeze_shape_ops(bound, shapes)
+    bound = freeze_shape_ops(model, dims=dims)
     with contextlib.redirect_stderr(io.StringIO()):
         return passes.apply(bound, ["cleanup"])
 

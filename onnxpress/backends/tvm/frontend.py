@@ -88,13 +88,15 @@ def has_dynamic_inputs(model: onnx.ModelProto) -> bool:
                for vi in graph_inputs(model) for d in vi.type.tensor_type.shape.dim)
 
 
-def freeze_shape_ops(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """A copy of `model` with its inputs bound to `input_shapes` and every Shape node whose input
-    then has static dims replaced by that value (an initializer). Dims onnx shape inference
-    cannot follow are measured by running the bound model once on onnxruntime."""
+def freeze_shape_ops(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                     *, dims: Mapping[str, int] | None = None) -> onnx.ModelProto:
+    """A copy of `model` with its inputs bound (by input, `input_shapes`, or by dim name, `dims`,
+    as in liveness.bind_static_shapes) and every Shape node whose input then has static dims
+    replaced by that value (an initializer). Dims onnx shape inference cannot follow are
+    measured by running the bound model once on onnxruntime."""
     from onnxpress.passes.memory.liveness import bind_static_shapes, static_types
 
-    bound = bind_static_shapes(model, input_shapes=input_shapes)
+    bound = bind_static_shapes(model, dims, input_shapes)
     types = static_types(bound)
     nodes = []
     for n in bound.graph.node:
