@@ -335,12 +335,7 @@ def _reduce_outer(sch, main, lanes: int) -> bool:
         if par is None:
             break
         sch.reverse_compute_at(c, par, preserve_unit_loops=True)
-        c_inner = sch.get_loops(c)[-1]
-        if not c_inner.same_as(par) and _all_float(sch.get(c)):
-            c_extent = int(sch.get(c_inner).extent)
-            if c_extent > lanes and c_extent % lanes == 0:
-                c_inner = sch.split(c_inner, factors=[None, lanes])[1]
-            sch.vectorize(c_inner)
+        _vectorize_innermost(sch, c, par, lanes)
     return True
 
 
@@ -376,6 +371,19 @@ def _all_float(block) -> bool:
                for r in list(block.reads) + list(block.writes))
 
 
+def _vectorize_innermost(sch, block, outer, lanes: int) -> None:
+    """Vectorise the innermost loop of an elementwise `block` computed under loop `outer`, in
+    chunks of `lanes` where they divide it. Blocks touching non-float tensors stay scalar:
+    boolean vectors trip TVM 0.27's LLVM codegen (i1 & i8)."""
+    inner = sch.get_loops(block)[-1]
+    if inner.same_as(outer) or not _all_float(sch.get(block)):
+        return
+    extent = int(sch.get(inner).extent)
+    if extent > lanes and extent % lanes == 0:
+        inner = sch.split(inner, factors=[None, lanes])[1]
+    sch.vectorize(inner)
+
+
 def rowwise_schedule(mod, lanes: int):
     """Row-wise reductions over the last axis (softmax, layer norm): one parallel loop over the
     rows of the output, every producer computed inside it, row by row, and the elementwise
@@ -403,15 +411,8 @@ def rowwise_schedule(mod, lanes: int):
             sch.compute_at(block, rows, preserve_unit_loops=True)
         sch.parallel(rows)
         for block in blocks:
-            if any(int(iv.iter_type) == 2 for iv in sch.get(block).iter_vars):
-                continue
-            inner = sch.get_loops(block)[-1]
-            if inner.same_as(rows) or not _all_float(sch.get(block)):
-                continue        # boolean vectors trip TVM 0.27's LLVM codegen (i1 & i8)
-            extent = int(sch.get(inner).extent)
-            if extent > lanes and extent % lanes == 0:
-                inner = sch.split(inner, factors=[None, lanes])[1]
-            sch.vectorize(inner)
+            if not any(int(iv.iter_type) == 2 for iv in sch.get(block).iter_vars):
+                _vectorize_innermost(sch, block, rows, lanes)
     except Exception as exc:
         log.debug("row-wise schedule does not apply: %s", exc)
         return None
