@@ -303,7 +303,7 @@ def compile(model: ModelLike, target: str | Mapping[str, Any] = "x86", *,
             shapes: Mapping[str, Sequence[int]] | None = None, tune_trials: int = 0,
             db: str | os.PathLike | None = None, rpc: str | None = None, key: str | None = None,
             output_dir: str | os.PathLike | None = None, progress: bool = True,
-            fast_math: bool = True) -> Artifact:
+            fast_math: bool = True, integer: bool = True) -> Artifact:
     """Compile an ONNX model with TVM into an artifact directory and return it.
 
     target: "x86" (host CPU), "arm" (aarch64 + NEON), "cuda" / "cuda:sm_XX", or a TVM target dict.
@@ -314,10 +314,16 @@ def compile(model: ModelLike, target: str | Mapping[str, Any] = "x86", *,
         returned artifact runs there by default.
     fast_math: on CPUs, softmax/exp/erf/tanh as TVM's vectorisable approximations (outputs stay
         within rtol 1e-4 of onnxruntime on the zoo models); False keeps libm's exact functions.
+    integer: quantized models (QDQ after quant_int8, or QLinearConv/QLinearMatMul/ConvInteger/
+        MatMulInteger) run their Conv/MatMul/Gemm on integer kernels with 8-bit activations kept
+        between quantized ops (onnxpress/backends/tvm/int8.py); the manifest's "integer" entry
+        says which nodes run as integer kernels and which stayed float, and why. False computes
+        QDQ in float as TVM's importer does.
     """
     try:
         return _compile(model, target, shapes=shapes, tune_trials=tune_trials, db=db, rpc=rpc,
-                        key=key, output_dir=output_dir, progress=progress, fast_math=fast_math)
+                        key=key, output_dir=output_dir, progress=progress, fast_math=fast_math,
+                        integer=integer)
     except OnnxPressError:
         raise
     except ImportError as exc:
@@ -331,15 +337,18 @@ def compile(model: ModelLike, target: str | Mapping[str, Any] = "x86", *,
 
 
 def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, progress,
-             fast_math=True) -> Artifact:
+             fast_math=True, integer=True) -> Artifact:
     import tvm
+
+    from .int8 import summarize
 
     t_start = time.perf_counter()
     proto = load(model, check=False)
     resolved = resolve_target(target)
     tvm_target = resolved.tvm_target()
     specs = bind_shapes(proto, shapes)
-    relax_mod = to_relax(proto, specs)
+    decisions: list = []
+    relax_mod = to_relax(proto, specs, integer=integer, decisions=decisions)
     outputs = _output_specs(proto, relax_mod)
     timings = {"import_s": time.perf_counter() - t_start}
 
@@ -433,6 +442,7 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
             "model_metadata": meta,
             "source_model": str(model) if isinstance(model, (str, os.PathLike)) else None,
             "schedules": schedule_info,
+            "integer": summarize(decisions) if decisions else None,
             "tuning": summary.to_dict(),
             "rpc": {"tracker": rpc, "key": key} if rpc else None,
             "files": {"ptx": "kernels.ptx" if ptx_sink else None,

@@ -64,10 +64,12 @@ def check_supported_ops(model: onnx.ModelProto) -> None:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     convert_map = _get_convert_map()
-    bad = [n for n in model.graph.node
-           if n.op_type not in convert_map and n.op_type not in ("Constant", "If")]
+    from .int8 import DOMAIN
+
+    bad = [n for n in model.graph.node if n.domain != DOMAIN
+           and n.op_type not in convert_map and n.op_type not in ("Constant", "If")]
     for n in model.graph.node:  # ops of non-default domains that share a name are still foreign
-        if n.domain not in ("", "ai.onnx", "com.microsoft") and n not in bad:
+        if n.domain not in ("", "ai.onnx", "com.microsoft", DOMAIN) and n not in bad:
             bad.append(n)
     if bad:
         first = bad[0]
@@ -145,20 +147,34 @@ def fold_static_shapes(model: onnx.ModelProto, specs: Mapping[str, dict]) -> onn
         return static
 
 
-def to_relax(model: onnx.ModelProto, specs: Mapping[str, dict]):
-    """Import into Relax with weights bound as constants."""
+def to_relax(model: onnx.ModelProto, specs: Mapping[str, dict], *, integer: bool = True,
+             decisions: list | None = None):
+    """Import into Relax with weights bound as constants. integer: quantized groups (QDQ and
+    QOperator) become integer kernels first (int8.lower_integer); `decisions` receives what
+    happened to each candidate node."""
     check_supported_ops(model)
     folded = has_dynamic_inputs(model)
     if folded:
         model = fold_static_shapes(model, specs)
     try:
-        return _import(model, specs)
+        return _import(_lowered(model, integer, decisions), specs)
     except UnsupportedOpError:
         raise
     except BackendError:
         if folded:
             raise
-        return _import(fold_static_shapes(model, specs), specs)
+        return _import(_lowered(fold_static_shapes(model, specs), integer, decisions), specs)
+
+
+def _lowered(model: onnx.ModelProto, integer: bool, decisions: list | None) -> onnx.ModelProto:
+    from .int8 import lower_integer
+
+    if not integer:
+        return model
+    lowered, found = lower_integer(model)
+    if decisions is not None:
+        decisions[:] = found
+    return lowered
 
 
 def _import(model: onnx.ModelProto, specs: Mapping[str, dict]):
@@ -167,10 +183,12 @@ def _import(model: onnx.ModelProto, specs: Mapping[str, dict]):
 
     from tvm.relax.frontend.onnx import from_onnx
 
+    from .int8 import integer_converters
+
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     try:
         # the importer prints its own diagnostics to stdout before raising; we raise a clear error
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), integer_converters():
             return from_onnx(model, shape_dict={k: v["shape"] for k, v in specs.items()},
                          dtype_dict={k: v["dtype"] for k, v in specs.items()},
                          opset=opset, keep_params_in_input=False, sanitize_input_names=False)
