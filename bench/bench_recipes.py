@@ -1,4 +1,4 @@
-"""The built-in recipes on the models of shared/DATA.md: size, nodes, accuracy and latency reached.
+"""The built-in recipes on the models of docs/data.md: size, nodes, accuracy and latency reached.
 
     digits CNN (always): every available recipe; accuracy on the held-out digits
     MiniLM (full mode): lossless, int8-cpu, memory-lean; accuracy of the Debian descriptions task

@@ -1,4 +1,4 @@
-"""Real models and data that work offline, for tests, benchmarks and the demo (shared/DATA.md).
+"""Real models and data that work offline, for tests, benchmarks and the demo (docs/data.md).
 
     path = zoo.digits_cnn()            # a CNN trained on scikit-learn's digits (~99% test accuracy)
     X_test, y_test = zoo.digits_data().test
@@ -44,16 +44,7 @@ def _locked(name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def shared_data_dir() -> Path:
-    """The team's shared/data folder (beside the repository), or $ONNXPRESS_SHARED_DATA."""
-    env = os.environ.get("ONNXPRESS_SHARED_DATA")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent.parent
-    for cand in (here.parent / "shared" / "data", here / "shared" / "data"):
-        if cand.exists():
-            return cand
-    return here.parent / "shared" / "data"
+DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
 
 
 # -- digits ------------------------------------------------------------------------------------
@@ -231,8 +222,8 @@ class TextTask:
 
 
 def debian_task() -> TextTask:
-    """Debian package short descriptions from 10 sections (shared/data/debian_descriptions.tsv)."""
-    path = shared_data_dir() / "debian_descriptions.tsv"
+    """Debian package short descriptions from 10 sections (onnxpress/datasets/, docs/data.md)."""
+    path = DATASETS_DIR / "debian_descriptions.tsv"
     rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()[1:] if line]
     classes = sorted({r[1] for r in rows})
     idx = {c: i for i, c in enumerate(classes)}
@@ -396,6 +387,34 @@ def timm_model(name: str) -> Path:
             proto = torch_frontend.export(module, torch.randn(1, 3, 224, 224),
                                           input_names=["input"], output_names=["output"])
             save(proto, path)
+    return path
+
+
+def plain_export(name: str) -> Path:
+    """A zoo architecture exported the way users export it, with nothing of onnxpress in between:
+    `torch.onnx.export(net, x, path, input_names=["x"], output_names=["y"], opset_version=17,
+    dynamo=False)` (no shape annotations, weights deduplicated by the exporter). `name` is a
+    timm architecture (TIMM_MODELS) or "digits_cnn"."""
+    if name not in TIMM_MODELS + ("digits_cnn",):
+        raise ValueError(f"unknown zoo model '{name}'; choose from "
+                         f"{', '.join(TIMM_MODELS + ('digits_cnn',))}")
+    path = cache_dir() / f"{name}.plain.onnx"
+    with _locked(name + ".plain"):
+        if not path.exists():
+            import warnings
+
+            import torch
+
+            if name == "digits_cnn":
+                module, example = train_digits_cnn(), torch.zeros(1, 1, 8, 8)
+            else:
+                module, example = timm_module(name), torch.randn(1, 3, 224, 224)
+            tmp = path.with_suffix(".tmp")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, example, str(tmp), input_names=["x"],
+                                  output_names=["y"], opset_version=17, dynamo=False)
+            tmp.replace(path)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Cleanup on the real models of shared/DATA.md: outputs within 1e-4, never more nodes or bytes;
+"""Cleanup on the real models of docs/data.md: outputs within 1e-4, never more nodes or bytes;
 MACs from `inspect` match a hand count on the digits CNN."""
 
 from __future__ import annotations

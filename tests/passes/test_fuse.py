@@ -1,4 +1,4 @@
-"""fuse: every pattern family on small graphs built here, the real models of shared/DATA.md
+"""fuse: every pattern family on small graphs built here, the real models of docs/data.md
 (outputs kept, node count at most onnxslim's, LayerNorm/GELU/attention found in MiniLM and ViT),
 target awareness, and a user-defined pattern written the way docs/fuse.md shows."""
 

@@ -1,0 +1,1 @@
+"""Data files bundled with onnxpress for its model zoo (see docs/data.md)."""
