@@ -146,8 +146,11 @@ def lower_to_fused(relax_mod, resolved: ResolvedTarget, target, layout_used: dic
         if fast_math and resolved.family == "cpu":
             # after the layout change: ConvertLayout wraps the call_tir these become in transposes
             mod = relax.transform.FastMathTransform()(_fast_sigmoid(mod))
+        from .int8_kernels import legalize_map
+
         return tvm.transform.Sequential([
-            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.LegalizeOps(legalize_map(target) or None),
+            relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
         ])(mod)
 
@@ -348,7 +351,7 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
     tvm_target = resolved.tvm_target()
     specs = bind_shapes(proto, shapes)
     decisions: list = []
-    relax_mod = to_relax(proto, specs, integer=integer, decisions=decisions)
+    relax_mod = to_relax(proto, specs, integer=integer, decisions=decisions, target=tvm_target)
     outputs = _output_specs(proto, relax_mod)
     timings = {"import_s": time.perf_counter() - t_start}
 

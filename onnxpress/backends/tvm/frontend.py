@@ -148,7 +148,7 @@ def fold_static_shapes(model: onnx.ModelProto, specs: Mapping[str, dict]) -> onn
 
 
 def to_relax(model: onnx.ModelProto, specs: Mapping[str, dict], *, integer: bool = True,
-             decisions: list | None = None):
+             decisions: list | None = None, target=None):
     """Import into Relax with weights bound as constants. integer: quantized groups (QDQ and
     QOperator) become integer kernels first (int8.lower_integer); `decisions` receives what
     happened to each candidate node."""
@@ -157,21 +157,21 @@ def to_relax(model: onnx.ModelProto, specs: Mapping[str, dict], *, integer: bool
     if folded:
         model = fold_static_shapes(model, specs)
     try:
-        return _import(_lowered(model, integer, decisions), specs)
+        return _import(_lowered(model, integer, decisions, target), specs)
     except UnsupportedOpError:
         raise
     except BackendError:
         if folded:
             raise
-        return _import(_lowered(fold_static_shapes(model, specs), integer, decisions), specs)
+        return _import(_lowered(fold_static_shapes(model, specs), integer, decisions, target), specs)
 
 
-def _lowered(model: onnx.ModelProto, integer: bool, decisions: list | None) -> onnx.ModelProto:
+def _lowered(model: onnx.ModelProto, integer: bool, decisions: list | None, target=None) -> onnx.ModelProto:
     from .int8 import lower_integer
 
     if not integer:
         return model
-    lowered, found = lower_integer(model)
+    lowered, found = lower_integer(model, target)
     if decisions is not None:
         decisions[:] = found
     return lowered

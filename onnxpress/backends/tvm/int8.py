@@ -213,7 +213,8 @@ def _output_target(gr: _Graph, node: onnx.NodeProto):
 
 
 class _Rewriter:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, isa: tuple[str, int] | None = None):
+        self.isa = isa
         self.gr = _Graph(model)
         self.decisions: list[Decision] = []
         self.replaced: dict[int, list[onnx.NodeProto]] = {}   # id(node) -> its replacement
@@ -294,6 +295,9 @@ class _Rewriter:
                 if v is not None:
                     attrs[k] = v
             op = "QConv"
+            why_float = self._float_conv_reason(wq, int(_attr(node, "group", 1)))
+            if why_float:
+                attrs["float_kernel"] = 1
         else:
             if node.op_type == "Gemm":
                 if _attr(node, "transA", 0):
@@ -330,9 +334,33 @@ class _Rewriter:
                 inputs.append(self.const(arr.astype(np.float32).reshape(-1), node.input[2] + "_f"))
         self._finish(node, [helper.make_node(op, inputs, [self.gr.fresh(node.output[0] + "_i")],
                                              name=node.name, domain=DOMAIN, **attrs)], target)
-        self.decide(node, "int8", "integer kernel, " + ("float output" if target[0] == "float" else
-                                                        f"{target[1].dtype} output"))
+        out = "float output" if target[0] == "float" else f"{target[1].dtype} output"
+        if op == "QConv" and why_float:
+            self.decide(node, "int8-io", f"float conv between 8-bit tensors: {why_float}")
+        else:
+            self.decide(node, "int8", f"integer kernel ({self._kernel_name(op, wq)}), {out}")
         return None
+
+    def _float_conv_reason(self, wq: np.ndarray, group: int) -> str:
+        """Why a convolution is better computed in float on this target ('' = integer kernel)."""
+        from .int8_kernels import needs_pair_limit, pairs_fit_pmaddubsw
+
+        if self.isa is None or group != 1:
+            return ""
+        isa, lanes = self.isa
+        oc, ic = wq.shape[0], wq.shape[1]
+        if ic % 4 or oc % lanes:
+            return (f"{ic} input / {oc} output channels do not fill {isa}'s 4 x {lanes} dot product "
+                    "(the generic integer conv is slower than float here)")
+        if needs_pair_limit(isa) and not pairs_fit_pmaddubsw(wq):
+            return (f"{isa} has no VNNI and vpmaddubsw would saturate on these weights "
+                    "(|w0|+|w1| > 128 for adjacent input channels; 7-bit weights fit)")
+        return ""
+
+    def _kernel_name(self, op: str, wq: np.ndarray) -> str:
+        if op == "QConv" and self.isa is not None and wq.ndim == 4:
+            return f"{self.isa[0]} dot product"
+        return "generic"
 
     def _matmul_act(self, node, a, b) -> str | None:
         """MatMul of two quantized activations (attention scores)."""
@@ -556,11 +584,14 @@ def has_quantization(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ops for n in model.graph.node)
 
 
-def lower_integer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Decision]]:
-    """The model with quantized groups as integer nodes, and a decision per candidate node."""
+def lower_integer(model: onnx.ModelProto, target=None) -> tuple[onnx.ModelProto, list[Decision]]:
+    """The model with quantized groups as integer nodes, and a decision per candidate node.
+    target: the TVM target, whose ISA decides which convolutions get dot-product kernels."""
+    from .int8_kernels import int8_isa
+
     if not has_quantization(model):
         return model, []
-    rw = _Rewriter(model)
+    rw = _Rewriter(model, int8_isa(target) if target is not None else None)
     out = rw.run()
     if not any(n.domain == DOMAIN for n in out.graph.node) and not any(
             d.kernel == "int8-io" for d in rw.decisions):
@@ -656,6 +687,8 @@ def _converters() -> dict:
         def _impl_v1(cls, bb, inputs, attr, params):
             x, w = inputs[0], inputs[1]
             wnp = _np(w)
+            if attr.get("float_kernel"):
+                return cls._float(bb, inputs, attr)
             pads = list(attr.get("pads", (0, 0, 0, 0)))
             t, left, b, r = pads if len(pads) == 4 else (0, 0, 0, 0)
             zx = int(attr.get("x_zero_point", 0))
@@ -670,6 +703,26 @@ def _converters() -> dict:
             n_out = wnp.shape[0]
             return _bias_and_scale(acc, inputs, attr, n_out, (1, n_out, 1, 1),
                                    wnp.astype(np.int64).sum(axis=(1, 2, 3)))
+
+        @classmethod
+        def _float(cls, bb, inputs, attr):
+            """QDQ's own semantics: dequantize, float conv, + bias, quantize (8-bit in and out)."""
+            wnp = _np(inputs[1])
+            ws = _np(inputs[2]).astype(np.float32)
+            wf = (wnp.astype(np.float32) * ws[:, None, None, None]).astype(np.float32)
+            xs = np.float32(attr["x_scale"])
+            f = relax.op.nn.conv2d(_dequantized(inputs[0], xs, int(attr.get("x_zero_point", 0))),
+                                   relax.const(wf), strides=tuple(attr.get("strides", (1, 1))),
+                                   padding=tuple(attr.get("pads", (0, 0, 0, 0))),
+                                   dilation=tuple(attr.get("dilations", (1, 1))),
+                                   groups=int(attr.get("group", 1)))
+            n_out = wnp.shape[0]
+            if len(inputs) > 3 and inputs[3] is not None:
+                b = _np(inputs[3])
+                if b.dtype == np.int32:
+                    b = b.astype(np.float32) * (xs * ws).astype(np.float32)
+                f = relax.op.add(f, relax.const(b.astype(np.float32).reshape(1, n_out, 1, 1)))
+            return _requantize(f, attr)
 
     class QMatMul(fe.OnnxOpConverter):
         @classmethod
@@ -766,3 +819,58 @@ def integer_converters():
         yield
     finally:
         fe._get_convert_map = original
+
+
+def reduce_weight_range(model: onnx.ModelProto, limit: int = 64) -> onnx.ModelProto:
+    """A copy of a QDQ model whose 8-bit weight constants (DequantizeLinear of an int8 initializer
+    with zero point 0, read by Conv/MatMul/Gemm) are requantized to [-limit, limit] with the scale
+    grown to match: onnxruntime's `reduce_range` idea. With limit 64, vpmaddubsw's int16 pair
+    sums cannot saturate, so CPUs without VNNI (AVX2, AVX-512 without VNNI) can run every such
+    convolution on the u8 x i8 dot product exactly. Costs one bit of weight precision."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    gr = _Graph(out)
+    inits = {t.name: t for t in out.graph.initializer}
+    done: set[str] = set()
+    for node in out.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        dq = gr.producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in done:
+            continue
+        q, s = gr.consts.get(dq.input[0]), gr.consts.get(dq.input[1])
+        z = gr.consts.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if q is None or s is None or q.dtype != np.int8 or (z is not None and np.any(z != 0)):
+            continue
+        if dq.input[0] not in inits or dq.input[1] not in inits:
+            continue
+        if any(c.op_type != "DequantizeLinear" for c in gr.consumers[dq.input[0]]) or \
+                len(gr.consumers[dq.input[1]]) != 1:
+            continue             # shared with something else: leave it
+        axis = int(_attr(dq, "axis", 1)) % q.ndim if s.size > 1 else None
+        real = q.astype(np.float32) * (s.reshape([-1 if i == axis else 1 for i in range(q.ndim)])
+                                       if axis is not None else s)
+        peak = np.abs(q).max(axis=tuple(i for i in range(q.ndim) if i != axis), keepdims=True) \
+            if axis is not None else np.abs(q).max()
+        peak = np.maximum(peak, 1).astype(np.float32)
+        new_s = (s.reshape(peak.shape) * peak / limit).astype(np.float32) if axis is not None else \
+            np.float32(s * peak / limit)
+        new_q = np.clip(np.rint(real / new_s), -limit, limit).astype(np.int8)
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(new_q, dq.input[0]))
+        inits[dq.input[1]].CopyFrom(numpy_helper.from_array(np.asarray(new_s, np.float32).reshape(s.shape),
+                                                            dq.input[1]))
+        done.add(dq.input[0])
+        # an int32 bias quantized with x_scale * w_scale follows the new weight scale
+        if len(node.input) > 2 and node.input[2]:
+            bdq = gr.producer.get(node.input[2])
+            if bdq is not None and bdq.op_type == "DequantizeLinear" and bdq.input[0] in inits \
+                    and bdq.input[1] in inits and len(gr.consumers[bdq.input[1]]) == 1:
+                bq, bs = gr.consts[bdq.input[0]], gr.consts[bdq.input[1]]
+                if bq.dtype == np.int32 and bs.size == np.asarray(new_s).size:
+                    ratio = np.asarray(new_s, np.float32).reshape(bs.shape) / np.where(
+                        s.reshape(bs.shape) == 0, 1, s.reshape(bs.shape))
+                    nbs = (bs * ratio).astype(np.float32)
+                    nbq = np.clip(np.rint(bq.astype(np.float64) * bs / nbs), -2**31, 2**31 - 1).astype(np.int32)
+                    inits[bdq.input[0]].CopyFrom(numpy_helper.from_array(nbq, bdq.input[0]))
+                    inits[bdq.input[1]].CopyFrom(numpy_helper.from_array(nbs, bdq.input[1]))
+    return out

@@ -191,6 +191,11 @@ def default_schedule(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
     from tvm import s_tir
 
     mod = tvm.IRModule({"main": func})
+    from .int8_kernels import has_int8_conv, schedule_int8_conv
+
+    if has_int8_conv(mod):
+        # u8 x i8 dot-product convolutions: their own tiling around a tensor intrinsic
+        return schedule_int8_conv(func, target)
     if max_reduction_extent(mod) < 64:
         # depthwise convs, pooling, norms: one register of channels per row (two measured
         # 6x slower on mobilenetv3's depthwise layers)

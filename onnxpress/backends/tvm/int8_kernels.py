@@ -1,0 +1,307 @@
+"""Integer convolution kernels on CPUs: u8 x i8 -> i32 dot products of 4, chosen by the target's ISA.
+
+    relax.nn.conv2d(NHWC u8, HWIO i8, out_dtype i32)  --legalize-->
+        pack:  W[kh, kw, ic, oc] -> Wp[kh, kw, ic/4, oc, 4]          (a constant: folded at build)
+        conv:  out[n, h, w, oc] = sum_{kh, kw, c4, j} i32(x[n, h*s+kh, w*s+kw, 4*c4+j]) * i32(Wp[kh, kw, c4, oc, j])
+    schedule:  parallel n*h | w / R | oc / (V*L) | kh, kw, c4 | R rows x V vectors of L int32 lanes,
+               each a tensor intrinsic over (L output channels) x (4 input channels):
+
+    ISA feature             intrinsic (L lanes)                        exact for
+    avx512vnni (+bw)        vpdpbusd zmm (16)                          all int8 weights
+    avxvnni                 vpdpbusd ymm, VEX (8)                      all int8 weights
+    avx512bw                vpmaddubsw + vpmaddwd zmm (16)             weights with |w0|+|w1| <= 128
+    avx2                    vpmaddubsw + vpmaddwd ymm (8)              weights with |w0|+|w1| <= 128
+
+vpmaddubsw adds two u8 x i8 products into a saturating int16: 255 * (|w0| + |w1|) must stay
+within 32767, which per-channel int8 weights (|w| up to 127) break. Convolutions whose weights
+break it are not given these kernels on CPUs without VNNI (int8.py keeps them on the float conv,
+exact); weights quantized to 7 bits (|w| <= 64) always fit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+RULE = "onnxpress.conv2d_int8"
+PMADDUBSW_PAIR_LIMIT = 128          # 255 * 128 = 32640 <= 32767
+
+
+def int8_isa(target) -> tuple[str, int] | None:
+    """(name, int32 lanes) of the best u8 x i8 dot-product instruction of an llvm target."""
+    from tvm.target import codegen
+
+    if target is None or str(target.kind.name) != "llvm":
+        return None
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(codegen.target_has_features(feature, target))
+        except Exception:
+            return False
+
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith("aarch64"):
+        return None           # sdot/udot: signed x signed only; see docs/tvm.md
+    if has("avx512vnni") and has("avx512bw"):
+        return "avx512vnni", 16
+    if has("avxvnni"):
+        return "avxvnni", 8
+    if has("avx512bw"):
+        return "avx512bw", 16
+    if has("avx2"):
+        return "avx2", 8
+    return None
+
+
+def needs_pair_limit(isa: str | None) -> bool:
+    return isa in ("avx512bw", "avx2")
+
+
+def pairs_fit_pmaddubsw(w_oihw) -> bool:
+    """Whether vpmaddubsw's int16 sums cannot saturate: for each output channel and each pair of
+    consecutive input channels (the pairs it adds), |w0| + |w1| <= 128, at every kernel tap."""
+    import numpy as np
+
+    w = np.asarray(w_oihw).astype(np.int32)
+    c = w.shape[1]
+    if c % 2:
+        return False
+    pairs = np.abs(w[:, 0::2]) + np.abs(w[:, 1::2])
+    return bool(pairs.max(initial=0) <= PMADDUBSW_PAIR_LIMIT)
+
+
+# -- tensor intrinsics -------------------------------------------------------------------------
+
+_REGISTERED: set[str] = set()
+
+
+def intrinsic(isa: str, lanes: int) -> str:
+    """Register (once) and return the name of the dot-product intrinsic for `isa`."""
+    name = f"onnxpress_dot_{lanes}x4_{isa}"
+    if name in _REGISTERED:
+        return name
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    L = lanes
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((L, 4), "int8", offset_factor=1),
+             C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    if isa in ("avx512vnni", "avxvnni"):
+        llvm = "llvm.x86.avx512.vpdpbusd.512" if L == 16 else "llvm.x86.avx512.vpdpbusd.256"
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((L, 4), "int8", offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+                T.writes(C[0:L])
+                a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), L),
+                                  dtype=f"uint8x{4 * L}")
+                C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm), C.vload([0], dtype=f"int32x{L}"), a,
+                    B.vload([0, 0], dtype=f"int8x{4 * L}"), dtype=f"int32x{L}")
+    else:
+        ubsw = "llvm.x86.avx512.pmaddubs.w.512" if L == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+        wd = "llvm.x86.avx512.pmaddw.d.512" if L == 16 else "llvm.x86.avx2.pmadd.wd"
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((L, 4), "int8", offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:4], B[0:L, 0:4])
+                T.writes(C[0:L])
+                a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), L),
+                                  dtype=f"uint8x{4 * L}")
+                pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(ubsw), a,
+                                                B.vload([0, 0], dtype=f"int8x{4 * L}"),
+                                                dtype=f"int16x{2 * L}")
+                C[T.ramp(T.int32(0), 1, L)] = C.vload([0], dtype=f"int32x{L}") + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(wd), pairs, T.broadcast(T.int16(1), 2 * L),
+                    dtype=f"int32x{L}")
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
+# -- legalization ------------------------------------------------------------------------------
+
+def _conv_te(data, wp, strides, padding, dilation):
+    from tvm import te, topi
+
+    n, h, w, _c = (int(d) for d in data.shape)
+    kh, kw, c4, oc, _four = (int(d) for d in wp.shape)
+    t, left, b, r = padding
+    sh, sw = strides
+    dh, dw = dilation
+    if t or left or b or r:
+        data = topi.nn.pad(data, [0, t, left, 0], [0, b, r, 0], pad_value=0, name="pad_int8")
+    oh = (h + t + b - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + left + r - (kw - 1) * dw - 1) // sw + 1
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rc = te.reduce_axis((0, c4), "rc")
+    rj = te.reduce_axis((0, 4), "rj")
+    return te.compute(
+        (n, oh, ow, oc),
+        lambda nn, yy, xx, ff: te.sum(
+            data[nn, yy * sh + rh * dh, xx * sw + rw * dw, rc * 4 + rj].astype("int32")
+            * wp[rh, rw, rc, ff, rj].astype("int32"), axis=[rh, rw, rc, rj]),
+        name="conv2d_int8", attrs={"schedule_rule": RULE})
+
+
+def _pack_te(weight):
+    from tvm import te
+
+    kh, kw, c, oc = (int(d) for d in weight.shape)
+    return te.compute((kh, kw, c // 4, oc, 4), lambda a, b, c4, o, j: weight[a, b, c4 * 4 + j, o],
+                      name="pack_int8")
+
+
+def legalize_map(target) -> dict:
+    """customize_legalize_map for relax.LegalizeOps: NHWC u8 x HWIO i8 -> i32 convolutions (groups
+    1, input channels a multiple of 4, output channels of the vector width) as the packed
+    dot-product convolution above; everything else TVM's default legalization."""
+    import tvm
+
+    found = int8_isa(target)
+    if found is None:
+        return {}
+    _isa, lanes = found
+    default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+
+    def conv2d(bb, call):
+        attrs = call.attrs
+        data, weight = call.args
+        try:
+            dt, wt = str(data.ty.dtype), str(weight.ty.dtype)
+            dshape = [int(d) for d in data.ty.shape]
+            wshape = [int(d) for d in weight.ty.shape]
+            ok = (dt == "uint8" and wt == "int8" and str(attrs.out_dtype) == "int32"
+                  and attrs.data_layout == "NHWC" and attrs.kernel_layout == "HWIO"
+                  and str(attrs.out_layout) in ("NHWC", "") and int(attrs.groups) == 1
+                  and dshape[3] % 4 == 0 and wshape[3] % lanes == 0 and wshape[2] == dshape[3])
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            return default(bb, call)
+        wp = bb.emit_te(_pack_te, weight, primfunc_name_hint="pack_int8")
+        return bb.call_te(_conv_te, data, wp, [int(s) for s in attrs.strides],
+                          [int(p) for p in attrs.padding], [int(d) for d in attrs.dilation],
+                          primfunc_name_hint="conv2d_int8")
+
+    return {"relax.nn.conv2d": conv2d}
+
+
+# -- schedule ----------------------------------------------------------------------------------
+
+def has_int8_conv(func) -> bool:
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        return _find_block(sch) is not None
+    except Exception:
+        return False
+
+
+def _find_block(sch):
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).annotations.get("schedule_rule", None) == RULE:
+            return block
+    return None
+
+
+def _divisor(extent: int, cap: int) -> int:
+    for d in range(min(extent, cap), 0, -1):
+        if extent % d == 0:
+            return d
+    return 1
+
+
+def schedule_int8_conv(func, target):
+    """The fixed schedule of a fused PrimFunc holding a conv2d_int8 block (None: it does not apply)."""
+    import tvm
+    from tvm import s_tir
+
+    found = int8_isa(target)
+    if found is None:
+        return None
+    isa, lanes = found
+    intrin = intrinsic(isa, lanes)
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    try:
+        _schedule(sch, intrin, lanes, registers=32 if lanes == 16 else 16)
+    except Exception as exc:
+        log.debug("int8 conv schedule does not apply: %s", exc)
+        return None
+    return sch
+
+
+def _schedule(sch, intrin: str, lanes: int, registers: int) -> None:
+    conv = _find_block(sch)
+    sch.unannotate(conv, "schedule_rule")
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    # the epilogue (bias, scale, round, clip, cast): every elementwise block after the conv
+    # inlined into the last one, which is computed per register tile
+    consumers = []
+    after = False
+    for b in blocks:
+        if sch.get(b).same_as(sch.get(conv)):
+            after = True
+            continue
+        if after:
+            consumers.append(b)
+    for b in consumers[:-1]:
+        sch.compute_inline(b)
+    last = consumers[-1] if consumers else None
+
+    n, h, w, oc, rh, rw, rc, rj = sch.get_loops(conv)
+    ow = int(sch.get(w).extent)
+    vectors = int(sch.get(oc).extent) // lanes
+    # register tile: rows x vectors accumulators, leaving room for weights and the broadcast
+    budget = registers - 4
+    best = (1, 1)
+    for v in (4, 3, 2, 1):
+        if vectors % v:
+            continue
+        rows = _divisor(ow, max(1, budget // v))
+        if rows * v > best[0] * best[1]:
+            best = (rows, v)
+    rows, v = best
+    wo, wi = sch.split(w, [None, rows])
+    oo, ov, ol = sch.split(oc, [None, v, lanes])
+    sch.reorder(n, h, wo, oo, rh, rw, rc, wi, ov, ol, rj)
+    if last is not None:
+        sch.reverse_compute_at(last, oo, preserve_unit_loops=True)
+        loops = sch.get_loops(last)
+        inner = loops[-1]
+        extent = int(sch.get(inner).extent)
+        if extent > lanes and extent % lanes == 0:
+            inner = sch.split(inner, [None, lanes])[1]
+        sch.vectorize(inner)
+    par = sch.fuse(n, h)
+    sch.parallel(par)
+    init = sch.decompose_reduction(conv, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ol, intrin)
+    sch.unroll(wi)
+    sch.unroll(ov)
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if "pad" in sch.get(b).name_hint:
+            loops = sch.get_loops(b)
+            if len(loops) >= 2:
+                sch.parallel(sch.fuse(*loops[:2]))
