@@ -59,14 +59,15 @@ def bind_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | No
     return specs
 
 
-def check_supported_ops(model: onnx.ModelProto) -> None:
-    """Raise UnsupportedOpError naming the first node whose op TVM's ONNX frontend lacks."""
+def check_supported_ops(model: onnx.ModelProto, also: tuple[str, ...] = ()) -> None:
+    """Raise UnsupportedOpError naming the first node whose op TVM's ONNX frontend lacks
+    (`also`: op types taken as supported, e.g. those the integer lowering rewrites)."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     convert_map = _get_convert_map()
     from .int8 import DOMAIN
 
-    bad = [n for n in model.graph.node if n.domain != DOMAIN
+    bad = [n for n in model.graph.node if n.domain != DOMAIN and n.op_type not in also
            and n.op_type not in convert_map and n.op_type not in ("Constant", "If")]
     for n in model.graph.node:  # ops of non-default domains that share a name are still foreign
         if n.domain not in ("", "ai.onnx", "com.microsoft", DOMAIN) and n not in bad:
@@ -152,7 +153,9 @@ def to_relax(model: onnx.ModelProto, specs: Mapping[str, dict], *, integer: bool
     """Import into Relax with weights bound as constants. integer: quantized groups (QDQ and
     QOperator) become integer kernels first (int8.lower_integer); `decisions` receives what
     happened to each candidate node."""
-    check_supported_ops(model)
+    from .int8 import QOPERATOR_OPS
+
+    check_supported_ops(model, QOPERATOR_OPS if integer else ())
     folded = has_dynamic_inputs(model)
     if folded:
         model = fold_static_shapes(model, specs)
@@ -174,6 +177,7 @@ def _lowered(model: onnx.ModelProto, integer: bool, decisions: list | None, targ
     lowered, found = lower_integer(model, target)
     if decisions is not None:
         decisions[:] = found
+    check_supported_ops(lowered)        # a QOperator node the lowering could not take
     return lowered
 
 

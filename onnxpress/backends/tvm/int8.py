@@ -43,6 +43,7 @@ DOMAIN = "onnxpress.int8"
 INT_TYPES = (np.uint8, np.int8)
 SHAPE_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 CLAMP_OPS = ("Relu", "Clip")
+QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,11 +513,17 @@ class _Rewriter:
             if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 return "auto_pad is not lowered"
             new = "QConv"
+            why_float = self._float_conv_reason(wq, int(_attr(node, "group", 1)))
+            if why_float:
+                attrs["float_kernel"] = 1
         else:
-            new = "QMatMul"
+            new, why_float = "QMatMul", ""
         self.replaced[id(node)] = [helper.make_node(new, inputs, [node.output[0]], name=node.name,
                                                     domain=DOMAIN, **attrs)]
-        self.decide(node, "int8", "integer kernel (QOperator)")
+        if why_float:
+            self.decide(node, "int8-io", f"float conv between 8-bit tensors: {why_float}")
+        else:
+            self.decide(node, "int8", f"integer kernel ({self._kernel_name(new, wq)}, QOperator)")
         return None
 
     # -- driver ----------------------------------------------------------------------------------
@@ -722,6 +729,9 @@ def _converters() -> dict:
                 if b.dtype == np.int32:
                     b = b.astype(np.float32) * (xs * ws).astype(np.float32)
                 f = relax.op.add(f, relax.const(b.astype(np.float32).reshape(1, n_out, 1, 1)))
+            if attr.get("out_int32"):
+                # ConvInteger: scales are 1, so f holds the integer sums (exact below 2**24)
+                return relax.op.astype(relax.op.round(f), "int32")
             return _requantize(f, attr)
 
     class QMatMul(fe.OnnxOpConverter):

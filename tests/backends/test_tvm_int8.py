@@ -1,0 +1,286 @@
+"""Integer lowering of quantized models through TVM (backends/tvm/int8.py, int8_kernels.py): small
+QDQ and QOperator graphs of every lowered op, compiled for the host, compared with onnxruntime's
+unoptimized session (the QDQ reference): 8-bit outputs equal, or one quantization step apart on
+a tiny share of elements; the manifest says which nodes ran as integer kernels."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("tvm")
+
+from onnxpress.backends import ort  # noqa: E402
+from onnxpress.backends import tvm as ox_tvm  # noqa: E402
+from onnxpress.backends.tvm.int8 import lower_integer, reduce_weight_range  # noqa: E402
+from onnxpress.backends.tvm.int8_kernels import int8_isa  # noqa: E402
+from onnxpress.backends.tvm.targets import resolve_target  # noqa: E402
+
+MAX_FLIP_SHARE = 0.01
+
+
+class QDQ:
+    """A tiny builder of QDQ graphs: every tensor quantized per-tensor, weights per-channel."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def name(self, base):
+        self.n += 1
+        return f"{base}{self.n}"
+
+    def const(self, arr, base="c"):
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def node(self, op, inputs, n_out=1, **attrs):
+        outs = [self.name(op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def q(self, x, scale, zp=0, dtype=np.uint8):
+        """x -> Q -> DQ; returns (the dequantized tensor, the 8-bit tensor)."""
+        s, z = self.const(np.float32(scale), "s"), self.const(np.array(zp, dtype), "z")
+        xq = self.node("QuantizeLinear", [x, s, z])
+        return self.node("DequantizeLinear", [xq, s, z]), xq
+
+    def weight(self, shape, qmax=127, axis=0):
+        w = self.rng.integers(-qmax, qmax + 1, size=shape).astype(np.int8)
+        scales = self.rng.uniform(0.002, 0.01, size=shape[axis]).astype(np.float32)
+        return self.node("DequantizeLinear", [self.const(w, "w"), self.const(scales, "ws")], axis=axis), scales
+
+    def bias(self, n, x_scale, w_scales):
+        b = self.rng.integers(-2000, 2000, size=n).astype(np.int32)
+        return self.node("DequantizeLinear", [self.const(b, "b"),
+                                              self.const((np.float32(x_scale) * w_scales).astype(np.float32), "bs")],
+                         axis=0)
+
+    def model(self, inputs, outputs):
+        g = helper.make_graph(self.nodes, "g", inputs, outputs, self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+        m.ir_version = 9
+        onnx.checker.check_model(m)
+        return m
+
+
+def _vi(name, dtype, shape):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _compare(model, art, feeds):
+    """Reference outputs of onnxruntime's unoptimized session vs the artifact's: 8-bit outputs at
+    most one step apart on at most MAX_FLIP_SHARE of elements, float outputs close."""
+    ref = ort.run(model, feeds, optimization="disable")
+    got = art.run(feeds)
+    flips = {}
+    for name, r in ref.items():
+        g = got[name]
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        if r.dtype in (np.uint8, np.int8, np.int32):
+            d = np.abs(g.astype(np.int64) - r.astype(np.int64))
+            if r.dtype == np.int32:
+                assert d.max() == 0, name            # integer outputs: exact
+            else:
+                assert d.max() <= 1, (name, int(d.max()))
+                flips[name] = float((d > 0).mean())
+                assert flips[name] <= MAX_FLIP_SHARE, (name, flips[name])
+        else:
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max() + 1e-6))
+    return flips
+
+
+# -- a CNN: conv (dot-product kernel and float fallback), depthwise, grouped, relu/clip, max pool,
+#    residual add, global average pool, flatten, gemm --------------------------------------------
+
+def cnn_model():
+    b = QDQ(0)
+    x, _ = b.q("x", 0.05, 128)
+    w1, ws1 = b.weight((32, 8, 3, 3), qmax=64)                # 7-bit: fits vpmaddubsw
+    c1 = b.node("Conv", [x, w1, b.bias(32, 0.05, ws1)], pads=[1, 1, 1, 1])
+    r1 = b.node("Relu", [c1])
+    r1, _ = b.q(r1, 0.04, 0)                                  # Relu folded into the requantize
+    mp = b.node("MaxPool", [r1], kernel_shape=[2, 2], strides=[2, 2])
+    mp, _ = b.q(mp, 0.04, 0)                                  # same params: max on the integers
+    w2, ws2 = b.weight((32, 32, 3, 3))                        # full range: float on AVX2 w/o VNNI
+    c2 = b.node("Conv", [mp, w2, b.bias(32, 0.04, ws2)], pads=[1, 1, 1, 1], strides=[1, 1])
+    c2, _ = b.q(c2, 0.08, 120)
+    wd, wsd = b.weight((32, 1, 3, 3))
+    dw = b.node("Conv", [mp, wd, b.bias(32, 0.04, wsd)], pads=[1, 1, 1, 1], group=32)
+    six = (b.const(np.float32(0), "lo"), b.const(np.float32(1.5), "hi"))
+    dw = b.node("Clip", [dw, *six])
+    dw, _ = b.q(dw, 0.01, 0)
+    wg, wsg = b.weight((32, 16, 1, 1))
+    gc = b.node("Conv", [mp, wg], group=2)
+    gc, _ = b.q(gc, 0.05, 130)
+    a = b.node("Add", [c2, dw])
+    a = b.node("Relu", [a])
+    a, _ = b.q(a, 0.06, 0)
+    a2 = b.node("Add", [a, gc])
+    a2, a2q = b.q(a2, 0.07, 110)
+    gap = b.node("GlobalAveragePool", [a2])
+    gap, _ = b.q(gap, 0.02, 100)
+    fl = b.node("Flatten", [gap], axis=1)
+    fl, _ = b.q(fl, 0.02, 100)
+    rl = b.node("Relu", [fl])
+    rl, rlq = b.q(rl, 0.01, 0)                                # standalone clamp, requantized
+    wf, wsf = b.weight((10, 32))
+    y = b.node("Gemm", [rl, wf, b.bias(10, 0.01, wsf)], transB=1)
+    model = b.model([_vi("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+                    [_vi(y, TensorProto.FLOAT, [1, 10]), _vi(a2q, TensorProto.UINT8, [1, 32, 6, 6]),
+                     _vi(rlq, TensorProto.UINT8, [1, 32])])
+    return model
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    model = cnn_model()
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path_factory.mktemp("int8") / "cnn", progress=False)
+    return model, art
+
+
+def test_cnn_matches_onnxruntime_qdq_reference(cnn):
+    model, art = cnn
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        _compare(model, art, {"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32) * 2})
+
+
+def test_cnn_manifest_says_what_runs_in_integers(cnn):
+    model, art = cnn
+    info = art.manifest["integer"]
+    kinds = {n["op"]: [] for n in info["nodes"]}
+    for n in info["nodes"]:
+        kinds[n["op"]].append(n["kernel"])
+    assert info["float"] == 0                                 # nothing fell back to QDQ-in-float
+    gemm = [n for n in info["nodes"] if n["op"] == "Gemm"]
+    assert len(gemm) == 1 and gemm[0]["kernel"] == "int8" and "float output" in gemm[0]["reason"]
+    assert sorted(kinds["Add"]) == ["int8-io", "int8-io"]
+    assert kinds["MaxPool"] == ["int8-io"] and kinds["GlobalAveragePool"] == ["int8-io"]
+    assert kinds["Flatten"] == ["int8-io"] and kinds["Relu"] == ["int8-io"]   # the standalone one
+    convs = [n for n in info["nodes"] if n["op"] == "Conv"]
+    assert len(convs) == 4 and all(n["kernel"] in ("int8", "int8-io") for n in convs)
+    isa = int8_isa(resolve_target("x86").tvm_target())
+    if isa is not None:
+        first = convs[0]
+        assert first["kernel"] == "int8" and isa[0] in first["reason"], first
+        if isa[0] in ("avx2", "avx512bw"):       # full-range weights would saturate vpmaddubsw
+            assert convs[1]["kernel"] == "int8-io" and "saturate" in convs[1]["reason"]
+    # the lowered graph keeps no DequantizeLinear between quantized ops, only the input's Q
+    lowered, _ = lower_integer(model, resolve_target("x86").tvm_target())
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "DequantizeLinear" not in ops and ops.count("QuantizeLinear") == 1
+
+
+def test_dot_product_instructions_in_the_library(cnn):
+    _model, art = cnn
+    isa = int8_isa(resolve_target("x86").tvm_target())
+    if isa is None or shutil.which("objdump") is None:
+        pytest.skip("no x86 int8 dot-product ISA or no objdump here")
+    text = subprocess.run(["objdump", "-d", str(art.library)], capture_output=True, text=True).stdout
+    wanted = "vpdpbusd" if "vnni" in isa[0] else "vpmaddubsw"
+    assert text.count(wanted) > 0, wanted
+
+
+def test_seven_bit_weights_put_every_conv_on_the_dot_product(tmp_path):
+    isa = int8_isa(resolve_target("x86").tvm_target())
+    model = reduce_weight_range(cnn_model())
+    lowered, decisions = lower_integer(model, resolve_target("x86").tvm_target())
+    dense = [d for d in decisions if d.op == "Conv" and "group" not in d.reason]
+    if isa is not None:
+        # the 3x3 convs with 8 and 32 input channels (grouped/depthwise stay generic integer)
+        assert sum(d.kernel == "int8" and isa[0] in d.reason for d in dense) >= 2, decisions
+
+
+# -- matmuls: constant weights (per column), two activations, Gemm with alpha/beta --------------
+
+def matmul_model():
+    b = QDQ(2)
+    x, _ = b.q("x", 0.03, 128)
+    w, ws = b.weight((32, 24), axis=1)
+    y1 = b.node("MatMul", [x, w])
+    y1, y1q = b.q(y1, 0.05, 128)
+    t, _ = b.q("t", 0.04, 120)
+    s = b.node("MatMul", [y1, t])                             # attention-like: two activations
+    _s, sq = b.q(s, 0.2, 128)
+    wg, wsg = b.weight((24, 6), axis=1)
+    flat, _ = b.q(b.node("Reshape", [y1, b.const(np.array([8, 24], np.int64), "shape")]), 0.05, 128)
+    g = b.node("Gemm", [flat, wg,
+                        b.const(np.linspace(-1, 1, 6).astype(np.float32), "gb")], alpha=0.5, beta=2.0)
+    f = b.node("MatMul", [x, w])                              # float output
+    return b.model([_vi("x", TensorProto.FLOAT, [2, 4, 32]), _vi("t", TensorProto.FLOAT, [2, 24, 5])],
+                   [_vi(y1q, TensorProto.UINT8, [2, 4, 24]), _vi(sq, TensorProto.UINT8, [2, 4, 5]),
+                    _vi(g, TensorProto.FLOAT, [8, 6]), _vi(f, TensorProto.FLOAT, [2, 4, 24])])
+
+
+def test_matmul_gemm_and_activation_matmul(tmp_path):
+    model = matmul_model()
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "mm", progress=False)
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        _compare(model, art, {"x": rng.standard_normal((2, 4, 32)).astype(np.float32),
+                              "t": rng.standard_normal((2, 24, 5)).astype(np.float32)})
+    kinds = [(n["op"], n["kernel"]) for n in art.manifest["integer"]["nodes"]]
+    assert kinds.count(("MatMul", "int8")) == 3 and ("Gemm", "int8") in kinds
+    assert ("Reshape", "int8-io") in kinds
+
+
+# -- QOperator models: QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger -------------------
+
+def qoperator_model():
+    rng = np.random.default_rng(4)
+    inits = []
+
+    def c(arr, name):
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    # 7-bit weights: onnxruntime's own QLinearConv/QLinearMatMul saturate vpmaddubsw's int16 sums on CPUs
+    # without VNNI when weights use the full int8 range (45 steps off the exact result here)
+    w = c(rng.integers(-64, 65, (16, 8, 3, 3)).astype(np.int8), "w")
+    wm = c(rng.integers(-64, 65, (16, 12)).astype(np.int8), "wm")
+    nodes = [
+        helper.make_node("QLinearConv", ["x", c(np.float32(0.02), "xs"), c(np.uint8(7), "xz"), w,
+                                         c(rng.uniform(0.001, 0.01, 16).astype(np.float32), "ws"),
+                                         c(np.int8(0), "wz"), c(np.float32(0.1), "ys"), c(np.uint8(90), "yz"),
+                                         c(rng.integers(-500, 500, 16).astype(np.int32), "bias")],
+                         ["yc"], pads=[1, 1, 1, 1], name="qlinearconv"),
+        helper.make_node("ConvInteger", ["x", w, "xz"], ["ci"], strides=[2, 2], name="convinteger"),
+        helper.make_node("QLinearMatMul", ["a", c(np.float32(0.03), "as"), c(np.uint8(100), "az"), wm,
+                                           c(np.float32(0.005), "wms"), c(np.int8(0), "wmz"),
+                                           c(np.float32(0.2), "ms"), c(np.uint8(128), "mz")],
+                         ["ym"], name="qlinearmatmul"),
+        helper.make_node("MatMulInteger", ["a", wm, "az"], ["mi"], name="matmulinteger"),
+    ]
+    g = helper.make_graph(nodes, "qop", [_vi("x", TensorProto.UINT8, [1, 8, 9, 9]),
+                                         _vi("a", TensorProto.UINT8, [3, 16])],
+                          [_vi("yc", TensorProto.UINT8, [1, 16, 9, 9]), _vi("ci", TensorProto.INT32, [1, 16, 4, 4]),
+                           _vi("ym", TensorProto.UINT8, [3, 12]), _vi("mi", TensorProto.INT32, [3, 12])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    return m
+
+
+def test_qoperator_models_use_the_same_converters(tmp_path):
+    model = qoperator_model()
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "qop", progress=False)
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.integers(0, 256, (1, 8, 9, 9)).astype(np.uint8),
+             "a": rng.integers(0, 256, (3, 16)).astype(np.uint8)}
+    # QLinearConv/QLinearMatMul requantize with a precomputed float multiplier in onnxruntime:
+    # one-step flips allowed on a few elements
+    _compare(model, art, feeds)
+    assert {n["op"]: n["kernel"] for n in art.manifest["integer"]["nodes"]} == {
+        "QLinearConv": "int8", "ConvInteger": "int8", "QLinearMatMul": "int8", "MatMulInteger": "int8"}
+
+
+def test_integer_false_keeps_tvms_float_qdq(tmp_path):
+    model = matmul_model()
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "f", progress=False, integer=False)
+    assert art.manifest["integer"] is None
