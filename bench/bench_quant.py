@@ -6,6 +6,8 @@
     digits CNN: accuracy and size (fp32, ORT quantize_static, quant_int8)
     speed (onnxruntime, 2 threads, interleaved in one run): resnet18, efficientnet_b0, convnext_atto
         fp32 vs ORT quantize_static vs quant_int8
+    plain torch exports (as users make them): fp32 vs ORT quantize_static vs quant_int8 vs
+        fuse,quant_int8, with the share of layers on integer kernels
     calibration peak memory at 100 vs 1000 batches of MiniLM
 
 Latency is reported twice: wall clock at 2 threads (what a user sees; on this shared 2-core machine
@@ -214,6 +216,47 @@ def speed_rows(quick: bool) -> list[dict]:
     return rows
 
 
+def plain_export_rows(quick: bool) -> list[dict]:
+    """The API's own example on models exported as users export them (plain torch.onnx.export):
+    fp32 vs onnxruntime's quantize_static vs `quant_int8` vs `fuse,quant_int8`, side by side."""
+    from onnxpress import passes, zoo
+    from onnxpress.backends import ort
+    from onnxpress.passes.quant.qdq import layer_precisions
+
+    calib = [{"x": b["input"]} for b in cnn_calib()]
+    feeds = {"x": zoo.photo_batch(224)[:1]}
+    rows = []
+    for name in ("resnet18",) if quick else ("resnet18", "mobilenetv3_small_100", "efficientnet_b0"):
+        path = zoo.plain_export(name)
+        fp32 = onnx.load(path)
+        tmp = Path(tempfile.mkdtemp(prefix="bench-quant-"))
+        variants = {"fp32": fp32}
+        try:
+            variants["ORT quantize_static"] = ort_quantize_static(path, tmp / "s.onnx", calib)
+        except Exception as exc:    # the peer fails on some plain exports: say so in the table
+            rows.append({"model": f"{name} (plain export)", "variant": "ORT quantize_static",
+                         "decision": f"failed: {str(exc).splitlines()[0][:120]}"})
+        decisions = {}
+        for spec in ("quant_int8", "fuse,quant_int8"):
+            res = passes.run(fp32, spec, calib=calib, progress=False)
+            variants[f"onnxpress {spec}"] = res.model
+            f = res.reports[-1].figures
+            decisions[f"onnxpress {spec}"] = f.get("float_why") or "every layer int8"
+        names = list(variants)
+        wall, cpu = latencies([variants[n] for n in names], feeds, quick=quick)
+        ref = ort.run(fp32, feeds)["y"]
+        for k, v in enumerate(names):
+            prec = layer_precisions(variants[v])
+            rows.append({"model": f"{name} (plain export)", "variant": v,
+                         "int8_layers": f"{sum(p == 'int8' for p in prec.values())}/{len(prec)}",
+                         "cosine": round(float(cosines(ref, ort.run(variants[v], feeds)["y"]).min()), 5),
+                         "size_x": round(size_of(variants[v]) / size_of(fp32), 3),
+                         "wall_ms_2t": round(wall[k], 2), "speedup_wall": round(wall[0] / wall[k], 2),
+                         "cpu_ms_1t": round(cpu[k], 2), "speedup_cpu": round(cpu[0] / cpu[k], 2),
+                         "decision": decisions.get(v, "")})
+    return rows
+
+
 # -- calibration memory --------------------------------------------------------------------------
 _MEM_CHILD = r"""
 import sys, os
@@ -264,6 +307,7 @@ def run(quick: bool) -> dict:
     rows += digits_rows()
     rows += minilm_rows(quick)
     rows += speed_rows(quick)
+    rows += plain_export_rows(quick)
     rows += calib_memory_rows(quick)
     return {
         "title": "Quantization: onnxpress vs onnxruntime's quantizers",
@@ -285,7 +329,8 @@ if __name__ == "__main__":
     quick = "--full" not in sys.argv
     what = [a for a in sys.argv[1:] if not a.startswith("--")]
     fns = {"digits": digits_rows, "minilm": lambda: minilm_rows(quick),
-           "speed": lambda: speed_rows(quick), "memory": lambda: calib_memory_rows(quick)}
+           "speed": lambda: speed_rows(quick), "plain": lambda: plain_export_rows(quick),
+           "memory": lambda: calib_memory_rows(quick)}
     for w in what or list(fns):
         for row in fns[w]():
             print(json.dumps(row))

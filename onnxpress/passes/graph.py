@@ -24,10 +24,79 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
     With `symbolic=True`, onnxruntime's symbolic shape inference runs afterwards and fills in
     what onnx could not (Reshape targets computed from Shape, e.g. in attention blocks).
     """
-    out = _onnx_infer(model, strict=strict, data_prop=data_prop)
+    proxy = standard_proxy(model)
+    src = model if proxy is None else proxy
+    out = _onnx_infer(src, strict=strict, data_prop=data_prop)
     if symbolic and _size(model) <= EXTERNAL_DATA_THRESHOLD:
-        out = _merge_symbolic(model, out)
-    return out
+        out = _merge_symbolic(src, out)
+    if proxy is None:
+        return out
+    # the caller gets its own graph back, annotated with what the proxy let inference see
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    own = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    del result.graph.value_info[:]
+    result.graph.value_info.extend(v for v in out.graph.value_info if v.name in own)
+    return result
+
+
+# Contrib ops that neither onnx's shape inference nor onnxruntime's symbolic one types (the fuse
+# pass writes the first two, quant_int8 the third). Without their output types everything
+# downstream stays untyped: calibration then sees no float activations after the first FusedConv.
+# Inference runs on a proxy graph in which each is replaced by standard ops whose output 0 has
+# the same type and shape.
+_ACTIVATION_ATTRS = ("activation", "activation_params")
+
+
+def _proxy_nodes(node: onnx.NodeProto, fresh) -> list[onnx.NodeProto] | None:
+    from onnx import helper
+
+    if node.domain != "com.microsoft":
+        return None
+    if node.op_type in ("FusedConv", "FusedGemm"):
+        attrs = [a for a in node.attribute if a.name not in _ACTIVATION_ATTRS]
+        base = helper.make_node(node.op_type[len("Fused"):], list(node.input[:3]),
+                                node.output[:1], name=node.name)
+        base.attribute.extend(attrs)
+        return [base]
+    if node.op_type == "MatMulIntegerToFloat" and len(node.input) >= 2:
+        a, b = fresh(node.output[0] + "_a"), fresh(node.output[0] + "_b")
+        to = onnx.TensorProto.FLOAT
+        return [helper.make_node("Cast", [node.input[0]], [a], to=to),
+                helper.make_node("Cast", [node.input[1]], [b], to=to),
+                helper.make_node("MatMul", [a, b], node.output[:1], name=node.name)]
+    return None
+
+
+def standard_proxy(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of `model` whose untyped contrib ops are replaced by standard equivalents (for
+    shape inference only; output names are kept), or None when there are none."""
+    from onnxpress.stats import iter_graphs
+
+    if not any(n.domain == "com.microsoft" for g in iter_graphs(model.graph) for n in g.node):
+        return None
+    proxy = onnx.ModelProto()
+    proxy.CopyFrom(model)
+    taken = {o for g in iter_graphs(proxy.graph) for n in g.node for o in n.output}
+    changed = False
+
+    def fresh(base: str) -> str:
+        name, k = base + "_proxy", 0
+        while name in taken:
+            k += 1
+            name = f"{base}_proxy{k}"
+        taken.add(name)
+        return name
+
+    for g in iter_graphs(proxy.graph):
+        nodes = []
+        for n in g.node:
+            repl = _proxy_nodes(n, fresh)
+            changed |= repl is not None
+            nodes.extend(repl if repl is not None else [n])
+        del g.node[:]
+        g.node.extend(nodes)
+    return proxy if changed else None
 
 
 def _merge_symbolic(model: onnx.ModelProto, out: onnx.ModelProto) -> onnx.ModelProto:

@@ -221,7 +221,11 @@ def quant_auto(
     precisions limits the candidates (e.g. int8+fp32). The sensitivity table is in the report.
     """
     from onnxpress.backends import ort as _ort  # noqa: F401  (fail early if missing)
+    from onnxpress.passes.quant.common import restore_fused_ops, split_fused_ops
 
+    fused = split_fused_ops(model)      # fuse's FusedConv/FusedGemm: each layer measured alone
+    if fused:
+        ctx.invalidate()
     calib = ctx.require_calib(model)
     if budget is None:
         budget = {"cosine": 0.99, "rel_l2": 0.05, "callback": 0.005}[metric]
@@ -299,6 +303,8 @@ def quant_auto(
         "precision": {layer.key: assign[layer.key] for layer in layers},
         "sensitivity": rows,
         "calibration_batches": stats.batches,
+        "fused_ops_split": len(fused),
+        "fused_ops_restored": restore_fused_ops(out, fused),
     })
     ctx.record(**figures)
     return out

@@ -70,6 +70,28 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
     return lifted
 
 
+def resolve_constant_identities(graph: onnx.GraphProto) -> int:
+    """Readers of Identity(initializer) read the initializer itself (torch's exporter writes
+    such Identity nodes when it deduplicates equal weights or biases), so every layer sees its
+    weight as a constant. Identity nodes that feed a graph output stay. Returns how many went."""
+    outputs = {o.name for o in graph.output}
+    inits = {t.name for t in graph.initializer} - {i.name for i in graph.input}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input and n.input[0] in inits
+             and n.output[0] not in outputs}
+    if not alias:
+        return 0
+    for g in iter_graphs(graph):
+        for n in g.node:
+            for k, i in enumerate(n.input):
+                if i in alias:
+                    n.input[k] = alias[i]
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(alias)
+
+
 def replace_graph_nodes(model: onnx.ModelProto, graph: onnx.GraphProto,
                         nodes: list[onnx.NodeProto], keep: set[str]) -> None:
     """Put `nodes` in place of `graph`'s nodes and drop the initializers no node of the model
@@ -219,3 +241,117 @@ def quantize_gather_tables(model: onnx.ModelProto, names: Names, *,
         del g.node[:]
         g.node.extend(rebuilt)
     return done
+
+
+# -- fused contrib ops around quantization ------------------------------------------------------
+FUSED_BASE = {"FusedConv": "Conv", "FusedGemm": "Gemm"}
+
+
+def _activation_node(act: str, params: list[float], x: str, y: str, name: str,
+                     graph: onnx.GraphProto, names: Names) -> onnx.NodeProto:
+    """The standard node computing onnxruntime's fused `activation` (with activation_params)."""
+    if act == "Clip":
+        lo, hi = (params + [-3.4028234663852886e38, 3.4028234663852886e38])[:2] if params else \
+            (-3.4028234663852886e38, 3.4028234663852886e38)
+        lo_n, hi_n = names(name + "_min"), names(name + "_max")
+        graph.initializer.extend([numpy_helper.from_array(np.array(lo, np.float32), lo_n),
+                                  numpy_helper.from_array(np.array(hi, np.float32), hi_n)])
+        return helper.make_node("Clip", [x, lo_n, hi_n], [y], name=name)
+    attrs = {}
+    if act == "LeakyRelu" and params:
+        attrs["alpha"] = params[0]
+    elif act == "HardSigmoid" and params:
+        attrs.update(alpha=params[0], beta=params[1] if len(params) > 1 else 0.5)
+    return helper.make_node(act, [x], [y], name=name, **attrs)
+
+
+def split_fused_ops(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Rewrite the main graph's com.microsoft FusedConv/FusedGemm (from `fuse`, or any export)
+    back into standard ops, in place, so calibration sees every tensor quantization needs:
+
+        FusedConv(x, W, B, z, activation=Relu) -> y    becomes    Relu(Add(Conv(x, W, B), z)) -> y
+
+    Returns {output name: the fused node} for `restore_fused_ops`. The split keeps the fused
+    node's name on the Conv/Gemm, so per-layer choices keyed by name still apply."""
+    graph = model.graph
+    names = Names(model)
+    fused: dict[str, onnx.NodeProto] = {}
+    nodes: list[onnx.NodeProto] = []
+    for n in graph.node:
+        base = FUSED_BASE.get(n.op_type) if n.domain == "com.microsoft" else None
+        act = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "activation"),
+                   b"")
+        act = act.decode() if isinstance(act, bytes) else act
+        if base is None or act not in ("", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid",
+                                       "Tanh"):
+            nodes.append(n)
+            continue
+        params = next((list(helper.get_attribute_value(a)) for a in n.attribute
+                       if a.name == "activation_params"), [])
+        keep = onnx.NodeProto()
+        keep.CopyFrom(n)
+        fused[n.output[0]] = keep
+        label = n.name or names(base.lower())
+        core = helper.make_node(base, list(n.input[:3]), [names(n.output[0] + "_" + base.lower())],
+                                name=label)
+        core.attribute.extend(a for a in n.attribute if not a.name.startswith("activation"))
+        nodes.append(core)
+        t = core.output[0]
+        if base == "Conv" and len(n.input) > 3 and n.input[3]:
+            s = names(n.output[0] + "_sum") if act else n.output[0]
+            nodes.append(helper.make_node("Add", [t, n.input[3]], [s], name=names(label + "_add")))
+            t = s
+        if act:
+            nodes.append(_activation_node(act, params, t, n.output[0], names(label + "_" + act.lower()),
+                                          graph, names))
+        else:
+            core.output[0] = n.output[0]
+    if fused:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return fused
+
+
+def restore_fused_ops(model: onnx.ModelProto, fused: dict[str, onnx.NodeProto]) -> int:
+    """Put back, in place, each fused node of `split_fused_ops` whose split form stayed entirely
+    float (no DequantizeLinear feeds its Conv/Gemm and the chain is intact). Returns how many."""
+    if not fused:
+        return 0
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in graph.output}
+    replace: dict[int, onnx.NodeProto | None] = {}
+    for out, node in fused.items():
+        chain, t = [], out
+        while t in producer and len(chain) < 3:
+            p = producer[t]
+            chain.append(p)
+            if p.op_type == FUSED_BASE[node.op_type]:
+                break
+            t = p.input[0]
+        core = chain[-1] if chain else None
+        if (core is None or core.op_type != FUSED_BASE[node.op_type] or core.name != node.name
+                or any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                       for i in core.input)
+                or any(readers.get(p.output[0], 0) != 1 or p.output[0] in outputs
+                       for p in chain[1:]) or list(core.input) != list(node.input[:3])):
+            continue
+        for p in chain:
+            replace[id(p)] = None
+        replace[id(chain[0])] = node
+    if not replace:
+        return 0
+    nodes = []
+    for n in graph.node:
+        if id(n) not in replace:
+            nodes.append(n)
+        elif replace[id(n)] is not None:
+            nodes.append(replace[id(n)])
+    # the split's own constants (Clip bounds) go when nothing reads them any more
+    own = {i for n in graph.node if id(n) in replace and n.op_type == "Clip" for i in n.input[1:]}
+    replace_graph_nodes(model, graph, nodes, keep={t.name for t in graph.initializer} - own)
+    return sum(1 for v in replace.values() if v is not None)

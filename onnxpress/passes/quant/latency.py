@@ -128,7 +128,7 @@ def choose_fastest(original: onnx.ModelProto, quantized: onnx.ModelProto, stats,
     k = 1 + int(np.argmin(cost[1:]))
     if cost[k] <= margin:
         if k == 2:
-            figures.update(full_figures)
+            figures["float_reasons"] = full_figures["float_reasons"]
             figures["int8_chain"] = "full (depthwise, Sigmoid, Mul)"
         figures["speedup"] = round(1 / cost[k], 3)
         return models[k], figures

@@ -33,9 +33,13 @@ from onnxpress.passes.quant.common import (
     make_dq_weight,
     quantize_gather_tables,
     quantize_weight,
+    resolve_constant_identities,
+    restore_fused_ops,
     set_opset,
+    split_fused_ops,
     weight_axis,
 )
+from onnxpress.passes.quant.latency import node_key
 from onnxpress.passes.registry import Range, register
 from onnxpress.stats import iter_graphs
 
@@ -103,6 +107,7 @@ def quantize_static(
     Returns (model, figures)."""
     model, raised = ensure_opset(model, 13)
     lifted = constants_to_initializers(model.graph)
+    resolve_constant_identities(model.graph)
     graph = model.graph
     names = Names(model)
     op_types = set(op_types or DEFAULT_OPS) - set(exclude_op_types or ())
@@ -132,34 +137,9 @@ def quantize_static(
         for i in n.input:
             consumers.setdefault(i, []).append(n)
 
-    # 0. com.microsoft.FusedConv(activation=Relu) from the fuse pass: a Conv whose output Q (zero
-    #    point at the bottom of a [0, hi] range) does the Relu, so it joins the integer chain
-    #    (FusedGemm likewise becomes Gemm)
-    unfused = 0
+    # (com.microsoft.FusedConv/FusedGemm are split by the passes before calibration, so that
+    #  a residual sum and an absorbed Relu get their own ranges: see split_fused_ops)
     absorbed: set[str] = set()
-    if not symmetric_activations:
-        for n in graph.node:
-            base_op = {"FusedConv": "Conv", "FusedGemm": "Gemm"}.get(n.op_type)
-            if (base_op is None or n.domain != "com.microsoft" or len(n.input) > 3
-                    or _attr(n, "activation", b"") not in (b"Relu", "Relu")
-                    or n.output[0] in graph_outputs or not float_weight(n.input[1])
-                    or not has_range(n.input[0]) or not has_range(n.output[0])
-                    or (is_depthwise(n, inits) and not depthwise)):
-                continue
-            if base_op == "Gemm" and (_attr(n, "alpha", 1.0) != 1.0 or _attr(n, "beta", 1.0) != 1.0
-                                      or _attr(n, "transA", 0)):
-                continue
-            probe = onnx.NodeProto()
-            probe.CopyFrom(n)
-            probe.op_type, probe.domain = base_op, ""
-            if not selected(probe):
-                continue
-            keep = [a for a in n.attribute if not a.name.startswith("activation")]
-            del n.attribute[:]
-            n.attribute.extend(keep)
-            n.op_type, n.domain = base_op, ""
-            absorbed.add(n.output[0])           # its output Q must do the Relu for every reader
-            unfused += 1
 
     # 1. Relu/Clip(0, ..) directly after a compute node: absorbed into the output Q (zero point at
     #    the bottom of the range saturates exactly like the Relu).
@@ -199,6 +179,10 @@ def quantize_static(
                 consumers.setdefault(i, []).append(n)
 
     # 2. decide the quantized nodes in topological order
+    left_float: dict[str, str] = {}      # compute node -> why it keeps a float kernel
+    for n in graph.node:
+        if n.op_type in COMPUTE and not selected(n):
+            left_float[node_key(n)] = "excluded by the pass options"
     quantized: list[onnx.NodeProto] = []
     q_outputs: set[str] = set()          # tensors produced by quantized nodes
     producer_q = set()
@@ -206,7 +190,7 @@ def quantize_static(
         op = n.op_type
         if not selected(n) or has_subgraphs(n):
             continue
-        ok = False
+        ok: bool = False
         if op in COMPUTE:
             if op == "Conv":
                 ok = (float_weight(n.input[1]) and has_range(n.input[0])
@@ -229,6 +213,9 @@ def quantize_static(
             ok = acts and all(a in q_outputs for a in acts) and has_range(n.output[0])
         elif op in PASSTHROUGH:
             ok = bool(n.input) and n.input[0] in q_outputs and has_range(n.input[0])
+        if op in COMPUTE and not ok:
+            left_float[node_key(n)] = _float_reason(n, inits, has_range, depthwise,
+                                                              matmul_activations)
         if ok:
             quantized.append(n)
             producer_q.add(id(n))
@@ -318,6 +305,21 @@ def quantize_static(
                     dropped_adds.add(add.output[0])
             direct[id(n)] = (n.input[0], bias)
 
+    # a weight read by several nodes (exporters deduplicate identical tensors) is quantized once
+    # when every reader gets an integer kernel with the same channel axis; otherwise the node
+    # gets a private copy, so a reader kept float is not silently fed an int8 weight
+    weight_readers: dict[str, list[onnx.NodeProto]] = {}
+    for g in iter_graphs(graph):
+        for r in g.node:
+            for i in r.input:
+                if i in inits:
+                    weight_readers.setdefault(i, []).append(r)
+
+    def shares_weight(n: onnx.NodeProto, r: onnx.NodeProto, rank: int) -> bool:
+        return (id(r) in quantized_ids and id(r) not in direct and r.op_type in COMPUTE
+                and list(r.input).count(n.input[1]) == 1 and r.input[1] == n.input[1]
+                and weight_axis(r, rank) == weight_axis(n, rank))
+
     weights_quantized = 0
     for n in quantized:
         if n.op_type not in COMPUTE or not float_weight(n.input[1]):
@@ -325,6 +327,15 @@ def quantize_static(
         if id(n) in direct:
             continue
         wname = n.input[1]
+        rank = len(inits[wname].dims)
+        if wname not in weight_scales and not all(
+                shares_weight(n, r, rank) for r in weight_readers.get(wname, [])):
+            private = onnx.TensorProto()
+            private.CopyFrom(inits[wname])
+            private.name = names(wname + "_" + (n.name or "copy"))
+            graph.initializer.append(private)
+            inits[private.name] = private
+            n.input[1] = wname = private.name
         if wname not in weight_scales:
             init = inits[wname]
             axis = weight_axis(n, len(init.dims)) if per_channel else None
@@ -481,11 +492,96 @@ def quantize_static(
         "embedding_tables_int8": tables,
         "activations_quantized": len(qdq),
         "constants_lifted": lifted,
-        "fused_relu_nodes": unfused,
         "opset_raised": raised,
         "method": method,
+        "float_reasons": left_float,
     }
     return model, figures
+
+
+def _float_reason(node: onnx.NodeProto, inits: dict, has_range, depthwise: bool,
+                  matmul_activations: bool) -> str:
+    """Why quantize_static leaves a Conv/MatMul/Gemm float, in words a user can act on."""
+    w = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if w is None or w.data_type != FLOAT:
+        if node.op_type == "MatMul" and not matmul_activations:
+            return "MatMul of two activations (matmul_activations=false)"
+        return "weight is not a float constant"
+    if node.op_type == "Conv" and is_depthwise(node, inits) and not depthwise:
+        return "depthwise (depthwise=false)"
+    if node.op_type == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0
+                                   or _attr(node, "beta", 1.0) != 1.0 or _attr(node, "transA", 0)):
+        return "Gemm with alpha, beta or transA (no integer kernel)"
+    if not all(has_range(t) for t in list(node.input[:1]) + list(node.output[:1])):
+        return "no calibration range (activation not float-typed or never computed)"
+    return "not supported"
+
+
+def layer_precisions(model: onnx.ModelProto) -> dict[str, str]:
+    """{layer: "int8" | "weight-only int8" | "float"} for every Conv/MatMul/Gemm (and
+    MatMulIntegerToFloat) of the main graph, read from the model itself: int8 when its
+    activation arrives through Q -> DQ and its weight through DQ (onnxruntime then runs an
+    integer kernel), weight-only when only the weight is int8."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def dq_of_q(t: str) -> bool:
+        p = producer.get(t)
+        return (p is not None and p.op_type == "DequantizeLinear"
+                and producer.get(p.input[0]) is not None
+                and producer[p.input[0]].op_type == "QuantizeLinear")
+
+    def dq_weight(t: str) -> bool:
+        p = producer.get(t)
+        return p is not None and p.op_type == "DequantizeLinear" and not dq_of_q(t)
+
+    out = {}
+    for n in graph.node:
+        key = node_key(n)
+        if n.op_type == "MatMulIntegerToFloat":
+            out[key] = "int8"
+        elif n.op_type in COMPUTE and len(n.input) > 1:
+            if dq_of_q(n.input[0]) and (dq_weight(n.input[1]) or dq_of_q(n.input[1])):
+                out[key] = "int8"
+            elif dq_weight(n.input[1]):
+                out[key] = "weight-only int8"
+            else:
+                out[key] = "float"
+    return out
+
+
+def model_quant_figures(model: onnx.ModelProto, reasons: dict[str, str]) -> dict:
+    """Figures of the model a quant pass returns (never of a candidate it discarded)."""
+    prec = layer_precisions(model)
+    float_layers = {k: reasons.get(k, "kept float") for k, v in prec.items() if v != "int8"}
+    why: dict[str, int] = {}
+    for r in float_layers.values():
+        why[r] = why.get(r, 0) + 1
+    graph = model.graph
+    ops = [n.op_type for n in graph.node]
+    q_tensors = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    dq_acts = {n.output[0] for n in graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in q_tensors}
+    int_weights = {t.name for g in iter_graphs(graph) for t in g.initializer
+                   if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                   and len(t.dims) >= 2}
+    weights = sum(1 for g in iter_graphs(graph) for n in g.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in int_weights)
+    return {
+        "nodes_quantized": sum(1 for n in graph.node
+                               if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                               and (n.op_type == "MatMulIntegerToFloat"
+                                    or any(i in dq_acts for i in n.input))),
+        "weights_quantized": weights + ops.count("MatMulIntegerToFloat"),
+        "matmul_integer_to_float": ops.count("MatMulIntegerToFloat"),
+        "layers": len(prec),
+        "int8_compute_nodes": sum(v == "int8" for v in prec.values()),
+        "layers_weight_only": sum(v == "weight-only int8" for v in prec.values()),
+        "layers_float": len(float_layers),
+        "float_layers": float_layers,
+        "float_why": "; ".join(f"{n} {r}" for r, n in sorted(why.items(), key=lambda kv: -kv[1])),
+        "activations_quantized": ops.count("QuantizeLinear"),
+    }
 
 
 def output_error(reference: onnx.ModelProto, candidate: onnx.ModelProto, calib,
@@ -544,6 +640,9 @@ def quant_int8(
     on onnxruntime are dropped by measurement; the model is never slower than its input
     (models under latency_floor_ms in float are kept in int8 for their size).
     """
+    fused = split_fused_ops(model)
+    if fused:
+        ctx.invalidate()              # calibrate the split graph: its sums get their own ranges
     calib = ctx.require_calib(model)
     stats = ctx.analysis("calib", model)
     kwargs = dict(method=method, percentile=percentile, per_channel=per_channel,
@@ -555,17 +654,41 @@ def quant_int8(
     original = onnx.ModelProto()
     original.CopyFrom(model)
     out, figures = quantize_static(model, stats, **kwargs)
+    reasons = figures.pop("float_reasons")
+    figures.pop("weights_weight_only")    # (model_quant_figures counts every int8 weight)
     if latency_aware and ctx.target == "ort":
         from onnxpress.passes.quant.latency import choose_fastest
 
+        candidate = layer_precisions(out)
         out, timing = choose_fastest(original, out, stats, kwargs, calib, ctx,
                                     floor_ms=latency_floor_ms)
+        reasons = timing.pop("float_reasons", reasons)
         figures.update(timing)
+        for k, v in layer_precisions(out).items():
+            if v != "int8" and candidate.get(k) == "int8":
+                reasons[k] = "slower in int8 on onnxruntime here (latency_aware)"
+    figures["fused_ops_split"] = len(fused)
+    figures["fused_ops_restored"] = restore_fused_ops(out, fused)
     from onnxpress.passes.graph import copy_model_fields
 
     copy_model_fields(original, out)
+    figures.update(model_quant_figures(out, reasons))
+    warn_float_layers("quant_int8", figures)
     if report_error:
         figures.update(output_error(original, out, calib))
     figures["calibration_batches"] = stats.batches
     ctx.record(**figures)
     return out
+
+
+def warn_float_layers(pass_name: str, figures: dict) -> None:
+    """Say so when eligible layers kept float kernels: a user who asked for int8 must not get
+    a float model without a word."""
+    if not figures.get("layers_float"):
+        return
+    import warnings
+
+    warnings.warn(
+        f"{pass_name}: {figures['int8_compute_nodes']} of {figures['layers']} layers got integer "
+        f"kernels; {figures['layers_float']} stayed float ({figures['float_why']}). The report's "
+        "'float_layers' names each one.", stacklevel=3)
