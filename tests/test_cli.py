@@ -97,3 +97,24 @@ def test_python_dash_m_is_the_same_cli(digits_cnn_path):
     r = subprocess.run([sys.executable, "-m", "onnxpress", "inspect", "/nonexistent.onnx"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_optimize_table_reads_at_80_columns(tmp_path, digits_cnn_path, digits, capsys,
+                                            monkeypatch):
+    """No figure is broken over lines at the commonest terminal width, and print() of the
+    Python API's table prints the table, not an object repr."""
+    from onnxpress import passes, zoo
+
+    monkeypatch.setenv("COLUMNS", "80")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=digits.train[0][:32])
+    code, out, err = run_cli("optimize", digits_cnn_path, "-p", "fuse,quant_int8",
+                             "-o", tmp_path / "o.onnx", "--calib", calib, capsys=capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    figures = [line for line in lines if line.strip().startswith("quant_int8:")]
+    assert figures and "int8_compute_nodes=4" in figures[0]
+    res = passes.run(onnx.load(digits_cnn_path), "quant_int8", calib=zoo.digits_calib(32, 16))
+    text = str(res.table())
+    assert "<rich" not in text and "quant_int8" in text and "int8_compute_nodes=4" in text

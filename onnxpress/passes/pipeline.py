@@ -197,26 +197,73 @@ class PipelineResult:
     def to_dict(self) -> dict[str, Any]:
         return {"passes": [r.to_dict() for r in self.reports]}
 
-    def table(self):
-        """A rich Table of the reports."""
+    def table(self) -> PassTable:
+        """The reports as a table: `print(result.table())` or rich's `console.print(...)`."""
+        return PassTable(self.reports)
+
+
+# figures a reader looks for first, whichever pass wrote them
+_KEY_FIGURES = ("int8_compute_nodes", "layers_float", "fusions_fired", "sparsity", "min_cosine",
+                "speedup", "arena_bytes", "peak_bytes")
+
+
+def _summary(r: PassReport, limit: int = 4) -> str:
+    figs = {k: v for k, v in r.figures.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "." not in k}
+    keys = [k for k in _KEY_FIGURES if k in figs] + [k for k in figs if k not in _KEY_FIGURES]
+    shown = [f"{k}={_short(figs[k])}" for k in keys]
+    if r.verify:
+        shown.insert(0, f"max_abs_err={r.verify.get('max_abs', 0):.2g}")
+    more = len(shown) - limit
+    return ", ".join(shown[:limit]) + (f" (+{more} more in the JSON/report)" if more > 0 else "")
+
+
+class PassTable:
+    """The pass reports as a rich renderable that fits the terminal: one row per pass with
+    nodes/params/bytes/time; the key figures in a column when there is room (100+ columns),
+    otherwise on a line of their own under the table, so nothing wraps a few characters a line."""
+
+    def __init__(self, reports: list[PassReport]):
+        self.reports = reports
+
+    def _table(self, with_figures: bool):
         from rich.table import Table
 
-        t = Table(title="onnxpress passes (before>after; bytes in KiB/MiB)")
-        for col in ("pass", "nodes", "params", "bytes", "time", "figures"):
-            t.add_column(col, justify="right" if col in ("nodes", "params", "bytes", "time") else "left",
-                         no_wrap=col != "figures", min_width=18 if col == "figures" else None,
-                         overflow="fold")
+        t = Table(title="onnxpress passes (before>after)")
+        cols = ["pass", "nodes", "params", "bytes", "time"] + (["figures"] if with_figures else [])
+        for col in cols:
+            t.add_column(col, justify="left" if col in ("pass", "figures") else "right",
+                         no_wrap=col != "figures")
         for r in self.reports:
-            figs = [f"{k}={_short(v)}" for k, v in r.figures.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and "." not in k]
-            if r.verify:
-                figs.append(f"max_abs_err={r.verify.get('max_abs', 0):.2g}")
-            shown = ", ".join(figs[:4]) + (f" (+{len(figs) - 4} more)" if len(figs) > 4 else "")
-            t.add_row(r.name, f"{r.nodes_before}>{r.nodes_after}",
-                      f"{_count(r.params_before)}>{_count(r.params_after)}",
-                      f"{_human(r.bytes_before)}>{_human(r.bytes_after)}",
-                      f"{r.seconds:.2f}s", shown)
+            row = [r.name, f"{r.nodes_before}>{r.nodes_after}",
+                   f"{_count(r.params_before)}>{_count(r.params_after)}",
+                   f"{_human(r.bytes_before)}>{_human(r.bytes_after)}", f"{r.seconds:.2f}s"]
+            t.add_row(*row, *([_summary(r)] if with_figures else []))
         return t
+
+    def __rich_console__(self, console, options):
+        from rich.padding import Padding
+        from rich.text import Text
+
+        if options.max_width >= 100:
+            yield self._table(True)
+            return
+        yield self._table(False)
+        for r in self.reports:
+            line = _summary(r)
+            if line:
+                yield Padding(Text(f"{r.name}: {line}"), (0, 0, 0, 2))
+
+    def __str__(self) -> str:
+        import io
+        import shutil
+
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=shutil.get_terminal_size((100, 24)).columns,
+                force_terminal=False, color_system=None).print(self)
+        return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines())
 
 
 def _count(n: float) -> str:
