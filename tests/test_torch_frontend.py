@@ -48,3 +48,15 @@ def test_export_errors():
 
     with pytest.raises(FrontendError, match="torch.onnx.export failed for Bad"):
         ox.frontends.torch.export(Bad(), torch.randn(3, 3))
+
+
+def test_dynamic_axes_naming_no_input_is_an_error():
+    """torch drops unknown dynamic_axes keys under a warning: the user would get a static batch."""
+    from onnxpress.frontends import torch_frontend
+
+    net = torch.nn.Linear(4, 2)
+    with pytest.raises(FrontendError, match="'x'.*input_names"):
+        torch_frontend.export(net, torch.zeros(1, 4), dynamic_axes={"x": {0: "batch"}})
+    proto = torch_frontend.export(net, torch.zeros(1, 4), input_names=["x"],
+                                  dynamic_axes={"x": {0: "batch"}})
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

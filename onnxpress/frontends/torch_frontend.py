@@ -54,6 +54,14 @@ def export(
             input_names = list(example_inputs)
         else:
             input_names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    known = set(input_names) | set(output_names or ())
+    unknown = sorted(set(dynamic_axes or {}) - known)
+    if unknown:
+        # torch drops such keys with a warning nobody sees: the user would get static dims
+        raise FrontendError(
+            f"dynamic_axes names {', '.join(repr(u) for u in unknown)}, which is not an input or "
+            f"output name; the export's names are {', '.join(repr(k) for k in list(input_names) + list(output_names or ()))}"
+            " (set input_names=/output_names= to choose them)")
     buf = io.BytesIO()
     was_training = module.training
     module.eval()
