@@ -40,6 +40,23 @@ def _parse_target(text: str):
     return text
 
 
+def integer_summary(info: dict | None, limit: int = 12) -> list[str]:
+    """Lines saying which quantized nodes run as integer kernels and which stayed float, and why
+    (the manifest's "integer" entry)."""
+    if not info:
+        return []
+    lines = [f"  integer: {info['int8_kernels']} integer kernel(s), {info['int8_io']} op(s) on 8-bit "
+             f"tensors, {info['float']} left float"]
+    others = [n for n in info["nodes"] if n["kernel"] != "int8"]
+    by_reason: dict = {}
+    for n in others:
+        by_reason.setdefault((n["kernel"], n["op"], n.get("reason", "")), []).append(n)
+    for (kind, _op, reason), nodes in list(by_reason.items())[:limit]:
+        names = ", ".join(n["node"] for n in nodes[:3]) + (f" (+{len(nodes) - 3})" if len(nodes) > 3 else "")
+        lines.append(f"    {kind:8s} {len(nodes):3d} x {nodes[0]['op']}: {reason} [{names}]")
+    return lines
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from onnxpress.backends import tvm
 
@@ -55,6 +72,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if sched:
         print(f"  kernels: {sched.get('from_db', 0)} from the tuning DB, "
               f"{sched.get('default_scheduled', 0)} default-scheduled")
+    for line in integer_summary(m.get("integer")):
+        print(line)
     if args.tune:
         if t.get("previous_trials"):
             print(f"  tuning: already tuned in {t['db']} ({t['previous_trials']} trials); nothing to do")

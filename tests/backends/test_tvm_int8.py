@@ -284,3 +284,35 @@ def test_integer_false_keeps_tvms_float_qdq(tmp_path):
     model = matmul_model()
     art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "f", progress=False, integer=False)
     assert art.manifest["integer"] is None
+
+
+# -- aarch64 with the dot-product extension ----------------------------------------------------
+
+ARM_DOTPROD = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 4}
+arm_cc = shutil.which("aarch64-linux-gnu-gcc") and shutil.which("aarch64-linux-gnu-objdump")
+
+
+@pytest.fixture(scope="module")
+def arm_cnn(tmp_path_factory):
+    if not arm_cc:
+        pytest.skip("aarch64-linux-gnu-gcc / objdump not found")
+    model = cnn_model()
+    return model, ox_tvm.compile(model, ARM_DOTPROD, output_dir=tmp_path_factory.mktemp("arm") / "cnn",
+                                 progress=False)
+
+
+def test_arm_dotprod_convs_disassemble_to_sdot(arm_cnn):
+    _model, art = arm_cnn
+    convs = [n for n in art.manifest["integer"]["nodes"] if n["op"] == "Conv"]
+    assert sum("dotprod dot product" in n["reason"] for n in convs) == 2    # full-range weights too
+    text = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(art.library)], capture_output=True,
+                          text=True).stdout
+    assert sum(1 for line in text.splitlines() if "\tsdot\t" in line) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ox_tvm.arm_runtime_problem() is not None, reason="no emulated aarch64 runtime here")
+def test_arm_dotprod_build_matches_onnxruntime_under_qemu(arm_cnn):
+    model, art = arm_cnn
+    x = np.random.default_rng(1).standard_normal((1, 8, 12, 12)).astype(np.float32) * 2
+    _compare(model, art, {"x": x})

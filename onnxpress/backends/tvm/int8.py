@@ -339,7 +339,8 @@ class _Rewriter:
         if op == "QConv" and why_float:
             self.decide(node, "int8-io", f"float conv between 8-bit tensors: {why_float}")
         else:
-            self.decide(node, "int8", f"integer kernel ({self._kernel_name(op, wq)}), {out}")
+            group = int(_attr(node, "group", 1)) if op == "QConv" else 1
+            self.decide(node, "int8", f"integer kernel ({self._kernel_name(op, wq, group)}), {out}")
         return None
 
     def _float_conv_reason(self, wq: np.ndarray, group: int) -> str:
@@ -358,9 +359,12 @@ class _Rewriter:
                     "(|w0|+|w1| > 128 for adjacent input channels; 7-bit weights fit)")
         return ""
 
-    def _kernel_name(self, op: str, wq: np.ndarray) -> str:
-        if op == "QConv" and self.isa is not None and wq.ndim == 4:
+    def _kernel_name(self, op: str, wq: np.ndarray, group: int = 1) -> str:
+        if op == "QConv" and self.isa is not None and wq.ndim == 4 and group == 1 \
+                and wq.shape[1] % 4 == 0 and wq.shape[0] % self.isa[1] == 0:
             return f"{self.isa[0]} dot product"
+        if op == "QConv" and group > 1:
+            return f"generic, {group} groups"
         return "generic"
 
     def _matmul_act(self, node, a, b) -> str | None:
@@ -523,7 +527,8 @@ class _Rewriter:
         if why_float:
             self.decide(node, "int8-io", f"float conv between 8-bit tensors: {why_float}")
         else:
-            self.decide(node, "int8", f"integer kernel ({self._kernel_name(new, wq)}, QOperator)")
+            group = int(_attr(node, "group", 1)) if new == "QConv" else 1
+            self.decide(node, "int8", f"integer kernel ({self._kernel_name(new, wq, group)}, QOperator)")
         return None
 
     # -- driver ----------------------------------------------------------------------------------

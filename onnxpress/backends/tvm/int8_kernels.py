@@ -11,6 +11,7 @@
     avxvnni                 vpdpbusd ymm, VEX (8)                      all int8 weights
     avx512bw                vpmaddubsw + vpmaddwd zmm (16)             weights with |w0|+|w1| <= 128
     avx2                    vpmaddubsw + vpmaddwd ymm (8)              weights with |w0|+|w1| <= 128
+    aarch64 +dotprod        sdot on (x - 128) (4), + 128 * sum(w)      all int8 weights
 
 vpmaddubsw adds two u8 x i8 products into a saturating int16: 255 * (|w0| + |w1|) must stay
 within 32767, which per-channel int8 weights (|w| up to 127) break. Convolutions whose weights
@@ -43,7 +44,9 @@ def int8_isa(target) -> tuple[str, int] | None:
 
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple.startswith("aarch64"):
-        return None           # sdot/udot: signed x signed only; see docs/tvm.md
+        # sdot multiplies signed by signed: activations are shifted to int8 (x - 128) and
+        # 128 * sum(w) added back per output channel
+        return ("dotprod", 4) if has("dotprod") else None
     if has("avx512vnni") and has("avx512bw"):
         return "avx512vnni", 16
     if has("avxvnni"):
@@ -86,9 +89,10 @@ def intrinsic(isa: str, lanes: int) -> str:
     from tvm.script import tirx as T
 
     L = lanes
+    AT = "int8" if isa == "dotprod" else "uint8"
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((L, 4), "int8", offset_factor=1),
+    def desc(A: T.Buffer((4,), AT, offset_factor=1), B: T.Buffer((L, 4), "int8", offset_factor=1),
              C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:L], A[0:4], B[0:L, 0:4])
@@ -99,7 +103,19 @@ def intrinsic(isa: str, lanes: int) -> str:
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-    if isa in ("avx512vnni", "avxvnni"):
+    if isa == "dotprod":
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((4, 4), "int8", offset_factor=1),
+                 C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+                T.writes(C[0:4])
+                a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4),
+                                  dtype="int8x16")
+                C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                    C.vload([0], dtype="int32x4"), a, B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
+    elif isa in ("avx512vnni", "avxvnni"):
         llvm = "llvm.x86.avx512.vpdpbusd.512" if L == 16 else "llvm.x86.avx512.vpdpbusd.256"
 
         @T.prim_func(s_tir=True)
@@ -139,7 +155,7 @@ def intrinsic(isa: str, lanes: int) -> str:
 
 # -- legalization ------------------------------------------------------------------------------
 
-def _conv_te(data, wp, strides, padding, dilation):
+def _conv_te(data, wp, strides, padding, dilation, pad_value=0):
     from tvm import te, topi
 
     n, h, w, _c = (int(d) for d in data.shape)
@@ -148,7 +164,7 @@ def _conv_te(data, wp, strides, padding, dilation):
     sh, sw = strides
     dh, dw = dilation
     if t or left or b or r:
-        data = topi.nn.pad(data, [0, t, left, 0], [0, b, r, 0], pad_value=0, name="pad_int8")
+        data = topi.nn.pad(data, [0, t, left, 0], [0, b, r, 0], pad_value=pad_value, name="pad_int8")
     oh = (h + t + b - (kh - 1) * dh - 1) // sh + 1
     ow = (w + left + r - (kw - 1) * dw - 1) // sw + 1
     rh = te.reduce_axis((0, kh), "rh")
@@ -161,6 +177,23 @@ def _conv_te(data, wp, strides, padding, dilation):
             data[nn, yy * sh + rh * dh, xx * sw + rw * dw, rc * 4 + rj].astype("int32")
             * wp[rh, rw, rc, ff, rj].astype("int32"), axis=[rh, rw, rc, rj]),
         name="conv2d_int8", attrs={"schedule_rule": RULE})
+
+
+def _shift_te(data):
+    from tvm import te
+
+    return te.compute(data.shape, lambda *i: (data(*i).astype("int32") - 128).astype("int8"),
+                      name="shift_int8")
+
+
+def _colsum128_te(wp):
+    from tvm import te
+
+    kh, kw, c4, oc, _four = (int(d) for d in wp.shape)
+    a, b, c, j = (te.reduce_axis((0, n), k) for n, k in ((kh, "a"), (kw, "b"), (c4, "c"), (4, "j")))
+    s = te.compute((oc,), lambda o: te.sum(wp[a, b, c, o, j].astype("int32"), axis=[a, b, c, j]),
+                   name="colsum_int8")
+    return te.compute((oc,), lambda o: s[o] * 128, name="colsum128_int8")
 
 
 def _pack_te(weight):
@@ -180,7 +213,7 @@ def legalize_map(target) -> dict:
     found = int8_isa(target)
     if found is None:
         return {}
-    _isa, lanes = found
+    isa, lanes = found
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
     def conv2d(bb, call):
@@ -199,9 +232,16 @@ def legalize_map(target) -> dict:
         if not ok:
             return default(bb, call)
         wp = bb.emit_te(_pack_te, weight, primfunc_name_hint="pack_int8")
-        return bb.call_te(_conv_te, data, wp, [int(s) for s in attrs.strides],
-                          [int(p) for p in attrs.padding], [int(d) for d in attrs.dilation],
-                          primfunc_name_hint="conv2d_int8")
+        geometry = ([int(s) for s in attrs.strides], [int(p) for p in attrs.padding],
+                    [int(d) for d in attrs.dilation])
+        if isa != "dotprod":
+            return bb.call_te(_conv_te, data, wp, *geometry, primfunc_name_hint="conv2d_int8")
+        shifted = bb.emit_te(_shift_te, data, primfunc_name_hint="shift_int8")
+        conv = bb.emit_te(_conv_te, shifted, wp, *geometry, -128, primfunc_name_hint="conv2d_int8")
+        fix = bb.emit_te(_colsum128_te, wp, primfunc_name_hint="colsum_int8")   # a constant
+        from tvm import topi
+
+        return bb.call_te(topi.add, conv, fix, primfunc_name_hint="unshift_int8")
 
     return {"relax.nn.conv2d": conv2d}
 
@@ -244,7 +284,7 @@ def schedule_int8_conv(func, target):
     intrin = intrinsic(isa, lanes)
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     try:
-        _schedule(sch, intrin, lanes, registers=32 if lanes == 16 else 16)
+        _schedule(sch, intrin, lanes, registers=32 if lanes == 16 or isa == "dotprod" else 16)
     except Exception as exc:
         log.debug("int8 conv schedule does not apply: %s", exc)
         return None
