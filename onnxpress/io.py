@@ -1,6 +1,7 @@
 """Reading and writing ONNX models, safely.
 
-`load` accepts a path, raw bytes or a ModelProto and always returns a checked ModelProto.
+`load` accepts a path, raw bytes, a ModelProto or GraphProto, an onnx-graphsurgeon Graph or an
+onnx_ir Model, and always returns a checked ModelProto.
 `save` writes to a temporary file beside the destination and renames it into place, so a crash
 never leaves a half-written model; models over 2 GiB (or on request) go out with external data.
 """
@@ -17,7 +18,8 @@ from google.protobuf.message import DecodeError
 
 from onnxpress.errors import InvalidModelError, ModelLoadError, ModelSaveError
 
-ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
+# (also onnx.GraphProto, an onnx-graphsurgeon Graph and an onnx_ir Model: see graph_object_to_proto)
+ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto, onnx.GraphProto]
 
 # protobuf cannot serialize a single message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
@@ -100,9 +102,70 @@ def load(model: ModelLike, *, check: bool = True, load_external_data: bool = Tru
         if check:
             _check(proto, str(path), path)
         return proto
+    proto = graph_object_to_proto(model)
+    if proto is not None:
+        if check:
+            _check(proto, f"the given {type(model).__name__}")
+        return proto
     raise ModelLoadError(
-        f"cannot load a model from {type(model).__name__}; give a path, bytes or an onnx.ModelProto"
+        f"cannot load a model from {type(model).__name__}; give a path, bytes, an "
+        "onnx.ModelProto or GraphProto, an onnx-graphsurgeon Graph or an onnx_ir Model"
     )
+
+
+# -- the graph objects people in this ecosystem hold ---------------------------------------------
+def _graph_kind(obj) -> str | None:
+    """'graphproto', 'gs' (onnx-graphsurgeon Graph) or 'ir' (onnx_ir Model), by type alone:
+    neither library is imported unless the object comes from it."""
+    if isinstance(obj, onnx.GraphProto):
+        return "graphproto"
+    module = type(obj).__module__ or ""
+    if module.startswith("onnx_graphsurgeon") and type(obj).__name__ == "Graph":
+        return "gs"
+    if module.startswith("onnx_ir") and type(obj).__name__ == "Model":
+        return "ir"
+    return None
+
+
+def graph_object_to_proto(obj) -> onnx.ModelProto | None:
+    """A ModelProto for a GraphProto (opset: onnx's current one; better give a ModelProto),
+    an onnx-graphsurgeon Graph or an onnx_ir Model; None for anything else."""
+    kind = _graph_kind(obj)
+    try:
+        if kind == "graphproto":
+            return onnx.helper.make_model(obj)
+        if kind == "gs":
+            import onnx_graphsurgeon as gs
+
+            return gs.export_onnx(obj)
+        if kind == "ir":
+            import onnx_ir as ir
+
+            return ir.to_proto(obj)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot convert the given {type(obj).__name__} to ONNX: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+                             ) from None
+    return None
+
+
+def proto_as_kind_of(proto: onnx.ModelProto, like):
+    """`proto` as the kind of object `like` is (bytes, GraphProto, gs.Graph, onnx_ir Model);
+    a ModelProto otherwise."""
+    if isinstance(like, (bytes, bytearray)):
+        return proto.SerializeToString()
+    kind = _graph_kind(like)
+    if kind == "graphproto":
+        return proto.graph
+    if kind == "gs":
+        import onnx_graphsurgeon as gs
+
+        return gs.import_onnx(proto)
+    if kind == "ir":
+        import onnx_ir as ir
+
+        return ir.from_proto(proto)
+    return proto
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:

@@ -493,13 +493,13 @@ def run(
 def apply(model: ModelLike, pipeline: Any, **kwargs: Any) -> Any:
     """Run a pipeline and return the result as the kind of object given.
 
-    A ModelProto gives a ModelProto, bytes give bytes, a path gives a ModelProto (nothing is
-    written; use `onnxpress.save`). Keyword arguments are those of `run`.
+    A ModelProto gives a ModelProto, bytes give bytes, a GraphProto a GraphProto, an
+    onnx-graphsurgeon Graph a Graph, an onnx_ir Model a Model; a path gives a ModelProto (nothing
+    is written; use `onnxpress.save`). Keyword arguments are those of `run`.
     """
-    result = run(model, pipeline, **kwargs)
-    if isinstance(model, (bytes, bytearray)):
-        return result.model.SerializeToString()
-    return result.model
+    from onnxpress.io import proto_as_kind_of
+
+    return proto_as_kind_of(run(model, pipeline, **kwargs).model, model)
 
 
 def register_pipeline(name: str, pipeline: Any, doc: str | None = None) -> None:

@@ -254,3 +254,44 @@ def test_named_pipeline_is_a_pass(digits_cnn):
 
 
 _ = np
+
+
+@pytest.mark.parametrize("kind", ["graphsurgeon", "onnx_ir", "graphproto"])
+def test_apply_takes_and_returns_the_graph_objects_of_the_ecosystem(digits_cnn, digits, kind):
+    """passes.apply(graph, [...]) on an onnx-graphsurgeon Graph, an onnx_ir Model or a
+    GraphProto returns the same kind, optimized and computing the same outputs."""
+    import onnx_graphsurgeon as gs
+    import onnx_ir as ir
+
+    from onnxpress.backends import ort
+
+    given = {"graphsurgeon": lambda: gs.import_onnx(digits_cnn),
+             "onnx_ir": lambda: ir.from_proto(digits_cnn),
+             "graphproto": lambda: digits_cnn.graph}[kind]()
+    out = passes.apply(given, ["cleanup", "fuse"])
+    assert type(out) is type(given)
+    proto = {"graphsurgeon": gs.export_onnx, "onnx_ir": ir.to_proto,
+             "graphproto": lambda g: onnx.helper.make_model(
+                 g, opset_imports=list(digits_cnn.opset_import))}[kind](out)
+    proto.ir_version = digits_cnn.ir_version
+    ops = [n.op_type for n in proto.graph.node]
+    assert "FusedConv" in ops and len(ops) < len(digits_cnn.graph.node)
+    x = digits.test[0][:4]
+    np.testing.assert_allclose(ort.run(proto, {"input": x})["logits"],
+                               ort.run(digits_cnn, {"input": x})["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_custom_pass_that_mutates_its_input_cannot_change_the_callers_model(digits_cnn):
+    @passes.register("test_mutating_pass", replace=True)
+    def mutating(model, ctx):
+        """Zeroes every initializer in place and returns nothing."""
+        for t in model.graph.initializer:
+            t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+
+    try:
+        before = digits_cnn.SerializeToString(deterministic=True)
+        out = passes.apply(digits_cnn, ["test_mutating_pass"])
+        assert digits_cnn.SerializeToString(deterministic=True) == before
+        assert all(not numpy_helper.to_array(t).any() for t in out.graph.initializer)
+    finally:
+        passes.unregister("test_mutating_pass")
