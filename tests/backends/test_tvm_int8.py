@@ -257,11 +257,17 @@ def qoperator_model():
                                            c(np.float32(0.2), "ms"), c(np.uint8(128), "mz")],
                          ["ym"], name="qlinearmatmul"),
         helper.make_node("MatMulInteger", ["a", wm, "az"], ["mi"], name="matmulinteger"),
+        # a stem: 3 input channels, padded to 4 for the dot product
+        helper.make_node("QLinearConv", ["x3", "xs", "xz", c(rng.integers(-64, 65, (16, 3, 7, 7)).astype(np.int8), "w3"),
+                                         "ws", "wz", "ys", "yz"], ["y3"], pads=[3, 3, 3, 3], strides=[2, 2],
+                         name="stem"),
     ]
     g = helper.make_graph(nodes, "qop", [_vi("x", TensorProto.UINT8, [1, 8, 9, 9]),
-                                         _vi("a", TensorProto.UINT8, [3, 16])],
+                                         _vi("a", TensorProto.UINT8, [3, 16]),
+                                         _vi("x3", TensorProto.UINT8, [1, 3, 20, 20])],
                           [_vi("yc", TensorProto.UINT8, [1, 16, 9, 9]), _vi("ci", TensorProto.INT32, [1, 16, 4, 4]),
-                           _vi("ym", TensorProto.UINT8, [3, 12]), _vi("mi", TensorProto.INT32, [3, 12])], inits)
+                           _vi("ym", TensorProto.UINT8, [3, 12]), _vi("mi", TensorProto.INT32, [3, 12]),
+                           _vi("y3", TensorProto.UINT8, [1, 16, 10, 10])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
     m.ir_version = 9
     return m
@@ -272,12 +278,18 @@ def test_qoperator_models_use_the_same_converters(tmp_path):
     art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "qop", progress=False)
     rng = np.random.default_rng(5)
     feeds = {"x": rng.integers(0, 256, (1, 8, 9, 9)).astype(np.uint8),
-             "a": rng.integers(0, 256, (3, 16)).astype(np.uint8)}
+             "a": rng.integers(0, 256, (3, 16)).astype(np.uint8),
+             "x3": rng.integers(0, 256, (1, 3, 20, 20)).astype(np.uint8)}
     # QLinearConv/QLinearMatMul requantize with a precomputed float multiplier in onnxruntime:
     # one-step flips allowed on a few elements
     _compare(model, art, feeds)
-    assert {n["op"]: n["kernel"] for n in art.manifest["integer"]["nodes"]} == {
-        "QLinearConv": "int8", "ConvInteger": "int8", "QLinearMatMul": "int8", "MatMulInteger": "int8"}
+    nodes = {n["node"]: n for n in art.manifest["integer"]["nodes"]}
+    assert {k: n["kernel"] for k, n in nodes.items()} == {
+        "qlinearconv": "int8", "convinteger": "int8", "qlinearmatmul": "int8", "matmulinteger": "int8",
+        "stem": "int8"}
+    isa = int8_isa(resolve_target("x86").tvm_target())
+    if isa is not None:
+        assert "dot product" in nodes["stem"]["reason"]
 
 
 def test_integer_false_keeps_tvms_float_qdq(tmp_path):

@@ -350,9 +350,9 @@ class _Rewriter:
         if self.isa is None or group != 1:
             return ""
         isa, lanes = self.isa
-        oc, ic = wq.shape[0], wq.shape[1]
-        if ic % 4 or oc % lanes:
-            return (f"{ic} input / {oc} output channels do not fill {isa}'s 4 x {lanes} dot product "
+        oc = wq.shape[0]
+        if oc % lanes:
+            return (f"{oc} output channels do not fill {isa}'s {lanes}-lane dot product "
                     "(the generic integer conv is slower than float here)")
         if needs_pair_limit(isa) and not pairs_fit_pmaddubsw(wq):
             return (f"{isa} has no VNNI and vpmaddubsw would saturate on these weights "
@@ -361,7 +361,7 @@ class _Rewriter:
 
     def _kernel_name(self, op: str, wq: np.ndarray, group: int = 1) -> str:
         if op == "QConv" and self.isa is not None and wq.ndim == 4 and group == 1 \
-                and wq.shape[1] % 4 == 0 and wq.shape[0] % self.isa[1] == 0:
+                and wq.shape[0] % self.isa[1] == 0:
             return f"{self.isa[0]} dot product"
         if op == "QConv" and group > 1:
             return f"generic, {group} groups"

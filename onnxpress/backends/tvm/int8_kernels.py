@@ -68,9 +68,8 @@ def pairs_fit_pmaddubsw(w_oihw) -> bool:
     import numpy as np
 
     w = np.asarray(w_oihw).astype(np.int32)
-    c = w.shape[1]
-    if c % 2:
-        return False
+    if w.shape[1] % 2:            # the padded input channel has weight 0
+        w = np.concatenate([w, np.zeros_like(w[:, :1])], axis=1)
     pairs = np.abs(w[:, 0::2]) + np.abs(w[:, 1::2])
     return bool(pairs.max(initial=0) <= PMADDUBSW_PAIR_LIMIT)
 
@@ -158,13 +157,14 @@ def intrinsic(isa: str, lanes: int) -> str:
 def _conv_te(data, wp, strides, padding, dilation, pad_value=0):
     from tvm import te, topi
 
-    n, h, w, _c = (int(d) for d in data.shape)
+    n, h, w, c = (int(d) for d in data.shape)
     kh, kw, c4, oc, _four = (int(d) for d in wp.shape)
     t, left, b, r = padding
     sh, sw = strides
     dh, dw = dilation
-    if t or left or b or r:
-        data = topi.nn.pad(data, [0, t, left, 0], [0, b, r, 0], pad_value=pad_value, name="pad_int8")
+    extra = 4 * c4 - c            # input channels padded to a multiple of 4 (weights there are 0)
+    if t or left or b or r or extra:
+        data = topi.nn.pad(data, [0, t, left, 0], [0, b, r, extra], pad_value=pad_value, name="pad_int8")
     oh = (h + t + b - (kh - 1) * dh - 1) // sh + 1
     ow = (w + left + r - (kw - 1) * dw - 1) // sw + 1
     rh = te.reduce_axis((0, kh), "rh")
@@ -197,16 +197,19 @@ def _colsum128_te(wp):
 
 
 def _pack_te(weight):
-    from tvm import te
+    from tvm import te, tirx
 
     kh, kw, c, oc = (int(d) for d in weight.shape)
-    return te.compute((kh, kw, c // 4, oc, 4), lambda a, b, c4, o, j: weight[a, b, c4 * 4 + j, o],
-                      name="pack_int8")
+    c4 = (c + 3) // 4
+    return te.compute((kh, kw, c4, oc, 4), lambda a, b, g, o, j: tirx.if_then_else(
+        g * 4 + j < c, weight[a, b, tirx.min(g * 4 + j, c - 1), o], tirx.const(0, weight.dtype)),
+        name="pack_int8")
 
 
 def legalize_map(target) -> dict:
     """customize_legalize_map for relax.LegalizeOps: NHWC u8 x HWIO i8 -> i32 convolutions (groups
-    1, input channels a multiple of 4, output channels of the vector width) as the packed
+    1, output channels a multiple of the vector width; input channels padded to a multiple of 4
+    with zero weights) as the packed
     dot-product convolution above; everything else TVM's default legalization."""
     import tvm
 
@@ -226,7 +229,7 @@ def legalize_map(target) -> dict:
             ok = (dt == "uint8" and wt == "int8" and str(attrs.out_dtype) == "int32"
                   and attrs.data_layout == "NHWC" and attrs.kernel_layout == "HWIO"
                   and str(attrs.out_layout) in ("NHWC", "") and int(attrs.groups) == 1
-                  and dshape[3] % 4 == 0 and wshape[3] % lanes == 0 and wshape[2] == dshape[3])
+                  and wshape[3] % lanes == 0 and wshape[2] == dshape[3])
         except (TypeError, ValueError, AttributeError):
             ok = False
         if not ok:
