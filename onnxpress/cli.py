@@ -116,6 +116,10 @@ def cmd_inspect(args: argparse.Namespace, extensions: list) -> int:
         for name, dtype, dims in items:
             io.add_row(kind, name, dtype, escape("[" + ", ".join(map(str, dims)) + "]"))
     con.print(io)
+    if st.initializer_inputs:
+        con.print(f"[yellow]{st.initializer_inputs} initializers are also graph inputs (exports "
+                  "before ONNX 1.3 list every weight as an input): passes treat them as "
+                  "constants; optimize --keep-initializer-inputs keeps them overridable[/yellow]")
     hist = Table(title="operators")
     hist.add_column("op")
     hist.add_column("count", justify="right")
@@ -177,7 +181,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     before = keep_before(args, model)
     shapes = parse_shapes(args.shape)
     result = passes.run(model, steps, calib=args.calib, target=args.target or "ort", seed=args.seed,
-                        shapes=shapes, verify=args.verify, progress=not args.quiet, inplace=True)
+                        shapes=shapes, verify=args.verify, progress=not args.quiet, inplace=True,
+                        keep_initializer_inputs=args.keep_initializer_inputs)
     ox.save(result.model, out, external_data=True if args.external_data else None)
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(result.to_dict(), indent=2))
@@ -304,6 +309,9 @@ def build_parser(extensions: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify", action="store_true",
                    help="check and compare outputs with onnxruntime after every pass")
+    p.add_argument("--keep-initializer-inputs", action="store_true",
+                   help="keep initializers that are also graph inputs (IR-3 exports) overridable; "
+                        "by default they become constants so folding and fusion see them")
     p.add_argument("--external-data", action="store_true", help="write weights to a .data file")
     p.add_argument("--report-json", metavar="FILE", help="write the per-pass reports as JSON")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -41,18 +41,24 @@ def count_nodes(model: onnx.ModelProto) -> int:
     return sum(1 for _ in iter_nodes(model.graph))
 
 
-def count_params(model: onnx.ModelProto) -> int:
-    """Elements in initializers and Constant-node tensors, subgraphs included."""
-    total = 0
+def iter_constant_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(name, tensor) of every constant, subgraphs included: initializers, sparse initializers'
+    values and Constant-node tensors (PaddlePaddle's exporter and others keep weights there)."""
     for g in iter_graphs(model.graph):
-        total += sum(_tensor_elems(t) for t in g.initializer)
-        total += sum(_tensor_elems(t.values) for t in g.sparse_initializer)
+        for t in g.initializer:
+            yield t.name, t
+        for t in g.sparse_initializer:
+            yield t.values.name, t.values
         for node in g.node:
-            if node.op_type == "Constant":
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for a in node.attribute:
                     if a.type == onnx.AttributeProto.TENSOR:
-                        total += _tensor_elems(a.t)
-    return total
+                        yield node.output[0], a.t
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements in initializers and Constant-node tensors, subgraphs included."""
+    return sum(_tensor_elems(t) for _, t in iter_constant_tensors(model))
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
@@ -86,11 +92,8 @@ def _has_graph_attr(node: onnx.NodeProto) -> bool:
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for g in iter_graphs(model.graph):
-        for t in g.initializer:
-            total += _tensor_elems(t) * _itemsize(t.data_type)
-    return total
+    """Bytes of every constant tensor (see iter_constant_tensors)."""
+    return sum(_tensor_elems(t) * _itemsize(t.data_type) for _, t in iter_constant_tensors(model))
 
 
 def _itemsize(data_type: int) -> int:
@@ -121,6 +124,7 @@ class ModelStats:
     inputs: list[tuple[str, str, list]]
     outputs: list[tuple[str, str, list]]
     unknown_shape_layers: list[str]
+    initializer_inputs: int = 0          # graph inputs that are also initializers (IR 3)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,7 +213,7 @@ MAC_OPS = {"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MatMul", "Mat
 
 def model_stats(model: onnx.ModelProto, *, batch: int = 1) -> ModelStats:
     shapes = _shape_map(model)
-    consts = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer}
+    consts = dict(iter_constant_tensors(model))
     layers, unknown = [], []
     total_macs = 0
     hist: Counter = Counter()
@@ -248,4 +252,5 @@ def model_stats(model: onnx.ModelProto, *, batch: int = 1) -> ModelStats:
         inputs=io([i for i in model.graph.input if i.name not in inits]),
         outputs=io(model.graph.output),
         unknown_shape_layers=unknown,
+        initializer_inputs=sum(1 for i in model.graph.input if i.name in inits),
     )

@@ -390,16 +390,23 @@ def timm_model(name: str) -> Path:
     return path
 
 
-def plain_export(name: str) -> Path:
+def plain_export(name: str, *, legacy: bool = False) -> Path:
     """A zoo architecture exported the way users export it, with nothing of onnxpress in between:
     `torch.onnx.export(net, x, path, input_names=["x"], output_names=["y"], opset_version=17,
     dynamo=False)` (no shape annotations, weights deduplicated by the exporter). `name` is a
-    timm architecture (TIMM_MODELS) or "digits_cnn"."""
+    timm architecture (TIMM_MODELS) or "digits_cnn".
+
+    legacy=True writes the file as exporters before ONNX 1.3 did (the classic model-zoo files):
+    IR version 3, opset 9, every weight also listed as a graph input, BatchNormalization left
+    unfolded. Architectures with ops newer than opset 9 (HardSwish, LayerNormalization...)
+    cannot be written so; they raise ValueError."""
     if name not in TIMM_MODELS + ("digits_cnn",):
         raise ValueError(f"unknown zoo model '{name}'; choose from "
                          f"{', '.join(TIMM_MODELS + ('digits_cnn',))}")
-    path = cache_dir() / f"{name}.plain.onnx"
-    with _locked(name + ".plain"):
+    if legacy and name not in ("resnet18", "digits_cnn"):
+        raise ValueError(f"'{name}' uses ops newer than opset 9: no legacy export")
+    path = cache_dir() / f"{name}.{'ir3' if legacy else 'plain'}.onnx"
+    with _locked(path.stem):
         if not path.exists():
             import warnings
 
@@ -410,10 +417,18 @@ def plain_export(name: str) -> Path:
             else:
                 module, example = timm_module(name), torch.randn(1, 3, 224, 224)
             tmp = path.with_suffix(".tmp")
+            extra = dict(opset_version=9, do_constant_folding=False,
+                         keep_initializers_as_inputs=True) if legacy else dict(opset_version=17)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module, example, str(tmp), input_names=["x"],
-                                  output_names=["y"], opset_version=17, dynamo=False)
+                                  output_names=["y"], dynamo=False, **extra)
+            if legacy:
+                import onnx
+
+                proto = onnx.load(tmp)
+                proto.ir_version = 3
+                onnx.save(proto, tmp)
             tmp.replace(path)
     return path
 

@@ -26,6 +26,7 @@ from onnxpress.passes.graph import (
     copy_model_fields,
     has_subgraphs,
     infer_shapes,
+    initializer_inputs,
     model_size_ok,
     quiet_gs,
     rename_input,
@@ -35,6 +36,28 @@ from onnxpress.passes.graph import (
 from onnxpress.passes.registry import Range, register
 
 INT64_MAX = np.iinfo(np.int64).max
+
+
+# --------------------------------------------------------------------------------------------
+@register("constant_initializers")
+def constant_initializers(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Initializers that are also graph inputs become plain constants (the graph input goes).
+
+    before: graph inputs [x, conv1.weight, conv1.bias, ...] (IR 3: every weight listed)
+    after:  graph inputs [x]; the weights are initializers only, so folding and fusion see them
+    passes.run/apply run this first on such models, as onnxslim and onnx-simplifier do, unless
+    told keep_initializer_inputs=True (CLI --keep-initializer-inputs) for models whose users do
+    feed those tensors. IR version 3 requires every initializer to be an input: the model's IR
+    version becomes 4.
+    """
+    names = set(initializer_inputs(model))
+    if names:
+        keep = [i for i in model.graph.input if i.name not in names]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.ir_version = max(model.ir_version, 4)
+    ctx.record(initializer_inputs_made_constant=len(names))
+    return model
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ class PassContext:
     seed:    seed for every random choice a pass makes (use `ctx.rng()`)
     shapes:  sizes for dynamic dims, {input name: shape} or {dim name: size}
     progress: show progress bars on long work
+    keep_initializer_inputs: initializers also listed as graph inputs stay overridable inputs
+        (by default the pipeline makes them constants first: see `constant_initializers`)
     """
 
     calib: Any = None
@@ -54,6 +56,7 @@ class PassContext:
     seed: int = 0
     shapes: dict[str, Any] | None = None
     progress: bool = True
+    keep_initializer_inputs: bool = False
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
     _figures: dict = dataclasses.field(default_factory=dict, repr=False)

@@ -216,6 +216,13 @@ def quiet_gs() -> Iterator[None]:
         G_LOGGER.severity = old
 
 
+def initializer_inputs(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that also have an initializer: every weight of an IR-version-3 export (ONNX
+    before 1.3 required it), overridable at run time in principle, constants in practice."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name in inits]
+
+
 def constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """{name: TensorProto} for initializers and Constant nodes with a `value` tensor."""
     out = {t.name: t for t in graph.initializer}

@@ -34,6 +34,7 @@ from onnxpress.errors import (
 from onnxpress.io import ModelLike, load
 from onnxpress.passes import registry
 from onnxpress.passes.context import PassContext
+from onnxpress.passes.graph import initializer_inputs
 from onnxpress.units import human_bytes, human_count
 
 
@@ -406,6 +407,7 @@ def run(
     progress: bool = False,
     instruments: Iterable[Instrument] = (),
     ctx: PassContext | None = None,
+    keep_initializer_inputs: bool = False,
 ) -> PipelineResult:
     """Run a pipeline and return the model with one report per pass.
 
@@ -413,11 +415,14 @@ def run(
     not changed unless `inplace=True`. With `verify=True`, the ONNX checker and an onnxruntime
     comparison run after each pass; the first pass that breaks the model is named in a
     VerificationError (lossy passes have their error reported, not enforced).
+    Initializers also listed as graph inputs (IR-3 exports) are made constants first, by the
+    pass `constant_initializers`, unless `keep_initializer_inputs=True`.
     """
     steps = parse_pipeline(pipeline)
     if ctx is None:
         ctx = PassContext(calib=calib, target=target, seed=seed,
-                          shapes=dict(shapes) if shapes else None, progress=progress)
+                          shapes=dict(shapes) if shapes else None, progress=progress,
+                          keep_initializer_inputs=keep_initializer_inputs)
     if isinstance(model, onnx.ModelProto):
         try:
             onnx.checker.check_model(model) if stats.model_bytes(model) <= 2**31 - 2**24 else None
@@ -428,6 +433,9 @@ def run(
         working = model if inplace else copy.deepcopy(model)
     else:
         working = load(model)
+    if not ctx.keep_initializer_inputs and initializer_inputs(working) and \
+            not any(s.name == "constant_initializers" for s in steps):
+        steps = parse_pipeline(["constant_initializers"]) + steps
     if ctx.calib is not None and any("calib" in s.info.requires for s in steps):
         ctx.require_calib(working)  # bad calibration data fails before the first pass runs
     instruments = list(instruments)

@@ -221,3 +221,50 @@ def test_cleanup_properties(model):
 
 
 _ = pytest
+
+
+# -- IR-3 exports: weights listed as graph inputs ------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet18", "digits_cnn"])
+def test_ir3_export_reaches_the_fresh_exports_node_count(name):
+    """Exports before ONNX 1.3 list every weight as a graph input too: the pipeline makes them
+    constants first, so cleanup+fuse folds BatchNorm and fuses Conv+Relu as on a fresh export,
+    with outputs within 1e-4, and ends at most at onnxslim's node count."""
+    import onnxslim
+
+    from onnxpress import zoo
+
+    legacy = onnx.load(zoo.plain_export(name, legacy=True))
+    assert legacy.ir_version == 3 and len(legacy.graph.input) > 1
+    fresh = onnx.load(zoo.plain_export(name))
+    res = passes.run(legacy, "cleanup,fuse")
+    assert res.reports[0].name == "constant_initializers"
+    assert res.reports[0].figures["initializer_inputs_made_constant"] == len(legacy.graph.input) - 1
+    want = len(passes.apply(fresh, "cleanup,fuse").graph.node)
+    assert len(res.model.graph.node) == want
+    slim_copy = onnx.ModelProto()
+    slim_copy.CopyFrom(legacy)                  # (onnxslim edits the model it is given)
+    assert len(res.model.graph.node) <= len(onnxslim.slim(slim_copy).graph.node)
+    assert [i.name for i in res.model.graph.input] == ["x"]
+    shape = [d.dim_value or 1 for d in legacy.graph.input[0].type.tensor_type.shape.dim]
+    x = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    np.testing.assert_allclose(ort.run(res.model, x)["y"], ort.run(legacy, x)["y"],
+                               rtol=1e-4, atol=1e-4)
+    # the user who does feed those tensors keeps them
+    kept = passes.run(legacy, "cleanup", keep_initializer_inputs=True)
+    assert len(kept.model.graph.input) == len(legacy.graph.input)
+    assert all(r.name != "constant_initializers" for r in kept.reports)
+
+
+def test_inspect_counts_weights_held_in_constant_nodes(capsys, monkeypatch):
+    """Weights in Constant nodes (PaddlePaddle's exporter and others) count as weights and as each
+    layer's parameters, and inspect names initializer inputs."""
+    from onnxpress import model_stats
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    m = make([helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+              helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+             [vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 6, 6])])
+    st = model_stats(m)
+    assert st.params == w.size and st.weight_bytes == w.nbytes
+    assert st.layers[0].params == w.size and st.macs == 8 * 6 * 6 * 3 * 3 * 3
