@@ -140,6 +140,7 @@ class VerifyResult:
     outputs: list[OutputError]
     rtol: float
     atol: float
+    criterion: str | None = None         # when not rtol/atol (integer-kernel artifacts)
 
     @property
     def max_abs(self) -> float:
@@ -154,7 +155,8 @@ class VerifyResult:
         return min((o.cosine for o in self.outputs), default=1.0)
 
     def __str__(self) -> str:
-        lines = [f"{'OK' if self.ok else 'MISMATCH'} (rtol={self.rtol:g}, atol={self.atol:g})"]
+        how = self.criterion or f"rtol={self.rtol:g}, atol={self.atol:g}"
+        lines = [f"{'OK' if self.ok else 'MISMATCH'} ({how})"]
         for o in self.outputs:
             lines.append(f"  {o.name} {o.shape}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, "
                          f"cosine {o.cosine:.6f}{'' if o.ok else '  <-- exceeds tolerance'}")

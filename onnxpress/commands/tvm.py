@@ -156,8 +156,9 @@ def add_commands(subparsers) -> None:
     r.add_argument("artifact", help="directory written by `onnxpress compile`")
     r.add_argument("--inputs", help=".npz with one array per input (default: random inputs)")
     r.add_argument("--verify", metavar="MODEL", help="compare with onnxruntime running this ONNX model")
-    r.add_argument("--rtol", type=float, default=1e-4)
-    r.add_argument("--atol", type=float, default=1e-5)
+    r.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance (default 1e-4; integer-kernel artifacts: one step)")
+    r.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-5)")
     r.add_argument("--outputs", help="write the outputs to this .npz")
     r.add_argument("--bench", type=int, default=0, metavar="RUNS", help="also time RUNS runs")
     r.add_argument("--rpc", metavar="HOST:PORT", help="run on the board behind this tracker")

@@ -328,3 +328,25 @@ def test_arm_dotprod_build_matches_onnxruntime_under_qemu(arm_cnn):
     model, art = arm_cnn
     x = np.random.default_rng(1).standard_normal((1, 8, 12, 12)).astype(np.float32) * 2
     _compare(model, art, {"x": x})
+
+
+def test_quant_int8_for_tvm_picks_the_weight_range_the_dot_product_needs(tmp_path):
+    """quant_int8 with target tvm writes 7-bit weights exactly when the host's TVM dot product is
+    vpmaddubsw (no VNNI), so the plain digits CNN gets every conv and Gemm on integer kernels
+    either way, matching onnxruntime's QDQ reference within one step."""
+    from onnxpress import passes, zoo
+
+    isa = int8_isa(resolve_target("x86").tvm_target())
+    if isa is None:
+        pytest.skip("no x86 int8 dot-product ISA here")
+    model = onnx.load(zoo.plain_export("digits_cnn"))
+    calib = [{"x": b["input"][i:i + 1]} for b in zoo.digits_calib(16, 16) for i in range(16)]
+    res = passes.run(model, "fuse,quant_int8", calib=calib, target="tvm")
+    f = res.reports[-1].figures
+    assert f["weight_bits"] == (7 if "vnni" not in isa[0] else 8)
+    assert f["int8_compute_nodes"] == 4
+    art = ox_tvm.compile(res.model, target="x86", output_dir=tmp_path / "art", progress=False)
+    integer = art.manifest["integer"]
+    assert integer["int8_kernels"] >= 4 and integer["float"] == 0, integer
+    check = art.verify(res.model, calib[0])
+    assert check.ok, check

@@ -58,6 +58,20 @@ def int8_isa(target) -> tuple[str, int] | None:
     return None
 
 
+def weights_need_7_bits(target_name: str) -> bool:
+    """Whether int8 weights must stay within +-64 for `target_name`'s dot product to be exact
+    ("x86"/"tvm": the host CPU that compile() targets; "arm": sdot, never). Without VNNI the
+    u8 x s8 dot product is vpmaddubsw, whose int16 pair sums saturate on full-range weights."""
+    if target_name not in ("x86", "tvm"):
+        return False
+    import tvm
+
+    from .targets import resolve_target
+
+    isa = int8_isa(tvm.target.Target(resolve_target("x86").spec))
+    return needs_pair_limit(isa[0] if isa else None)
+
+
 def needs_pair_limit(isa: str | None) -> bool:
     return isa in ("avx512bw", "avx2")
 

@@ -95,6 +95,7 @@ def quantize_static(
     matmul_activations: bool = False,
     embeddings: bool = True,
     contrib_ops: bool = False,
+    weight_bits: int = 8,
     names_filter=None,
 ) -> tuple[onnx.ModelProto, dict]:
     """The work behind `quant_int8` (also used by quant_auto with a node filter).
@@ -339,7 +340,7 @@ def quantize_static(
         if wname not in weight_scales:
             init = inits[wname]
             axis = weight_axis(n, len(init.dims)) if per_channel else None
-            node, scale = make_dq_weight(graph, init, axis, names)
+            node, scale = make_dq_weight(graph, init, axis, names, bits=weight_bits)
             head_nodes.append(node)
             weight_scales[wname] = scale
             weights_quantized += 1
@@ -396,7 +397,7 @@ def quantize_static(
             continue
         x, bias = direct[id(n)]
         w = numpy_helper.to_array(inits[n.input[1]])
-        q, ws = quantize_weight(w, 1 if per_channel else None)
+        q, ws = quantize_weight(w, 1 if per_channel else None, bits=weight_bits)
         base = n.input[1]
         qw = add_init(q, base + "_q")
         sw = add_init(ws, base + "_s")
@@ -494,6 +495,7 @@ def quantize_static(
         "constants_lifted": lifted,
         "opset_raised": raised,
         "method": method,
+        "weight_bits": weight_bits,
         "float_reasons": left_float,
     }
     return model, figures
@@ -627,6 +629,7 @@ def quant_int8(
     embeddings: bool = True,
     latency_aware: bool = True,
     latency_floor_ms: Annotated[float, Range(0)] = 1.0,
+    weight_range: Literal["auto", "full", "7bit"] = "auto",
     report_error: bool = True,
 ) -> onnx.ModelProto:
     """Static int8 QDQ quantization from calibration data (integer kernels on onnxruntime).
@@ -639,6 +642,9 @@ def quant_int8(
     scales (embeddings=false keeps them). latency_aware (target ort): ops whose int8 form does not pay
     on onnxruntime are dropped by measurement; the model is never slower than its input
     (models under latency_floor_ms in float are kept in int8 for their size).
+    weight_range: "7bit" keeps weights within +-63 (onnxruntime's reduce_range idea) so that
+    x86 CPUs without VNNI run TVM's u8 x s8 dot product (vpmaddubsw) exactly; "auto" picks it
+    for target tvm/x86 when the host CPU TVM compiles for lacks VNNI, "full" otherwise.
     """
     fused = split_fused_ops(model)
     if fused:
@@ -651,6 +657,8 @@ def quant_int8(
                   exclude_op_types=exclude_op_types, depthwise=depthwise,
                   matmul_activations=matmul_activations, embeddings=embeddings)
     kwargs["contrib_ops"] = ctx.target == "ort"
+    kwargs["weight_bits"] = 7 if weight_range == "7bit" or (
+        weight_range == "auto" and _tvm_needs_7_bit_weights(ctx.target)) else 8
     original = onnx.ModelProto()
     original.CopyFrom(model)
     out, figures = quantize_static(model, stats, **kwargs)
@@ -679,6 +687,16 @@ def quant_int8(
     figures["calibration_batches"] = stats.batches
     ctx.record(**figures)
     return out
+
+
+def _tvm_needs_7_bit_weights(target: str) -> bool:
+    if target not in ("tvm", "x86"):
+        return False
+    try:
+        from onnxpress.backends.tvm.int8_kernels import weights_need_7_bits
+    except ImportError:            # no TVM installed: nothing will compile this model here
+        return False
+    return weights_need_7_bits(target)
 
 
 def warn_float_layers(pass_name: str, figures: dict) -> None:
