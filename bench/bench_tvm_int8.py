@@ -3,14 +3,14 @@ one process, on the zoo's resnet18 after `fuse,quant_int8` (target tvm: plain ON
 
     python -m bench --only tvm_int8
 
-Rows: the quant_int8 model as it is, and the same model with 7-bit weights
-(backends.tvm.int8.reduce_weight_range), which CPUs without VNNI need for the vpmaddubsw dot
-product to be exact. Columns: p50 latency (batch 1, 2 threads), integer kernels / ops on 8-bit
+Rows: the quant_int8 model as quant_int8 writes it for target tvm (weight_range=auto: 7-bit
+weights when the host has no VNNI, so that the vpmaddubsw dot product is exact; 8-bit with VNNI),
+and on CPUs without VNNI also the full-range model (weight_range=full) for comparison. Columns: p50 latency (batch 1, 2 threads), integer kernels / ops on 8-bit
 tensors / float, the share of elements of the last quantized activation (the 512 features the
 classifier reads) that differ from onnxruntime's QDQ reference by one step (and the largest
 difference), max abs logit error, top-1 agreement with onnxruntime int8 on the zoo's photos, and
 the dot-product instructions in the x86 library; the CPU model and ISA flags are in the notes.
-The aarch64 row cross-compiles the 7-bit model with +dotprod and counts sdot/udot with
+The aarch64 row cross-compiles quant_int8's model for target arm (8-bit weights) with +dotprod and counts sdot/udot with
 aarch64-linux-gnu-objdump (not run: qemu speed says nothing).
 """
 
@@ -69,7 +69,6 @@ def run(quick: bool) -> dict:
     from onnxpress import passes, zoo
     from onnxpress.backends import ort
     from onnxpress.backends import tvm as ox_tvm
-    from onnxpress.backends.tvm.int8 import reduce_weight_range
     from onnxpress.backends.tvm.int8_kernels import int8_isa
     from onnxpress.backends.tvm.targets import resolve_target
 
@@ -79,8 +78,13 @@ def run(quick: bool) -> dict:
     photos = zoo.photo_batch(224)
     feeds = {"input": photos[:1]}
     fp32 = passes.apply(path, ["fuse"], target="tvm")
-    q = passes.apply(path, ["fuse", "quant_int8"], calib=cnn_calib(), target="tvm")
-    variants = {"resnet18 fuse,quant_int8": q, "resnet18 fuse,quant_int8 + 7-bit weights": reduce_weight_range(q)}
+    calib = cnn_calib()
+    res = passes.run(path, ["fuse", "quant_int8"], calib=calib, target="tvm")
+    bits = res.reports[-1].figures["weight_bits"]
+    full = passes.apply(path, ["fuse", "quant_int8:weight_range=full"], calib=calib, target="tvm")
+    variants = {f"resnet18 fuse,quant_int8 (target tvm: {bits}-bit weights chosen)": res.model}
+    if bits != 8:
+        variants["resnet18 fuse,quant_int8:weight_range=full"] = full
     work = tempfile.mkdtemp(prefix="onnxpress-bench-tvm-int8-")
     rows = []
     try:
@@ -116,7 +120,8 @@ def run(quick: bool) -> dict:
                          "top1_agree_ort_int8": f"{sum(agree)}/{len(agree)}",
                          "x86_dot_instructions": " ".join(f"{k} {v}" for k, v in dots.items())})
             print(rows[-1], flush=True)
-        rows.append(_arm_row(variants["resnet18 fuse,quant_int8 + 7-bit weights"], work))
+        arm = passes.apply(path, ["fuse", "quant_int8"], calib=calib, target="arm")  # 8-bit: sdot
+        rows.append(_arm_row(arm, work))
         print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -128,7 +133,7 @@ def run(quick: bool) -> dict:
              "the flip share compares the last 8-bit activation with onnxruntime's unoptimized session "
              "(QDQ's reference semantics). On CPUs without VNNI, convolutions whose weights would "
              "saturate vpmaddubsw run as float convs between 8-bit tensors (the manifest says which); "
-             "the 7-bit row quantizes weights to [-64, 64] so every 3x3/1x1 conv takes the integer kernel.")
+             "7-bit weights ([-63, 63], quant_int8's weight_range) put every 3x3/1x1 conv on the integer kernel.")
     return {"title": "TVM int8 (integer kernels) vs TVM fp32 vs onnxruntime, resnet18", "rows": rows,
             "notes": notes}
 
@@ -137,7 +142,7 @@ def _arm_row(model, work: str) -> dict:
     from onnxpress.backends import tvm as ox_tvm
 
     target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 4}
-    row = {"model": "resnet18 7-bit, aarch64 +dotprod (cross-compiled, not timed)"}
+    row = {"model": "resnet18 quant_int8 (target arm), aarch64 +dotprod (cross-compiled, not timed)"}
     try:
         art = ox_tvm.compile(model, target, output_dir=os.path.join(work, "arm"), progress=False)
     except Exception as exc:   # no cross compiler here
