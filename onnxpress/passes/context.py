@@ -62,6 +62,7 @@ class PassContext:
     _figures: dict = dataclasses.field(default_factory=dict, repr=False)
     _preserved: set = dataclasses.field(default_factory=set, repr=False)
     _current_pass: str | None = dataclasses.field(default=None, repr=False)
+    _children: list = dataclasses.field(default_factory=list, repr=False)   # a pipeline's reports
 
     def __post_init__(self) -> None:
         self.calib = as_calibration(self.calib)

@@ -200,6 +200,6 @@ def distill(model: onnx.ModelProto, ctx: PassContext, *,
         progress=ctx.progress_bar if ctx.progress else None)
     from onnxpress.passes.prune import calib_error
 
-    figures.update({f"vs_teacher_{k}": v for k, v in calib_error(teacher_model, student, ctx).items()})
+    figures.update(calib_error(teacher_model, student, ctx), error_reference="teacher")
     ctx.record(**figures)
     return student

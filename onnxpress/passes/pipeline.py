@@ -158,6 +158,7 @@ class PassReport:
     modified: bool
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     verify: dict[str, Any] | None = None
+    children: list[PassReport] = dataclasses.field(default_factory=list)   # a named pipeline's
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -219,6 +220,13 @@ def _summary(r: PassReport, limit: int = 4) -> str:
     return ", ".join(shown[:limit]) + (f" (+{more} more in the JSON/report)" if more > 0 else "")
 
 
+def _walk(reports: list[PassReport], depth: int = 0):
+    """(report, depth) for each report and, under it, a named pipeline's inner passes."""
+    for r in reports:
+        yield r, depth
+        yield from _walk(r.children, depth + 1)
+
+
 class PassTable:
     """The pass reports as a rich renderable that fits the terminal: one row per pass with
     nodes/params/bytes/time; the key figures in a column when there is room (100+ columns),
@@ -235,11 +243,13 @@ class PassTable:
         for col in cols:
             t.add_column(col, justify="left" if col in ("pass", "figures") else "right",
                          no_wrap=col != "figures")
-        for r in self.reports:
-            row = [r.name, f"{r.nodes_before}>{r.nodes_after}",
+        for r, depth in _walk(self.reports):
+            row = ["  " * depth + ("└ " if depth else "") + r.name,
+                   f"{r.nodes_before}>{r.nodes_after}",
                    f"{_count(r.params_before)}>{_count(r.params_after)}",
                    f"{_human(r.bytes_before)}>{_human(r.bytes_after)}", f"{r.seconds:.2f}s"]
-            t.add_row(*row, *([_summary(r)] if with_figures else []))
+            t.add_row(*row, *([_summary(r)] if with_figures else []),
+                      style="dim" if depth else None)
         return t
 
     def __rich_console__(self, console, options):
@@ -250,10 +260,10 @@ class PassTable:
             yield self._table(True)
             return
         yield self._table(False)
-        for r in self.reports:
+        for r, depth in _walk(self.reports):
             line = _summary(r)
             if line:
-                yield Padding(Text(f"{r.name}: {line}"), (0, 0, 0, 2))
+                yield Padding(Text(f"{r.name}: {line}"), (0, 0, 0, 2 + 2 * depth))
 
     def __str__(self) -> str:
         import io
@@ -460,6 +470,7 @@ def run(
         nodes_b, params_b, bytes_b = stats.count_nodes(working), stats.count_params(working), \
             stats.model_bytes(working)
         ctx._figures = {}
+        ctx._children = []
         ctx._preserved = set()
         ctx._current_pass = step.name
         t0 = time.perf_counter()
@@ -486,7 +497,8 @@ def run(
             nodes_before=nodes_b, nodes_after=stats.count_nodes(working),
             params_before=params_b, params_after=stats.count_params(working),
             bytes_before=bytes_b, bytes_after=stats.model_bytes(working),
-            seconds=seconds, modified=modified, figures=dict(ctx._figures))
+            seconds=seconds, modified=modified, figures=dict(ctx._figures),
+            children=list(ctx._children))
         for inst in instruments:
             inst.after_pass(step, working, ctx, report)
         reports.append(report)
@@ -515,8 +527,12 @@ def register_pipeline(name: str, pipeline: Any, doc: str | None = None) -> None:
     steps_spec = pipeline
 
     def _pipeline_pass(model, ctx):
+        outer = ctx._current_pass
         inner = run(model, steps_spec, ctx=ctx, inplace=True)
-        ctx.record(**{f"{r.name}.nodes_after": r.nodes_after for r in inner.reports})
+        # the inner passes report as children; their figures must not pass for the pipeline's
+        ctx._current_pass, ctx._figures, ctx._children = outer, {}, list(inner.reports)
+        ctx.record(passes=len(inner.reports),
+                   modified_by=",".join(r.name for r in inner.reports if r.modified) or "none")
         return inner.model
 
     _pipeline_pass.__doc__ = doc or f"The pipeline {steps_spec}."

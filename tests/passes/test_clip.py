@@ -107,6 +107,6 @@ def test_clip_methods_bound_the_weights(digits_cnn_path):
 def test_clip_reports_error_on_calibration_and_checks_range(digits_cnn_path):
     model = onnx.load(digits_cnn_path)
     fig = passes.run(model, "clip:99.9", calib=zoo.digits_calib()).reports[0].figures
-    assert 0.9 < fig["calib_cosine"] <= 1.0 and "calib_max_abs" in fig
+    assert 0.9 < fig["min_cosine"] <= 1.0 and "max_abs" in fig and "rel_l2" in fig
     with pytest.raises(PassOptionError, match="'lo'"):
         passes.apply(model, "clip:method=range,lo=1,hi=-1")

@@ -247,10 +247,16 @@ def test_entry_point_pass(tmp_path, digits_cnn_path):
         passes.unregister("ep_pass")
 
 
-def test_named_pipeline_is_a_pass(digits_cnn):
+def test_named_pipeline_is_a_pass_with_its_passes_as_children(digits_cnn):
     result = passes.run(digits_cnn, ["cleanup"])
-    assert result.reports[0].name == "cleanup"
-    assert "simplify.nodes_after" in result.reports[0].figures
+    report = result.reports[0]
+    assert report.name == "cleanup"
+    assert [c.name for c in report.children] == ["fold_constants", "dce", "simplify", "dce"]
+    # the last inner pass's figures stay with it, not with the pipeline
+    assert "nodes_removed" in report.children[-1].figures
+    assert "nodes_removed" not in report.figures and report.figures["passes"] == 4
+    assert report.to_dict()["children"][2]["name"] == "simplify"
+    assert "└ simplify" in str(result.table())
 
 
 _ = np

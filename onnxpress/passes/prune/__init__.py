@@ -61,31 +61,13 @@ def calibration_sample(calib, max_samples: int, batch_size: int = 64) -> list[di
 
 def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
                 max_samples: int = 256) -> dict:
-    """Output error of a lossy pass on calibration data (empty when there is none)."""
+    """The standard error figures (passes/error.py) of a lossy pass on up to `max_samples`
+    calibration samples (empty when there is no calibration data)."""
     if ctx.calib is None:
         return {}
-    from onnxpress.backends import ort
+    from onnxpress.passes.error import output_error
 
-    sa, sb = ort.session(before, threads=1), ort.session(after, threads=1)
-    max_abs, cos, agree, n = 0.0, 1.0, 0, 0
-    names = [o.name for o in sa.get_outputs()]
-    for batch in calibration_sample(ctx.calib, max_samples):
-        ya, yb = sa.run(names, batch), sb.run(names, batch)
-        for a, b in zip(ya, yb):
-            if a.dtype.kind != "f":
-                continue
-            a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            max_abs = max(max_abs, float(np.abs(a64 - b64).max()))
-            na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
-            cos = min(cos, float((a64.ravel() @ b64.ravel()) / (na * nb)) if na and nb else 1.0)
-        a0, b0 = ya[0], yb[0]
-        if a0.ndim == 2 and a0.dtype.kind == "f":
-            agree += int((a0.argmax(1) == b0.argmax(1)).sum())
-            n += a0.shape[0]
-    out = {"calib_max_abs": max_abs, "calib_cosine": cos}
-    if n:
-        out["calib_top1_agreement"] = agree / n
-    return out
+    return output_error(before, after, calibration_sample(ctx.calib, max_samples))
 
 
 @register("prune", lossy=True)

@@ -588,26 +588,12 @@ def model_quant_figures(model: onnx.ModelProto, reasons: dict[str, str]) -> dict
 
 def output_error(reference: onnx.ModelProto, candidate: onnx.ModelProto, calib,
                  max_batches: int = 4) -> dict:
-    """Min cosine and max relative L2 error of every output over a few calibration batches."""
-    from onnxpress.backends import ort
+    """The standard error figures (passes/error.py) over the first `max_batches` batches."""
+    import itertools
 
-    s_ref, s_new = ort.session(reference), ort.session(candidate)
-    cos, rel = 1.0, 0.0
-    for i, batch in enumerate(calib):
-        if i >= max_batches:
-            break
-        a = s_ref.run(None, batch)
-        b = s_new.run(None, batch)
-        for x, y in zip(a, b):
-            if not np.issubdtype(np.asarray(x).dtype, np.floating):
-                continue
-            x = np.asarray(x, np.float64).reshape(len(x), -1) if np.ndim(x) else np.atleast_2d(x)
-            y = np.asarray(y, np.float64).reshape(x.shape)
-            nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
-            c = np.where((nx > 0) & (ny > 0), (x * y).sum(1) / np.maximum(nx * ny, 1e-30), 1.0)
-            cos = min(cos, float(c.min()))
-            rel = max(rel, float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30)))
-    return {"min_cosine": round(cos, 6), "rel_l2": round(rel, 6)}
+    from onnxpress.passes.error import output_error as _output_error
+
+    return _output_error(reference, candidate, itertools.islice(calib, max_batches))
 
 
 @register("quant_int8", lossy=True, requires=("calib",))
