@@ -302,7 +302,7 @@ def build_parser(extensions: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true",
                    help="with --report: do not time the models before and after on onnxruntime")
     p.add_argument("--calib", help=".npz with arrays named after the inputs, batch on axis 0")
-    p.add_argument("--target", default=None,
+    p.add_argument("--target", default=None, choices=["ort", "tvm", "x86", "arm", "cuda"],
                    help="backend the model is for: ort (default), tvm, x86, arm, cuda")
     p.add_argument("--shape", action="append", metavar="NAME=DIMS",
                    help="bind dynamic dims: input=1,3,224,224 or dim=128 (repeatable)")

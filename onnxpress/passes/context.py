@@ -15,9 +15,11 @@ import numpy as np
 import onnx
 
 from onnxpress.data import CalibrationData, as_calibration
-from onnxpress.errors import CalibrationError, PassError
+from onnxpress.errors import CalibrationError, PassError, PassOptionError
 
 _ANALYSES: dict[str, Callable[..., Any]] = {}
+# what a pipeline can be run for: onnxruntime, or the TVM backend (host, or a named target)
+TARGETS = ("ort", "tvm", "x86", "arm", "cuda")
 
 
 def register_analysis(name: str) -> Callable:
@@ -66,6 +68,17 @@ class PassContext:
 
     def __post_init__(self) -> None:
         self.calib = as_calibration(self.calib)
+        target = (self.target or "ort").lower()
+        if target not in TARGETS:
+            raise PassOptionError(f"unknown target '{self.target}'; use one of {', '.join(TARGETS)} "
+                                  "(ort: onnxruntime with its contrib ops; tvm/x86/arm/cuda: plain "
+                                  "ONNX for the TVM backend)")
+        self.target = target
+
+    @property
+    def for_onnxruntime(self) -> bool:
+        """Whether the model is meant for onnxruntime (contrib ops and its timings apply)."""
+        return self.target == "ort"
 
     # -- calibration ------------------------------------------------------------------------
     def require_calib(self, model: onnx.ModelProto | None = None) -> CalibrationData:

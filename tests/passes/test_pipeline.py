@@ -301,3 +301,9 @@ def test_a_custom_pass_that_mutates_its_input_cannot_change_the_callers_model(di
         assert all(not numpy_helper.to_array(t).any() for t in out.graph.initializer)
     finally:
         passes.unregister("test_mutating_pass")
+
+
+def test_target_is_a_validated_choice(digits_cnn):
+    with pytest.raises(PassOptionError, match="unknown target 'onnxruntime'.*ort, tvm, x86, arm, cuda"):
+        passes.run(digits_cnn, ["dce"], target="onnxruntime")
+    assert passes.run(digits_cnn, ["dce"], target="TVM").reports[0].name == "dce"

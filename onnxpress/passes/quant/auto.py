@@ -239,7 +239,7 @@ def quant_auto(
     if "fp32" not in cands:
         cands.append("fp32")
     if objective == "latency":
-        order = ["int8", "fp32"] if ctx.target == "ort" else ["int8", "fp16", "int4", "fp32"]
+        order = ["int8", "fp32"] if ctx.for_onnxruntime else ["int8", "fp16", "int4", "fp32"]
         levels = [p for p in order if p in cands]
         # on onnxruntime's CPU fp16/int4 are not faster than fp32: they only help size
     else:
@@ -253,8 +253,8 @@ def quant_auto(
         batches.append(b)
     scorer = Scorer(model, batches, metric, callback)
     stats = ctx.analysis("calib", model)
-    int8_options = dict(method=method, contrib_ops=ctx.target == "ort")
-    int4_options = dict(block_size=block_size, use_nbits=ctx.target == "ort")
+    int8_options = dict(method=method, contrib_ops=ctx.for_onnxruntime)
+    int4_options = dict(block_size=block_size, use_nbits=ctx.for_onnxruntime)
     layers, table = layer_sensitivity(model, ctx, precisions=measure, scorer=scorer,
                                       int8_options=int8_options, int4_options=int4_options)
     if metric == "cosine":
@@ -273,7 +273,7 @@ def quant_auto(
     out = apply_assignment(model, stats, assign, int8_options=int8_options,
                            int4_options=int4_options, embeddings=embeddings)
     figures: dict[str, Any] = {}
-    if latency_aware and objective == "latency" and ctx.target == "ort":
+    if latency_aware and objective == "latency" and ctx.for_onnxruntime:
         from onnxpress.passes.quant.latency import relative_costs
 
         cost, (cpu_fp, wall_fp) = relative_costs([model, out], batches[0])

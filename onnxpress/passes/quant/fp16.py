@@ -300,5 +300,5 @@ def bf16(model: onnx.ModelProto, ctx: PassContext, *, keep_io_types: bool = True
     mode=auto: weights on ctx.target "ort" (onnxruntime's CPU has no bf16 kernels), compute else.
     """
     if mode == "auto":
-        mode = "weights" if ctx.target == "ort" else "compute"
+        mode = "weights" if ctx.for_onnxruntime else "compute"
     return _run(model, ctx, BFLOAT16, mode, keep_io_types, op_block_list, node_block_list)

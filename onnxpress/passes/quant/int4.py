@@ -176,7 +176,7 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
     """
     original = onnx.ModelProto()
     original.CopyFrom(model)
-    use_nbits = format == "nbits" or (format == "auto" and ctx.target == "ort")
+    use_nbits = format == "nbits" or (format == "auto" and ctx.for_onnxruntime)
     out, figures = int4_quantize(model, block_size=block_size, symmetric=symmetric,
                                  use_nbits=use_nbits, accuracy_level=accuracy_level,
                                  embeddings=embeddings, min_weight=min_weight,

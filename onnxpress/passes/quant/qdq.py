@@ -642,7 +642,7 @@ def quant_int8(
                   op_types=op_types, include_nodes=include_nodes, exclude_nodes=exclude_nodes,
                   exclude_op_types=exclude_op_types, depthwise=depthwise,
                   matmul_activations=matmul_activations, embeddings=embeddings)
-    kwargs["contrib_ops"] = ctx.target == "ort"
+    kwargs["contrib_ops"] = ctx.for_onnxruntime
     kwargs["weight_bits"] = 7 if weight_range == "7bit" or (
         weight_range == "auto" and _tvm_needs_7_bit_weights(ctx.target)) else 8
     original = onnx.ModelProto()
@@ -650,7 +650,7 @@ def quant_int8(
     out, figures = quantize_static(model, stats, **kwargs)
     reasons = figures.pop("float_reasons")
     figures.pop("weights_weight_only")    # (model_quant_figures counts every int8 weight)
-    if latency_aware and ctx.target == "ort":
+    if latency_aware and ctx.for_onnxruntime:
         from onnxpress.passes.quant.latency import choose_fastest
 
         candidate = layer_precisions(out)
