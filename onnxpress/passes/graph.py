@@ -125,13 +125,32 @@ def _static_score(v: onnx.ValueInfoProto | None) -> int:
     return 1 + sum(1 for d in v.type.tensor_type.shape.dim if d.HasField("dim_value"))
 
 
+def _symbolic_shape_inference_class():
+    """onnxruntime's SymbolicShapeInference, loaded from its file: the package `onnxruntime.tools`
+    imports torch in its __init__ (3 s on every first shape analysis of a process) and the
+    module itself needs only onnx, numpy and packaging."""
+    import importlib.util
+    import sys
+
+    name = "onnxpress._ort_symbolic_shape_infer"
+    module = sys.modules.get(name)
+    if module is None:
+        import onnxruntime
+
+        path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module.SymbolicShapeInference
+
+
 def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         import logging
 
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
+        SymbolicShapeInference = _symbolic_shape_inference_class()
+        logging.getLogger(SymbolicShapeInference.__module__).setLevel(logging.ERROR)
         # when its inference is incomplete it saves sym_shape_infer_temp.onnx plus uuid-named
         # .data files into the working directory: give it a throwaway one
         cwd = os.getcwd()
@@ -261,21 +280,28 @@ def has_subgraphs(node: onnx.NodeProto) -> bool:
 
 def rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
     """Replace input `old` by `new` on `node` and inside its subgraphs (outer-scope reads)."""
+    rename_inputs(node, {old: new})
+
+
+def rename_inputs(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
+    """Replace every input named in `mapping` on `node` and inside its subgraphs (outer-scope
+    reads; a name the subgraph defines itself shadows the outer one). One walk for many names."""
     for i, name in enumerate(node.input):
-        if name == old:
-            node.input[i] = new
+        if name in mapping:
+            node.input[i] = mapping[name]
     for a in node.attribute:
         graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
         for g in graphs:
             local = {i.name for i in g.input} | {t.name for t in g.initializer} | \
                 {o for n in g.node for o in n.output}
-            if old in local:
-                continue  # shadowed inside the subgraph
+            inner = {k: v for k, v in mapping.items() if k not in local}
+            if not inner:
+                continue
             for n in g.node:
-                rename_input(n, old, new)
+                rename_inputs(n, inner)
             for o in g.output:
-                if o.name == old:
-                    o.name = new  # rare: a body returning an outer value directly
+                if o.name in inner:
+                    o.name = inner[o.name]  # rare: a body returning an outer value directly
 
 
 def model_size_ok(model: onnx.ModelProto) -> bool:
