@@ -283,6 +283,11 @@ def _count(n: float) -> str:
 def _human(n: int) -> str:
     return human_bytes(n, 1, compact=True)
 
+def _model_state(model: onnx.ModelProto) -> tuple[str, int, int, int]:
+    return (fingerprint(model), stats.count_nodes(model), stats.count_params(model),
+            stats.model_bytes(model))
+
+
 def fingerprint(model: onnx.ModelProto) -> str:
     """A hash of the graph's structure and weights, to tell whether a pass changed anything."""
     h = hashlib.blake2b(digest_size=16)
@@ -456,6 +461,7 @@ def run(
 
     reports: list[PassReport] = []
     io_before = _io_signature(working)
+    state = None                     # (fingerprint, nodes, params, bytes) of `working`
     bar = None
     if progress and len(steps) > 1:
         from tqdm.auto import tqdm
@@ -466,9 +472,9 @@ def run(
             bar.set_postfix_str(step.name)
         for inst in instruments:
             inst.before_pass(step, working, ctx)
-        before_fp = fingerprint(working)
-        nodes_b, params_b, bytes_b = stats.count_nodes(working), stats.count_params(working), \
-            stats.model_bytes(working)
+        if state is None:
+            state = _model_state(working)
+        before_fp, nodes_b, params_b, bytes_b = state
         ctx._figures = {}
         ctx._children = []
         ctx._preserved = set()
@@ -486,7 +492,9 @@ def run(
         if not isinstance(out, onnx.ModelProto):
             raise PassError(f"pass '{step.name}' returned {type(out).__name__}, expected a ModelProto")
         working = out
-        modified = fingerprint(working) != before_fp
+        # the state after this pass is the state before the next: measured once per pass
+        state = _model_state(working)
+        modified = state[0] != before_fp
         if modified:
             ctx.invalidate(keep=ctx._preserved)
             if not step.info.changes_io:
@@ -494,9 +502,9 @@ def run(
             io_before = _io_signature(working)
         report = PassReport(
             name=step.name, options=dict(step.options),
-            nodes_before=nodes_b, nodes_after=stats.count_nodes(working),
-            params_before=params_b, params_after=stats.count_params(working),
-            bytes_before=bytes_b, bytes_after=stats.model_bytes(working),
+            nodes_before=nodes_b, nodes_after=state[1],
+            params_before=params_b, params_after=state[2],
+            bytes_before=bytes_b, bytes_after=state[3],
             seconds=seconds, modified=modified, figures=dict(ctx._figures),
             children=list(ctx._children))
         for inst in instruments:
