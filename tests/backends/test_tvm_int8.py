@@ -203,20 +203,29 @@ def test_seven_bit_weights_put_every_conv_on_the_dot_product(tmp_path):
 def matmul_model():
     b = QDQ(2)
     x, _ = b.q("x", 0.03, 128)
-    w, ws = b.weight((32, 24), axis=1)
+    w, ws = b.weight((32, 24), qmax=64, axis=1)              # 7-bit: fits vpmaddubsw
     y1 = b.node("MatMul", [x, w])
     y1, y1q = b.q(y1, 0.05, 128)
     t, _ = b.q("t", 0.04, 120)
     s = b.node("MatMul", [y1, t])                             # attention-like: two activations
-    _s, sq = b.q(s, 0.2, 128)
+    _s, sq = b.q(s, 0.23, 128)          # not 0.2: 0.05 * 0.04 / 0.2 puts every 50th sum on a tie
     wg, wsg = b.weight((24, 6), axis=1)
     flat, _ = b.q(b.node("Reshape", [y1, b.const(np.array([8, 24], np.int64), "shape")]), 0.05, 128)
     g = b.node("Gemm", [flat, wg,
                         b.const(np.linspace(-1, 1, 6).astype(np.float32), "gb")], alpha=0.5, beta=2.0)
     f = b.node("MatMul", [x, w])                              # float output
-    return b.model([_vi("x", TensorProto.FLOAT, [2, 4, 32]), _vi("t", TensorProto.FLOAT, [2, 24, 5])],
+    wfull, wsfull = b.weight((32, 16), axis=1)                # full range: float on AVX2 w/o VNNI
+    full = b.node("MatMul", [x, wfull])
+    full = b.node("Add", [full, b.const(np.linspace(-0.5, 0.5, 16).astype(np.float32), "fb")])
+    _full, fullq = b.q(full, 0.05, 128)
+    z, _ = b.q("z", 0.03, 120)
+    wz, _ = b.weight((30, 16), qmax=64, axis=1)               # 30 rows: padded to 32 with zeros
+    zy, zyq = b.q(b.node("MatMul", [z, wz]), 0.04, 128)
+    return b.model([_vi("x", TensorProto.FLOAT, [2, 4, 32]), _vi("t", TensorProto.FLOAT, [2, 24, 5]),
+                    _vi("z", TensorProto.FLOAT, [6, 30])],
                    [_vi(y1q, TensorProto.UINT8, [2, 4, 24]), _vi(sq, TensorProto.UINT8, [2, 4, 5]),
-                    _vi(g, TensorProto.FLOAT, [8, 6]), _vi(f, TensorProto.FLOAT, [2, 4, 24])])
+                    _vi(g, TensorProto.FLOAT, [8, 6]), _vi(f, TensorProto.FLOAT, [2, 4, 24]),
+                    _vi(fullq, TensorProto.UINT8, [2, 4, 16]), _vi(zyq, TensorProto.UINT8, [6, 16])])
 
 
 def test_matmul_gemm_and_activation_matmul(tmp_path):
@@ -225,10 +234,65 @@ def test_matmul_gemm_and_activation_matmul(tmp_path):
     rng = np.random.default_rng(3)
     for _ in range(2):
         _compare(model, art, {"x": rng.standard_normal((2, 4, 32)).astype(np.float32),
-                              "t": rng.standard_normal((2, 24, 5)).astype(np.float32)})
-    kinds = [(n["op"], n["kernel"]) for n in art.manifest["integer"]["nodes"]]
-    assert kinds.count(("MatMul", "int8")) == 3 and ("Gemm", "int8") in kinds
+                              "t": rng.standard_normal((2, 24, 5)).astype(np.float32),
+                              "z": rng.standard_normal((6, 30)).astype(np.float32)})
+    nodes = art.manifest["integer"]["nodes"]
+    kinds = [(n["op"], n["kernel"]) for n in nodes]
+    assert kinds.count(("MatMul", "int8")) >= 3 and ("Gemm", "int8") in kinds
     assert ("Reshape", "int8-io") in kinds
+    isa = int8_isa(resolve_target("x86").tvm_target())
+    if isa is not None:
+        # constant weights with a multiple of the vector width of columns: the packed dot product
+        packed = [n for n in nodes if n["op"] == "MatMul" and isa[0] in n.get("reason", "")]
+        assert len(packed) >= 3, nodes
+        if isa[0] in ("avx2", "avx512bw"):
+            assert any(n["kernel"] == "int8-io" and "saturate" in n["reason"] for n in nodes), nodes
+        if shutil.which("objdump") is not None:
+            text = subprocess.run(["objdump", "-d", str(art.library)], capture_output=True, text=True).stdout
+            assert text.count("vpdpbusd" if "vnni" in isa[0] else "vpmaddubsw") > 0
+
+
+def encoder_block_model(seq=16, hidden=64, ffn=128):
+    """A transformer encoder's matmul chain at MiniLM's structure, small: quantized input, Q/K/V
+    projections with float bias adds, attention scores between two quantized activations, the
+    FFN's two projections (GELU between): every constant-weight MatMul on the packed kernel."""
+    b = QDQ(7)
+    x, _ = b.q("x", 0.05, 128)
+    outs = []
+    proj = []
+    for _k in range(3):
+        w, _ = b.weight((hidden, hidden), qmax=63, axis=1)
+        p = b.node("Add", [b.node("MatMul", [x, w]), b.const(b.rng.normal(0, 0.1, hidden).astype(np.float32), "pb")])
+        proj.append(p)
+    q, _ = b.q(proj[0], 0.06, 128)
+    kt = b.node("Transpose", [proj[1]], perm=[0, 2, 1])
+    kt, _ = b.q(kt, 0.06, 128)
+    scores = b.node("MatMul", [q, kt])
+    scores, sq = b.q(scores, 0.5, 128)
+    outs.append(sq)
+    w1, _ = b.weight((hidden, ffn), qmax=63, axis=1)
+    v, _ = b.q(proj[2], 0.06, 128)
+    h = b.node("MatMul", [v, w1])
+    h = b.node("Relu", [b.node("Add", [h, b.const(b.rng.normal(0, 0.1, ffn).astype(np.float32), "hb")])])
+    h, _ = b.q(h, 0.04, 0)
+    w2, _ = b.weight((ffn, hidden), qmax=63, axis=1)
+    y = b.node("MatMul", [h, w2])
+    outs.append(y)
+    return b.model([_vi("x", TensorProto.FLOAT, [1, seq, hidden])],
+                   [_vi(sq, TensorProto.UINT8, [1, seq, seq]), _vi(y, TensorProto.FLOAT, [1, seq, hidden])])
+
+
+def test_encoder_matmuls_on_the_packed_kernel(tmp_path):
+    model = encoder_block_model()
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "enc", progress=False)
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        _compare(model, art, {"x": rng.standard_normal((1, 16, 64)).astype(np.float32)})
+    isa = int8_isa(resolve_target("x86").tvm_target())
+    nodes = [n for n in art.manifest["integer"]["nodes"] if n["op"] == "MatMul"]
+    assert len(nodes) == 6 and all(n["kernel"] == "int8" for n in nodes), nodes
+    if isa is not None:
+        assert sum(isa[0] in n["reason"] for n in nodes) == 5, nodes
 
 
 # -- QOperator models: QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger -------------------

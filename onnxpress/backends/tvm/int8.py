@@ -321,6 +321,9 @@ class _Rewriter:
             inputs = [xq, self.const(np.ascontiguousarray(wq), node.input[1] + "_i8"),
                       self.const(scales, node.input[1] + "_ws")]
             op = "QMatMul"
+            why_float = self._float_matmul_reason(wq)
+            if why_float:
+                attrs["float_kernel"] = 1
         if bias is not None:
             kind, arr, bscale = bias
             if kind == "int":
@@ -336,8 +339,9 @@ class _Rewriter:
         self._finish(node, [helper.make_node(op, inputs, [self.gr.fresh(node.output[0] + "_i")],
                                              name=node.name, domain=DOMAIN, **attrs)], target)
         out = "float output" if target[0] == "float" else f"{target[1].dtype} output"
-        if op == "QConv" and why_float:
-            self.decide(node, "int8-io", f"float conv between 8-bit tensors: {why_float}")
+        if why_float:
+            what = "conv" if op == "QConv" else "matmul"
+            self.decide(node, "int8-io", f"float {what} between 8-bit tensors: {why_float}")
         else:
             group = int(_attr(node, "group", 1)) if op == "QConv" else 1
             self.decide(node, "int8", f"integer kernel ({self._kernel_name(op, wq, group)}), {out}")
@@ -359,9 +363,23 @@ class _Rewriter:
                     "(|w0|+|w1| > 128 for adjacent input channels; 7-bit weights fit)")
         return ""
 
+    def _float_matmul_reason(self, wq: np.ndarray) -> str:
+        """Why a constant-weight matmul is better computed in float ('' = integer kernel): only
+        where the packed dot product would take it and vpmaddubsw would saturate."""
+        from .int8_kernels import needs_pair_limit, pairs_fit_pmaddubsw
+
+        if self.isa is None or wq.ndim != 2 or wq.shape[1] % self.isa[1]:
+            return ""
+        if needs_pair_limit(self.isa[0]) and not pairs_fit_pmaddubsw(wq.T):
+            return (f"{self.isa[0]} has no VNNI and vpmaddubsw would saturate on these weights "
+                    "(|w0|+|w1| > 128 for adjacent rows; 7-bit weights fit)")
+        return ""
+
     def _kernel_name(self, op: str, wq: np.ndarray, group: int = 1) -> str:
         if op == "QConv" and self.isa is not None and wq.ndim == 4 and group == 1 \
                 and wq.shape[0] % self.isa[1] == 0:
+            return f"{self.isa[0]} dot product"
+        if op == "QMatMul" and self.isa is not None and wq.ndim == 2 and wq.shape[1] % self.isa[1] == 0:
             return f"{self.isa[0]} dot product"
         if op == "QConv" and group > 1:
             return f"generic, {group} groups"
@@ -521,11 +539,14 @@ class _Rewriter:
             if why_float:
                 attrs["float_kernel"] = 1
         else:
-            new, why_float = "QMatMul", ""
+            new, why_float = "QMatMul", self._float_matmul_reason(wq)
+            if why_float:
+                attrs["float_kernel"] = 1
         self.replaced[id(node)] = [helper.make_node(new, inputs, [node.output[0]], name=node.name,
                                                     domain=DOMAIN, **attrs)]
         if why_float:
-            self.decide(node, "int8-io", f"float conv between 8-bit tensors: {why_float}")
+            what = "conv" if new == "QConv" else "matmul"
+            self.decide(node, "int8-io", f"float {what} between 8-bit tensors: {why_float}")
         else:
             group = int(_attr(node, "group", 1)) if new == "QConv" else 1
             self.decide(node, "int8", f"integer kernel ({self._kernel_name(new, wq, group)}, QOperator)")
@@ -743,6 +764,8 @@ def _converters() -> dict:
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             x, w = inputs[0], inputs[1]
+            if attr.get("float_kernel"):
+                return cls._float(bb, inputs, attr)
             if _is_const(w) and "b_scale" not in attr:
                 wnp = _np(w)
                 acc = relax.op.matmul(x, w, out_dtype="int32")
@@ -762,6 +785,26 @@ def _converters() -> dict:
                 acc = relax.op.add(acc, relax.const(np.int32(k * za * zb)))
             m = np.float32(np.float32(attr["x_scale"]) * np.float32(attr["b_scale"]))
             f = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(m))
+            return _requantize(f, attr)
+
+        @classmethod
+        def _float(cls, bb, inputs, attr):
+            """QDQ's own semantics: dequantize, float matmul, + bias, quantize (8-bit in and out)."""
+            wnp = _np(inputs[1])
+            ws = _np(inputs[2]).astype(np.float32)
+            wf = (wnp.astype(np.float32) * ws[None, :]).astype(np.float32)
+            xs = np.float32(attr["x_scale"])
+            f = relax.op.matmul(_dequantized(inputs[0], xs, int(attr.get("x_zero_point", 0))), relax.const(wf))
+            if float(attr.get("alpha", 1.0)) != 1.0:
+                f = relax.op.multiply(f, relax.const(np.float32(attr["alpha"])))
+            if len(inputs) > 3 and inputs[3] is not None:
+                b = _np(inputs[3])
+                if b.dtype == np.int32:
+                    b = b.astype(np.float32) * (xs * ws).astype(np.float32)
+                f = relax.op.add(f, relax.const(b.astype(np.float32).reshape(-1)))
+            if attr.get("out_int32"):
+                # MatMulInteger: scales are 1, so f holds the integer sums (exact below 2**24)
+                return relax.op.astype(relax.op.round(f), "int32")
             return _requantize(f, attr)
 
     class QAdd(fe.OnnxOpConverter):

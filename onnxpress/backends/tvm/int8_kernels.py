@@ -26,6 +26,7 @@ import logging
 log = logging.getLogger(__name__)
 
 RULE = "onnxpress.conv2d_int8"
+RULE_MATMUL = "onnxpress.matmul_int8"
 PMADDUBSW_PAIR_LIMIT = 128          # 255 * 128 = 32640 <= 32767
 
 
@@ -220,6 +221,45 @@ def _pack_te(weight):
         name="pack_int8")
 
 
+def _matmul_te(data, wp, pad_value=0):
+    from tvm import te, topi
+
+    shape = [int(d) for d in data.shape]
+    k = shape[-1]
+    c4, n_out, _four = (int(d) for d in wp.shape)
+    extra = 4 * c4 - k            # the reduction padded to a multiple of 4 (weights there are 0)
+    if extra:
+        data = topi.nn.pad(data, [0] * len(shape), [0] * (len(shape) - 1) + [extra],
+                           pad_value=pad_value, name="pad_int8")
+    rc = te.reduce_axis((0, c4), "rc")
+    rj = te.reduce_axis((0, 4), "rj")
+    return te.compute(
+        (*shape[:-1], n_out),
+        lambda *i: te.sum(data[(*i[:-1], rc * 4 + rj)].astype("int32")
+                          * wp[rc, i[-1], rj].astype("int32"), axis=[rc, rj]),
+        name="matmul_int8", attrs={"schedule_rule": RULE_MATMUL})
+
+
+def _pack_kn_te(weight):
+    """W[k, n] -> Wp[k/4, n, 4] (zero rows past k)."""
+    from tvm import te, tirx
+
+    k, n = (int(d) for d in weight.shape)
+    c4 = (k + 3) // 4
+    return te.compute((c4, n, 4), lambda g, o, j: tirx.if_then_else(
+        g * 4 + j < k, weight[tirx.min(g * 4 + j, k - 1), o], tirx.const(0, weight.dtype)),
+        name="pack_int8")
+
+
+def _colsum128_kn_te(wp):
+    from tvm import te
+
+    c4, n, _four = (int(d) for d in wp.shape)
+    c, j = te.reduce_axis((0, c4), "c"), te.reduce_axis((0, 4), "j")
+    s = te.compute((n,), lambda o: te.sum(wp[c, o, j].astype("int32"), axis=[c, j]), name="colsum_int8")
+    return te.compute((n,), lambda o: s[o] * 128, name="colsum128_int8")
+
+
 def legalize_map(target) -> dict:
     """customize_legalize_map for relax.LegalizeOps: NHWC u8 x HWIO i8 -> i32 convolutions (groups
     1, output channels a multiple of the vector width; input channels padded to a multiple of 4
@@ -260,7 +300,31 @@ def legalize_map(target) -> dict:
 
         return bb.call_te(topi.add, conv, fix, primfunc_name_hint="unshift_int8")
 
-    return {"relax.nn.conv2d": conv2d}
+    default_mm = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
+
+    def matmul(bb, call):
+        data, weight = call.args
+        try:
+            dshape = [int(d) for d in data.ty.shape]
+            wshape = [int(d) for d in weight.ty.shape]
+            ok = (str(data.ty.dtype) == "uint8" and str(weight.ty.dtype) == "int8"
+                  and str(call.attrs.out_dtype) == "int32" and len(wshape) == 2 and len(dshape) >= 2
+                  and dshape[-1] == wshape[0] and wshape[1] % lanes == 0)
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            return default_mm(bb, call)
+        wp = bb.emit_te(_pack_kn_te, weight, primfunc_name_hint="pack_int8")
+        if isa != "dotprod":
+            return bb.call_te(_matmul_te, data, wp, primfunc_name_hint="matmul_int8")
+        from tvm import topi
+
+        shifted = bb.emit_te(_shift_te, data, primfunc_name_hint="shift_int8")
+        mm = bb.emit_te(_matmul_te, shifted, wp, -128, primfunc_name_hint="matmul_int8")
+        fix = bb.emit_te(_colsum128_kn_te, wp, primfunc_name_hint="colsum_int8")   # a constant
+        return bb.call_te(topi.add, mm, fix, primfunc_name_hint="unshift_int8")
+
+    return {"relax.nn.conv2d": conv2d, "relax.matmul": matmul}
 
 
 # -- schedule ----------------------------------------------------------------------------------
@@ -275,9 +339,9 @@ def has_int8_conv(func) -> bool:
         return False
 
 
-def _find_block(sch):
+def _find_block(sch, rules=(RULE, RULE_MATMUL)):
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(block).annotations.get("schedule_rule", None) == RULE:
+        if sch.get(block).annotations.get("schedule_rule", None) in rules:
             return block
     return None
 
@@ -300,8 +364,12 @@ def schedule_int8_conv(func, target):
     isa, lanes = found
     intrin = intrinsic(isa, lanes)
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    registers = 32 if lanes == 16 or isa == "dotprod" else 16
     try:
-        _schedule(sch, intrin, lanes, registers=32 if lanes == 16 or isa == "dotprod" else 16)
+        if _find_block(sch, (RULE_MATMUL,)) is not None:
+            _schedule_matmul(sch, intrin, lanes, registers)
+        else:
+            _schedule(sch, intrin, lanes, registers)
     except Exception as exc:
         log.debug("int8 conv schedule does not apply: %s", exc)
         return None
@@ -362,3 +430,72 @@ def _schedule(sch, intrin: str, lanes: int, registers: int) -> None:
             loops = sch.get_loops(b)
             if len(loops) >= 2:
                 sch.parallel(sch.fuse(*loops[:2]))
+
+
+def _epilogue(sch, main):
+    """Every block after `main` inlined into the last one, which is returned (None: no epilogue)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    consumers, after = [], False
+    for b in blocks:
+        if sch.get(b).same_as(sch.get(main)):
+            after = True
+        elif after:
+            consumers.append(b)
+    for b in consumers[:-1]:
+        sch.compute_inline(b)
+    return consumers[-1] if consumers else None
+
+
+def _register_tile(m: int, vectors: int, registers: int) -> tuple[int, int]:
+    """(rows, vectors) of the accumulator tile: as many accumulators as fit, leaving room for
+    the weights and the broadcast input."""
+    budget = registers - 4
+    best = (1, 1)
+    for v in (4, 3, 2, 1):
+        if vectors % v:
+            continue
+        rows = _divisor(m, max(1, budget // v))
+        if rows * v > best[0] * best[1]:
+            best = (rows, v)
+    return best
+
+
+def _schedule_matmul(sch, intrin: str, lanes: int, registers: int) -> None:
+    """out[..., m, n] = sum_{c4, j} x[..., m, 4*c4+j] * Wp[c4, n, j]:
+
+        parallel (batch, n / (V*L)) | m / R | c4 | R rows x V vectors of L lanes (intrinsic)
+
+    Column strips run in parallel so that each core streams its strip of the packed weights
+    (K*V*L bytes) from L1 while the rows of x come from L2; the epilogue (bias, scale,
+    requantize) is computed per register tile."""
+    mm = _find_block(sch, (RULE_MATMUL,))
+    sch.unannotate(mm, "schedule_rule")
+    last = _epilogue(sch, mm)
+    loops = sch.get_loops(mm)
+    *batch, m, n, rc, rj = loops
+    rows, v = _register_tile(int(sch.get(m).extent), int(sch.get(n).extent) // lanes, registers)
+    mo, mi = sch.split(m, [None, rows])
+    no, ov, ol = sch.split(n, [None, v, lanes])
+    sch.reorder(*batch, no, mo, rc, mi, ov, ol, rj)
+    if last is not None:
+        try:
+            sch.reverse_compute_at(last, mo, preserve_unit_loops=True)
+            inner = sch.get_loops(last)[-1]
+            extent = int(sch.get(inner).extent)
+            if extent > lanes and extent % lanes == 0:
+                inner = sch.split(inner, [None, lanes])[1]
+            sch.vectorize(inner)
+        except Exception as exc:       # an epilogue that does not follow the tile: on its own
+            log.debug("int8 matmul epilogue stays at the root: %s", exc)
+    par = sch.fuse(*batch, no) if batch else no
+    sch.parallel(par)
+    init = sch.decompose_reduction(mm, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ol, intrin)
+    sch.unroll(mi)
+    sch.unroll(ov)
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if "pad" in sch.get(b).name_hint or "shift" in sch.get(b).name_hint:
+            loops = sch.get_loops(b)
+            if len(loops) >= 2:
+                sch.parallel(sch.fuse(*loops[:-1]))
