@@ -172,7 +172,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list], batch: int = 1) -> 
         return s
 
     op = node.op_type
-    if op in ("Conv", "ConvInteger", "QLinearConv"):
+    if op in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
         w_idx = 3 if op == "QLinearConv" else 1
         y_idx = 0
         w, y = shp(node.input[w_idx]), shp(node.output[y_idx])
@@ -185,7 +185,8 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list], batch: int = 1) -> 
             return None
         # weight is (Cin, Cout/group, k...): every input element meets Cout/group * k weights
         return _prod(x) * w[1] * _prod(w[2:])
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulNBits"):
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulNBits",
+              "MatMulIntegerToFloat"):
         a_idx, b_idx = (0, 3) if op == "QLinearMatMul" else (0, 1)
         a, y = shp(node.input[a_idx]), shp(node.output[0])
         if op == "MatMulNBits":
@@ -197,7 +198,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list], batch: int = 1) -> 
             return None
         k = a[-1]
         return _prod(y) * k
-    if op == "Gemm":
+    if op in ("Gemm", "FusedGemm"):
         a, y = shp(node.input[0]), shp(node.output[0])
         if not (_known(a) and _known(y)):
             return None
@@ -207,8 +208,9 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list], batch: int = 1) -> 
     return 0
 
 
-MAC_OPS = {"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MatMul", "MatMulInteger",
-           "QLinearMatMul", "FusedMatMul", "MatMulNBits", "Gemm"}
+MAC_OPS = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "ConvTranspose", "MatMul",
+           "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulNBits", "MatMulIntegerToFloat",
+           "Gemm", "FusedGemm"}
 
 
 def model_stats(model: onnx.ModelProto, *, batch: int = 1) -> ModelStats:

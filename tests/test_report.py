@@ -245,3 +245,68 @@ def test_compile_report_for_a_tvm_artifact(digits_cnn_path, tmp_path):
     assert set(data["latency"]["labels"]) == {"onnxruntime (this host)", "TVM x86"}
     assert all(ms > 0 for ms in data["latency"]["ms"])
     assert not EXTERNAL_URL.search(out.read_text())
+
+
+def _crnn_with_constant_weights(path: Path) -> None:
+    """A CRNN-style text recognizer: dynamic width, weights in Constant nodes (as PaddlePaddle's
+    exporter writes them), a MatMul head over the width."""
+    import warnings
+
+    import onnx
+    import torch
+    from onnx import helper
+
+    class CRNN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+            self.c2, self.b2 = torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32)
+            self.pool, self.fc = torch.nn.MaxPool2d(2), torch.nn.Linear(32 * 12, 40)
+
+        def forward(self, x):
+            x = self.pool(torch.relu(self.b1(self.c1(x))))
+            x = self.pool(torch.relu(self.b2(self.c2(x))))
+            b, c, h, w = x.shape
+            return self.fc(x.permute(0, 3, 1, 2).reshape(b, w, c * h))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(CRNN().eval(), torch.randn(1, 3, 48, 160), str(path), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {3: "width"}, "y": {1: "steps"}},
+                          opset_version=17, dynamo=False)
+    m = onnx.load(path)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in m.graph.initializer]
+    del m.graph.initializer[:]
+    nodes = consts + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.save(m, path)
+
+
+def test_report_of_a_dynamic_shape_model_agrees_with_inspect(tmp_path, monkeypatch):
+    """Weight bytes, MACs and peak memory in the report of `optimize --shape` are what
+    `onnxpress inspect --shape` says of the same files, and compare like with like."""
+    import numpy as np
+
+    from onnxpress.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _crnn_with_constant_weights(tmp_path / "crnn.onnx")
+    np.savez(tmp_path / "calib.npz",
+             x=np.random.default_rng(0).standard_normal((8, 3, 48, 320)).astype(np.float32))
+    assert main(["optimize", "crnn.onnx", "-p", "cleanup,fuse,quant_int8,reuse", "--shape",
+                 "x=1,3,48,320", "--calib", "calib.npz", "-o", "out.onnx", "--report", "rep.html",
+                 "--no-latency", "-q"]) == 0
+    models = json.loads((tmp_path / "rep.json").read_text())["models"]
+    for key, path in (("before", "crnn.onnx"), ("after", "out.onnx")):
+        out = subprocess.run([sys.executable, "-m", "onnxpress", "inspect", path, "--shape",
+                              "x=1,3,48,320", "--json"], capture_output=True, text=True, check=True)
+        seen = json.loads(out.stdout)
+        assert models[key]["weight_bytes"] == seen["weight_bytes"] > 0, key
+        assert models[key]["macs"] == seen["macs"] > 20_000_000, key
+    # weights in Constant nodes count: int8 is about a quarter of the float weights
+    assert models["after"]["weight_bytes"] < 0.35 * models["before"]["weight_bytes"]
+    # peak memory: both planned at the same bindings (the input held no plan)
+    before, after = models["before"]["peak_memory_bytes"], models["after"]["peak_memory_bytes"]
+    assert before and after and 0.5 < after / before < 1.5

@@ -67,7 +67,7 @@ def build(
         except OnnxPressError as exc:  # a model onnxruntime cannot time still gets its report
             extra["latency not measured"] = str(exc)
     data = collect(before=before_p, after=after_p, pipeline_result=pipeline_result, extra=extra,
-                   title=title)
+                   title=title, shapes=shapes)
     return render(data), data
 
 

@@ -139,12 +139,20 @@ def memory_timeline(section: Mapping[str, Any]) -> str:
     if section.get("lower_bound_bytes"):
         ax.axhline(section["lower_bound_bytes"] / 1024, color=WARN, linestyle="--", linewidth=1,
                    label=f"lower bound {_fmt_bytes(section['lower_bound_bytes'])}")
+    top = max(live + [section.get("arena_bytes", 0) / 1024,
+                      section.get("lower_bound_bytes", 0) / 1024]) * 1.15 or 1.0
     if section.get("naive_bytes"):
-        ax.axhline(section["naive_bytes"] / 1024, color=BEFORE, linestyle=":", linewidth=1,
-                   label=f"no reuse {_fmt_bytes(section['naive_bytes'])}")
+        naive = section["naive_bytes"] / 1024
+        label = f"no reuse {_fmt_bytes(section['naive_bytes'])}"
+        if naive <= 2 * top:
+            ax.axhline(naive, color=BEFORE, linestyle=":", linewidth=1, label=label)
+            top = max(top, naive * 1.1)
+        else:
+            # drawn to scale, the no-reuse total would flatten the live curve to the axis
+            ax.plot([], [], color=BEFORE, linestyle=":", label=f"{label} (off the scale)")
     ax.set_xlabel("step (node in execution order)")
     ax.set_ylabel("KiB")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, top)
     ax.legend(loc="upper right", frameon=False, fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
     return _to_svg(fig)

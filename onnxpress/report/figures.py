@@ -64,10 +64,16 @@ def read_memory_plan(model: onnx.ModelProto) -> dict[str, Any] | None:
     return None
 
 
-def model_summary(model: onnx.ModelProto) -> dict[str, Any]:
-    """Counts, bytes, MACs and (when planned) peak memory of one model."""
+def model_summary(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Counts, bytes, MACs and (when planned) peak memory of one model; dynamic dims bound by
+    `shapes` as `onnxpress inspect --shape` binds them, so both say the same."""
     try:
-        st = stats.model_stats(model)
+        if shapes:
+            from onnxpress.passes.graph import bind_input_shapes
+
+            st = stats.model_stats(bind_input_shapes(model, dict(shapes)))
+        else:
+            st = stats.model_stats(model)
         macs, hist = st.macs, st.op_histogram
         unknown = len(st.unknown_shape_layers)
     except Exception:  # MACs need shapes; a model whose shapes cannot be inferred still reports
@@ -308,12 +314,14 @@ def latency(passes: list[dict[str, Any]], extra: Mapping[str, Any] | None) -> di
     for p in passes:
         figs = p.get("figures") or {}
         name = p.get("name", "?")
-        if "latency_fp32_ms" in figs:
-            add(f"fp32 (timed by {name})", figs["latency_fp32_ms"], name)
-        if "latency_int8_ms" in figs:
-            add(f"int8 (timed by {name})", figs["latency_int8_ms"], name)
-        if "latency_ms" in figs:
-            add(f"after {name} (timed by it)", figs["latency_ms"], name)
+        # what the latency-aware quant passes record: the float model's wall time at 2
+        # threads and the speedup of the model they returned
+        fp32 = _number(figs.get("latency_fp32_wall_ms"))
+        speedup = _number(figs.get("speedup"))
+        if fp32:
+            add(f"input of {name} (timed by it)", fp32, name)
+            if speedup:
+                add(f"output of {name} (timed by it)", fp32 / speedup, name)
     if not labels:
         return None
     return {"labels": labels, "ms": values, "source": sources}
@@ -326,8 +334,10 @@ def collect(
     pipeline_result: Any = None,
     extra: Mapping[str, Any] | None = None,
     title: str | None = None,
+    shapes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every figure of the report as one JSON-able dict (see the module docstring)."""
+    """Every figure of the report as one JSON-able dict (see the module docstring); `shapes`
+    binds dynamic dims for MACs (as `optimize --shape` does)."""
     from onnxpress import __version__
     from onnxpress.passes.pipeline import _jsonable
 
@@ -338,7 +348,7 @@ def collect(
             cand = (p.get("figures") or {}).get("memory_plan")
             if isinstance(cand, Mapping):
                 plan = dict(cand)
-    models = {"before": model_summary(before), "after": model_summary(after)}
+    models = {"before": model_summary(before, shapes), "after": model_summary(after, shapes)}
     if plan and "peak_memory_bytes" not in models["before"]:
         models["before"].update(_planned_peak(before, plan))
     data: dict[str, Any] = {
