@@ -15,11 +15,12 @@ from onnx import TensorProto, helper
 from onnxpress import passes
 from onnxpress.backends import ort
 from onnxpress.data import make_inputs
-from onnxpress.errors import PassOptionError
+from onnxpress.errors import InvalidModelError, PassOptionError
 from onnxpress.io import load, save
 from onnxpress.passes.memory import (
     PLAN_KEY,
     MemoryPlanError,
+    MemoryPlanWarning,
     graph_liveness,
     memory_greedy_order,
     plan_offsets,
@@ -118,8 +119,9 @@ def _chain_model() -> onnx.ModelProto:
 
 
 def test_unbound_dims_fail_with_the_input_and_dim_named():
+    # strict: allow_unknown=false refuses what it cannot size, naming the input, dim and remedy
     with pytest.raises(PassOptionError, match=r"'x' axis 0 \(batch\).*reuse:batch=1"):
-        passes.apply(_chain_model(), ["reuse"])
+        passes.apply(_chain_model(), ["reuse:allow_unknown=false"])
 
 
 def test_inplace_unnamed_nodes_and_order():
@@ -360,3 +362,194 @@ def test_inspect_memory_cli(digits_cnn_path, capsys):
     for needle in ("activation memory", "weights", "activations, naive", "lower bound",
                    "planned arena", "largest live set"):
         assert needle in text
+
+
+# -- what has no static size is left to the runtime ------------------------------------------
+def _run_reuse(model: onnx.ModelProto, spec: str = "reuse") -> tuple[onnx.ModelProto, dict, list]:
+    """Run `spec`; (model, figures, MemoryPlanWarning messages). The plan must verify and the
+    outputs must be bit-identical on onnxruntime."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = passes.run(model, [spec])
+    messages = [str(w.message) for w in record if isinstance(w.message, MemoryPlanWarning)]
+    out = result.model
+    verify_memory_plan(out)
+    figures = result.reports[0].figures
+    assert figures["memory_plan"] == read_memory_plan(out)
+    return out, figures, messages
+
+
+def _same_outputs(model: onnx.ModelProto, out: onnx.ModelProto, feeds: dict) -> None:
+    expected, actual = ort.run(model, feeds), ort.run(out, feeds)
+    assert expected.keys() == actual.keys()
+    for k in expected:
+        np.testing.assert_array_equal(expected[k], actual[k])
+
+
+def _reasons(plan: dict) -> dict[str, str]:
+    return {u["tensor"]: u["reason"] for u in plan["unplanned"]}
+
+
+def test_unbound_dims_are_left_to_the_runtime_with_a_warning():
+    model = _chain_model()
+    out, figures, messages = _run_reuse(model)
+    plan = figures["memory_plan"]
+    # every activation follows x's batch dim: nothing has a static size, the plan is empty
+    assert figures["tensors_planned"] == 0 and figures["tensors_unplanned"] == 6
+    assert figures["arena_bytes"] == plan["lower_bound_bytes"] == 0 and plan["tensors"] == {}
+    assert set(_reasons(plan).values()) == {"unbound_dim"}
+    assert "'x' axis 0 (batch)" in plan["unplanned"][0]["detail"]
+    assert len(messages) == 1
+    assert "6 of 6 tensors are left to the runtime" in messages[0]
+    assert "reuse:batch=1" in messages[0] and "the plan is empty" in plan["left_to_runtime"]
+    _same_outputs(model, out, {"x": np.ones((2, 3, 16, 16), np.float32)})
+
+
+def test_partly_bound_model_plans_the_static_part():
+    """x is static, z has a dim nothing binds: x's branch is planned, z's left out."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Exp", ["a"], ["y"]),
+             helper.make_node("Neg", ["z"], ["b"]), helper.make_node("Abs", ["b"], ["w"])]
+    graph = helper.make_graph(
+        nodes, "partial",
+        [helper.make_tensor_value_info("x", FLOAT, [4, 8]),
+         helper.make_tensor_value_info("z", FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", FLOAT, [4, 8]),
+         helper.make_tensor_value_info("w", FLOAT, ["n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, figures, messages = _run_reuse(model)
+    plan = figures["memory_plan"]
+    assert set(plan["tensors"]) == {"x", "a", "y"}
+    assert _reasons(plan) == {"z": "unbound_dim", "b": "unbound_dim", "w": "unbound_dim"}
+    assert figures["tensors_planned"] == 3 and figures["tensors_unplanned"] == 3
+    assert figures["arena_bytes"] == 2 * 4 * 8 * 4          # x and a (y in place over a)
+    assert len(messages) == 1 and "'z' axis 0 (n)" in messages[0]
+    # bound, everything is planned and nothing is said
+    out2, figures2, messages2 = _run_reuse(model, "reuse:dims=n/16")
+    assert figures2["tensors_unplanned"] == 0 and not messages2
+    assert "left_to_runtime" not in figures2["memory_plan"]
+    feeds = {"x": np.ones((4, 8), np.float32), "z": np.arange(5, dtype=np.float32)}
+    _same_outputs(model, out, feeds)
+
+
+def test_empty_dims_are_static():
+    """A dim of size 0 (an empty tensor) is a size, not an unbound dim."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "empty", [helper.make_tensor_value_info("x", FLOAT, [2, 0])],
+                              [helper.make_tensor_value_info("y", FLOAT, [2, 0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, figures, messages = _run_reuse(model)
+    assert figures["tensors_planned"] == 2 and figures["tensors_unplanned"] == 0 and not messages
+    assert figures["memory_plan"]["tensors"]["x"]["size"] == 0
+
+
+def test_string_tensors_are_left_to_the_runtime():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Cast", ["r"], ["s"], to=TensorProto.STRING),
+             helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "strings", [helper.make_tensor_value_info("x", FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, figures, messages = _run_reuse(model)
+    plan = figures["memory_plan"]
+    assert _reasons(plan) == {"s": "string"} and set(plan["tensors"]) == {"x", "r", "y"}
+    assert figures["tensors_planned"] == 3 and figures["tensors_unplanned"] == 1
+    assert figures["arena_bytes"] == 64 + 24     # x and r (24 bytes each) live at once, aligned
+    assert len(messages) == 1 and "1 string" in messages[0]
+    _same_outputs(model, out, {"x": np.arange(6, dtype=np.float32).reshape(2, 3) - 2})
+
+
+def _sequence_model() -> onnx.ModelProto:
+    """onnx's test_sequence_model1, which raised a raw ValueError: a sequence built with
+    SequenceInsert and read back with SequenceAt at constant positions."""
+    nodes = [helper.make_node("SequenceEmpty", [], ["seq0"], dtype=TensorProto.FLOAT),
+             helper.make_node("SequenceInsert", ["seq0", "x"], ["seq1"]),
+             helper.make_node("SequenceInsert", ["seq1", "y"], ["seq2"]),
+             helper.make_node("SequenceInsert", ["seq2", "z", "pos"], ["seq3"]),
+             helper.make_node("SequenceAt", ["seq3", "pos_at"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "sequence",
+        [helper.make_tensor_value_info("x", FLOAT, [2, 3, 4]),
+         helper.make_tensor_value_info("y", FLOAT, [1, 3, 4]),
+         helper.make_tensor_value_info("z", FLOAT, [3, 3, 4])],
+        [helper.make_tensor_value_info("out", FLOAT, ["d0", "d1", "d2"])],
+        [helper.make_tensor("pos", TensorProto.INT64, [], [-2]),
+         helper.make_tensor("pos_at", TensorProto.INT64, [], [-1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+
+
+def test_sequences_are_left_to_the_runtime():
+    model = _sequence_model()
+    out, figures, messages = _run_reuse(model)
+    plan = figures["memory_plan"]
+    assert _reasons(plan) == {f"seq{i}": "sequence" for i in range(4)}
+    # the sequence's structure is static (constant positions): SequenceAt's output is measured
+    assert plan["tensors"]["out"]["size"] == 1 * 3 * 4 * 4
+    assert figures["tensors_planned"] == 4 and figures["tensors_unplanned"] == 4
+    assert len(messages) == 1 and "4 sequence" in messages[0]
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal(s).astype(np.float32)
+             for k, s in (("x", (2, 3, 4)), ("y", (1, 3, 4)), ("z", (3, 3, 4)))}
+    _same_outputs(model, out, feeds)
+
+
+def test_probe_that_returns_a_sequence_does_not_crash():
+    """Measuring untyped tensors on onnxruntime: a sequence comes back as a list (the raw
+    `ValueError: setting an array element with a sequence` it used to raise)."""
+    from onnxpress.passes.memory.liveness import _probe_with_ort
+
+    model = _sequence_model()
+    measured, left = _probe_with_ort(model, ["seq3", "out"], {})
+    assert left == {"seq3": ("sequence", left["seq3"][1])}
+    assert measured["out"] == (FLOAT, [1, 3, 4])
+
+
+def _data_dependent_model() -> onnx.ModelProto:
+    """NonZero(x) and a Reshape to a shape read from an input: sizes known only at run time;
+    Relu(x) beside them is static."""
+    nodes = [helper.make_node("NonZero", ["x"], ["nz"]),
+             helper.make_node("Transpose", ["nz"], ["idx"]),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["y"]),
+             helper.make_node("Sigmoid", ["x"], ["s"])]
+    graph = helper.make_graph(
+        nodes, "data_dependent",
+        [helper.make_tensor_value_info("x", FLOAT, [3, 4]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["k", 2]),
+         helper.make_tensor_value_info("y", FLOAT, ["p", "q"]),
+         helper.make_tensor_value_info("s", FLOAT, [3, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_data_dependent_shapes_are_left_to_the_runtime():
+    model = _data_dependent_model()
+    out, figures, messages = _run_reuse(model)
+    plan = figures["memory_plan"]
+    reasons = _reasons(plan)
+    assert reasons == {"nz": "data_dependent", "idx": "data_dependent", "y": "data_dependent"}
+    details = {u["tensor"]: u["detail"] for u in plan["unplanned"]}
+    assert "NonZero" in details["nz"] and "NonZero" in details["idx"]
+    assert "Reshape" in details["y"] and "'shape'" in details["y"]
+    assert set(plan["tensors"]) == {"x", "shape", "r", "s"}
+    assert figures["tensors_planned"] == 4 and figures["tensors_unplanned"] == 3
+    # x, r (48 bytes each) and shape (16) live at once; s takes r's slot when the Reshape is done
+    assert figures["arena_bytes"] == 64 + 64 + 16 and figures["lower_bound_bytes"] == 112
+    assert len(messages) == 1 and "3 data dependent" in messages[0]
+    x = np.array([[0, 1, 0, 2], [3, 0, 0, 4], [0, 0, 5, 0]], np.float32)
+    _same_outputs(model, out, {"x": x, "shape": np.array([4, 3], np.int64)})
+    # strict: the first tensor without a static size is an error that says why
+    with pytest.raises(InvalidModelError, match=r"'nz'.*NonZero"):
+        passes.apply(model, ["reuse:allow_unknown=false"])
+
+
+def test_user_errors_stay_option_errors():
+    for spec in ("reuse:dims=batch/x", "reuse:dims=batch/-1", "reuse:alignment=0",
+                 "reuse:strategy=fastest"):
+        with pytest.raises(PassOptionError):
+            passes.apply(_chain_model(), [spec])
+    with pytest.raises(PassOptionError, match="rank"):
+        passes.run(_chain_model(), ["reuse"], shapes={"x": [1, 3, 16]})
+    with pytest.raises(PassOptionError, match="integers"):
+        passes.run(_chain_model(), ["reuse"], shapes={"x": [1, "three", 16, 16]})

@@ -11,17 +11,20 @@ See docs/memory.md for the plan format.
 
 from onnxpress.passes.memory.liveness import (
     Liveness,
+    SizeInfo,
     TensorLife,
     bind_static_shapes,
     graph_liveness,
     model_liveness,
     name_nodes,
     node_names,
+    size_info,
     static_types,
 )
 from onnxpress.passes.memory.planner import (
     PLAN_KEY,
     MemoryPlanError,
+    MemoryPlanWarning,
     OffsetPlan,
     memory_greedy_order,
     plan_offsets,
@@ -32,8 +35,9 @@ from onnxpress.passes.memory.planner import (
 from onnxpress.passes.memory.reuse import apply_order, plan_memory, reuse
 
 __all__ = [
-    "PLAN_KEY", "Liveness", "MemoryPlanError", "OffsetPlan", "TensorLife", "apply_order",
+    "PLAN_KEY", "Liveness", "MemoryPlanError", "MemoryPlanWarning", "OffsetPlan", "SizeInfo",
+    "TensorLife", "apply_order",
     "bind_static_shapes", "graph_liveness", "memory_greedy_order", "model_liveness",
     "name_nodes", "node_names", "plan_memory", "plan_offsets", "read_memory_plan", "reuse",
-    "static_types", "verify_memory_plan", "write_memory_plan",
+    "size_info", "static_types", "verify_memory_plan", "write_memory_plan",
 ]

@@ -75,7 +75,26 @@ class Liveness:
     node_index: dict[str, int]
     subgraphs: dict[str, dict[str, Liveness]] = dataclasses.field(default_factory=dict)
     weights_bytes: int = 0
-    unsized: list[str] = dataclasses.field(default_factory=list)
+    # tensors left to the runtime: {"tensor", "kind", "node", "reason", "detail"} each
+    unplanned: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def unsized(self) -> list[str]:
+        """Names of the tensors left out of the plan (see `unplanned` for why)."""
+        return [u["tensor"] for u in self.unplanned]
+
+    @property
+    def planned_count(self) -> int:
+        """Activations in the plan, bodies included (workspaces are not counted)."""
+        return (sum(1 for t in self.tensors.values() if t.kind != "workspace")
+                + sum(sub.planned_count for bodies in self.subgraphs.values()
+                      for sub in bodies.values()))
+
+    @property
+    def unplanned_count(self) -> int:
+        """Activations left to the runtime, bodies included."""
+        return len(self.unplanned) + sum(sub.unplanned_count for bodies in self.subgraphs.values()
+                                         for sub in bodies.values())
 
     @property
     def steps(self) -> int:
@@ -193,9 +212,17 @@ def normalise_bindings(dims: Mapping[str, Any] | None,
     for source in (shapes or {}), (dims or {}):
         for key, value in source.items():
             if isinstance(value, (list, tuple)):
-                if len(value) == 1:
-                    dim_sizes[str(key)] = int(value[0])
-                input_shapes[str(key)] = [int(v) for v in value]
+                try:
+                    sizes = [int(v) for v in value]
+                except (TypeError, ValueError):
+                    raise PassOptionError(
+                        f"shape binding '{key}={value}': sizes must be integers") from None
+                if any(v < 0 for v in sizes):
+                    raise PassOptionError(
+                        f"shape binding '{key}={value}': sizes must not be negative")
+                if len(sizes) == 1:
+                    dim_sizes[str(key)] = sizes[0]
+                input_shapes[str(key)] = sizes
             else:
                 try:
                     dim_sizes[str(key)] = int(value)
@@ -218,6 +245,28 @@ def bind_static_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = 
     or, when `default_dim` is given, to that size. An unbound dim raises PassOptionError naming
     the input and the dim.
     """
+    bound, unbound = bind_shapes(model, dims, input_shapes, default_dim=default_dim)
+    if unbound:
+        raise _unbound_error(unbound)
+    return bound
+
+
+def _unbound_error(unbound: Mapping[str, list[str]]) -> PassOptionError:
+    return PassOptionError(
+        "memory planning needs static shapes; unbound dims: "
+        + ", ".join(d for dims in unbound.values() for d in dims) + ". " + BIND_HINT)
+
+
+BIND_HINT = ("Bind them by name (reuse:batch=1,seq=128 or reuse:dims=NAME/SIZE+NAME/SIZE; "
+             "--shape seq=128 on the command line) or by input (shapes={'input': [1, 3, 224, "
+             "224]}; --shape input=1,3,224,224)")
+
+
+def bind_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+                input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+                default_dim: int | None = None) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    """As `bind_static_shapes`, but dims nothing binds stay symbolic: (shape-inferred copy,
+    {input: ["'x' axis 0 (batch)", ...]} for the inputs left with unbound dims)."""
     dims = dict(dims or {})
     for alias_group in (BATCH_DIM_NAMES, SEQUENCE_DIM_NAMES):
         given = [dims[a] for a in alias_group if a in dims]
@@ -228,7 +277,7 @@ def bind_static_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name for t in out.graph.initializer}
-    unbound = []
+    unbound: dict[str, list[str]] = {}
     for inp in out.graph.input:
         if inp.name in inits or not inp.type.HasField("tensor_type"):
             continue
@@ -244,10 +293,10 @@ def bind_static_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = 
                 tt.shape.dim.add().dim_value = int(size)
             continue
         if not tt.HasField("shape"):
-            unbound.append(f"'{inp.name}' (no shape at all)")
+            unbound.setdefault(inp.name, []).append(f"'{inp.name}' (no shape at all)")
             continue
         for axis, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
+            if d.HasField("dim_value") and d.dim_value >= 0:   # 0 is a size: an empty tensor
                 continue
             size = dims.get(d.dim_param) if d.dim_param else None
             if size is None and axis == 0 and "batch" in dims:
@@ -255,16 +304,11 @@ def bind_static_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = 
             if size is None:
                 size = default_dim
             if size is None:
-                unbound.append(f"'{inp.name}' axis {axis} ({d.dim_param or 'unnamed'})")
+                unbound.setdefault(inp.name, []).append(
+                    f"'{inp.name}' axis {axis} ({d.dim_param or 'unnamed'})")
                 continue
             d.Clear()
             d.dim_value = int(size)
-    if unbound:
-        raise PassOptionError(
-            "memory planning needs static shapes; unbound dims: " + ", ".join(unbound)
-            + ". Bind them by name (reuse:batch=1,seq=128 or reuse:dims=NAME/SIZE+NAME/SIZE; "
-            "--shape seq=128 on the command line) or by input (shapes={'input': [1, 3, 224, 224]}"
-            "; --shape input=1,3,224,224)")
     del out.graph.value_info[:]
     for o in out.graph.output:
         if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape"):
@@ -272,7 +316,7 @@ def bind_static_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = 
                 if not d.HasField("dim_value"):
                     d.Clear()
     # non-strict: what inference cannot size, onnxruntime measures (static_types)
-    return infer_shapes(out, strict=False, data_prop=True)
+    return infer_shapes(out, strict=False, data_prop=True), unbound
 
 
 def _static_types(graph: onnx.GraphProto) -> dict[str, tuple[int, list[int] | None]]:
@@ -282,7 +326,9 @@ def _static_types(graph: onnx.GraphProto) -> dict[str, tuple[int, list[int] | No
             continue
         tt = vi.type.tensor_type
         dims = None
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+        # a negative dim_value (an unresolved -1 some inference paths write) is no size
+        if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0
+                                        for d in tt.shape.dim):
             dims = [int(d.dim_value) for d in tt.shape.dim]
         prev = out.get(vi.name)
         if prev is None or (prev[1] is None and dims is not None):
@@ -290,9 +336,130 @@ def _static_types(graph: onnx.GraphProto) -> dict[str, tuple[int, list[int] | No
     return out
 
 
+# -- what has a static size, and why the rest has none ----------------------------------------
+# Why a tensor is left to the runtime (the plan's `unplanned[].reason`), and what that means.
+UNPLANNED_REASONS = {
+    "string": "a string tensor: its bytes depend on its contents",
+    "sequence": "a sequence: its length and its tensors are decided while the model runs",
+    "optional": "an optional value: whether it holds anything is decided while the model runs",
+    "map": "a map: its size is decided while the model runs",
+    "sparse_tensor": "a sparse tensor: its size depends on how many values are non-zero",
+    "unbound_dim": "its shape depends on a graph input dim that nothing binds",
+    "data_dependent": "its shape depends on values computed while the model runs",
+    "unknown_shape": "shape inference could not size it",
+    "unknown_type": "its element type is unknown or has no fixed size",
+}
+_KINDS = {"sequence_type": "sequence", "optional_type": "optional", "map_type": "map",
+          "sparse_tensor_type": "sparse_tensor"}
+
+# Inputs whose *values* decide an op's output shape (indices into node.input). When one of them
+# holds values known only at run time, the output's size is data-dependent.
+SHAPE_VALUE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2),
+    "Slice": (1, 2, 3, 4), "Pad": (1, 3), "Resize": (1, 2, 3), "Upsample": (1,), "TopK": (1,),
+    "Split": (1,), "OneHot": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "CenterCropPad": (1,),
+    "MaxUnpool": (2,), "DFT": (1, 2), "STFT": (1, 3), "MelWeightMatrix": (0, 1, 2, 3, 4),
+    "BlackmanWindow": (0,), "HannWindow": (0,), "HammingWindow": (0,), "Col2Im": (1, 2),
+    "AffineGrid": (1,), "NonZero": (0,), "Unique": (0,), "Compress": (1,),
+    "NonMaxSuppression": (0, 1, 2, 3, 4), "StringSplit": (0,), "ImageDecoder": (0,),
+    "If": (0,), "Loop": (0, 1), "SequenceInsert": (2,), "SequenceErase": (1,),
+    "SequenceAt": (1,), "SplitToSequence": (1,), "OptionalGetElement": (0,),
+    **{op: (1,) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+                           "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+                           "ReduceSumSquare")},
+}
+# ops whose output values depend only on their input's shape (or a sequence's length)
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size", "SequenceLength"})
+RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                        "Bernoulli", "Multinomial"})
+
+
+@dataclasses.dataclass
+class SizeInfo:
+    """What `size_info` learns: types with static dims where known, and for tensors that have
+    no static size, (reason, detail) with reason a key of UNPLANNED_REASONS."""
+
+    types: dict[str, tuple[int, list[int] | None]]
+    reasons: dict[str, tuple[str, str]]
+    unbound: dict[str, list[str]]
+
+
+def _is_static(info: tuple[int, list[int] | None] | None) -> bool:
+    return info is not None and info[1] is not None
+
+
+def _dependence(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[int] | None]],
+                value_dep: dict[str, tuple[str, str]], shape_dep: dict[str, tuple[str, str]],
+                unbound: Mapping[str, list[str]], body_of: str | None = None) -> None:
+    """Forward over `graph` (and its bodies): which tensors hold values known only at run time
+    (`value_dep`: graph inputs, what is computed from them, Shape of an unbound input) and which
+    have sizes that depend on such values or on unbound dims (`shape_dep`). A tensor onnx shape
+    inference gave static dims is static, whatever it was computed from."""
+    weights = {t.name for t in graph.initializer}
+    for inp in graph.input:
+        if inp.name in weights:
+            continue
+        if body_of is None:
+            value_dep[inp.name] = ("data_dependent", f"the values of input '{inp.name}'")
+            if inp.name in unbound:
+                shape_dep[inp.name] = ("unbound_dim", "its shape follows " + ", ".join(
+                    unbound[inp.name]) + ", which nothing binds")
+        else:
+            value_dep[inp.name] = ("data_dependent", f"values computed inside {body_of}")
+            if not _is_static(types.get(inp.name)) and inp.type.HasField("tensor_type"):
+                shape_dep[inp.name] = (
+                    "data_dependent", f"{body_of} passes it in with a shape that can change from "
+                    "one run (or iteration) to the next")
+    names = node_names(graph)
+    for node, name in zip(graph.node, names):
+        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        bodies = _named_subgraphs(node)
+        for attr, g in bodies:
+            _dependence(g, types, value_dep, shape_dep, unbound,
+                        body_of=f"{node.op_type} '{name}' ({attr})")
+        reads = [i for i in node.input if i] + sorted(subgraph_outer_inputs(node))
+        if op in SHAPE_ONLY_OPS:
+            vdep = shape_dep.get(node.input[0]) if node.input else None
+        elif op in RANDOM_OPS:
+            vdep = ("data_dependent", f"{op} '{name}' draws random values")
+        else:
+            vdep = next((value_dep[i] for i in reads if i in value_dep), None)
+        sdep = None
+        if op not in SHAPE_ONLY_OPS:
+            shaped = [i for i in node.input if i] + [o.name for _, g in bodies for o in g.output]
+            sdep = next((shape_dep[i] for i in shaped if i in shape_dep), None)
+        if sdep is None and op in SHAPE_VALUE_INPUTS:
+            for k in SHAPE_VALUE_INPUTS[op]:
+                if k < len(node.input) and node.input[k] in value_dep:
+                    reason, why = value_dep[node.input[k]]
+                    sdep = (reason, f"{op} '{name}' sizes its output from the values of "
+                                    f"'{node.input[k]}' ({why})")
+                    break
+        for o in node.output:
+            if not o:
+                continue
+            if vdep is not None:
+                value_dep[o] = vdep
+            if sdep is not None and not _is_static(types.get(o)):
+                shape_dep[o] = sdep
+
+
+def _kinds(graph: onnx.GraphProto) -> dict[str, str]:
+    """{tensor: reason} for values typed as sequences, optionals, maps, sparse tensors."""
+    out = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        which = vi.type.WhichOneof("value") if vi.HasField("type") else None
+        if which in _KINDS:
+            out[vi.name] = _KINDS[which]
+    return out
+
+
 def _probe_with_ort(bound: onnx.ModelProto, names: list[str],
-                    dims: Mapping[str, int]) -> dict[str, tuple[int, list[int]]]:
-    """Run the bound model once on onnxruntime exposing `names` as outputs: their real shapes."""
+                    dims: Mapping[str, int]) -> tuple[dict[str, tuple[int, list[int]]],
+                                                      dict[str, tuple[str, str]]]:
+    """Run the bound model once on onnxruntime exposing `names` as outputs: (their real shapes,
+    {name: (reason, detail)} for those that turn out to have no static size, or for all of them
+    when the run fails)."""
     import onnxruntime as ort
 
     from onnxpress.data import make_inputs
@@ -305,22 +472,88 @@ def _probe_with_ort(bound: onnx.ModelProto, names: list[str],
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
         feeds = {k: np.asarray(v) for k, v in make_inputs(bound, shapes=dict(dims)).items()}
         values = sess.run(names, feeds)
     except Exception as exc:
-        raise InvalidModelError(
-            f"cannot size {len(names)} tensors (e.g. '{names[0]}'): shape inference left them "
-            f"dynamic and running the model on onnxruntime failed ({str(exc).splitlines()[0]})"
-        ) from None
-    out = {}
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = ("unknown_shape", "shape inference could not size it and running the model once "
+                                f"on onnxruntime to measure it failed ({msg})")
+        return {}, {name: why for name in names}
+    out: dict[str, tuple[int, list[int]]] = {}
+    left: dict[str, tuple[str, str]] = {}
     for name, value in zip(names, values):
-        arr = np.asarray(value)
-        out[name] = (onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
-    return out
+        if isinstance(value, list):
+            left[name] = ("sequence", UNPLANNED_REASONS["sequence"])
+        elif value is None:
+            left[name] = ("optional", UNPLANNED_REASONS["optional"])
+        elif isinstance(value, dict):
+            left[name] = ("map", UNPLANNED_REASONS["map"])
+        elif not isinstance(value, np.ndarray):
+            left[name] = ("unknown_type", f"onnxruntime returned a {type(value).__name__}")
+        elif value.dtype == object:
+            out[name] = (onnx.TensorProto.STRING, list(value.shape))
+        else:
+            try:
+                out[name] = (onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+            except (KeyError, TypeError, ValueError):
+                left[name] = ("unknown_type", f"onnxruntime returned {value.dtype} values")
+    return out, left
+
+
+def size_info(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+              input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+              default_dim: int | None = None, strict: bool = False) -> SizeInfo:
+    """Types with static dims for every graph and subgraph after binding shapes, and the reason
+    each tensor without a static size has none.
+
+    Tensors of the main graph that onnx shape inference leaves dynamic are measured by running
+    the bound model once on onnxruntime, unless their size depends on unbound dims or on values
+    known only at run time (NonZero's output, a Reshape to a shape read from an input...): a
+    measurement would hold for the random inputs of that one run only. `strict`: unbound dims
+    raise PassOptionError (as bind_static_shapes) and a failed measurement InvalidModelError.
+    """
+    from onnxpress.stats import iter_graphs
+
+    bound, unbound = bind_shapes(model, dims, input_shapes, default_dim=default_dim)
+    if strict and unbound:
+        raise _unbound_error(unbound)
+    types: dict[str, tuple[int, list[int] | None]] = {}
+    kinds: dict[str, str] = {}
+    for g in iter_graphs(bound.graph):
+        for k, v in _static_types(g).items():
+            if k not in types or (types[k][1] is None and v[1] is not None):
+                types[k] = v
+        kinds.update(_kinds(g))
+    value_dep: dict[str, tuple[str, str]] = {}
+    shape_dep: dict[str, tuple[str, str]] = {}
+    _dependence(bound.graph, types, value_dep, shape_dep, unbound)
+    reasons: dict[str, tuple[str, str]] = dict(shape_dep)
+    for name, kind in kinds.items():
+        reasons[name] = (kind, UNPLANNED_REASONS[kind])
+    weights, _ = _weights(bound.graph)
+    missing = []
+    for n in bound.graph.node:
+        for o in n.output:
+            if o and o not in weights and o not in reasons and not _is_static(types.get(o)):
+                missing.append(o)
+    if missing:
+        feeds_shapes = dict(dims or {})
+        for inp in bound.graph.input:
+            tt = inp.type.tensor_type
+            if inp.name not in unbound:
+                feeds_shapes[inp.name] = [d.dim_value for d in tt.shape.dim]
+        measured, left = _probe_with_ort(bound, missing, feeds_shapes)
+        if strict and left and all(r == "unknown_shape" for r, _ in left.values()):
+            raise InvalidModelError(
+                f"cannot size {len(missing)} tensors (e.g. '{missing[0]}'): "
+                + next(iter(left.values()))[1]) from None
+        types.update(measured)
+        reasons.update(left)
+    return SizeInfo(types, reasons, unbound)
 
 
 # -- liveness ---------------------------------------------------------------------------------
@@ -341,18 +574,22 @@ def _weights(graph: onnx.GraphProto) -> tuple[set[str], int]:
 
 def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[int] | None]],
                    order: Sequence[int] | None = None, *, inplace: bool = True,
-                   allow_unknown: bool = False, where: str = "graph",
+                   allow_unknown: bool = True, where: str = "graph",
                    inplace_policy: str = "oldest", alignment: int = 64,
-                   outer_scope: frozenset[str] = frozenset()) -> Liveness:
+                   outer_scope: frozenset[str] = frozenset(),
+                   reasons: Mapping[str, tuple[str, str]] | None = None) -> Liveness:
     """Liveness of `graph` over `order` (indices into graph.node; default: as stored).
 
     `types` maps tensor names to (elem_type, static dims). Bodies of If/Loop/Scan are analysed
-    in their stored order and reserved as a workspace at their node's step.
+    in their stored order and reserved as a workspace at their node's step. A tensor without a
+    static size (`reasons` says why, see `size_info`) is an error, or with `allow_unknown` left
+    out of the liveness and listed in `unplanned`: the runtime allocates it.
     """
     names = node_names(graph)
     order = list(range(len(graph.node))) if order is None else list(order)
     if sorted(order) != list(range(len(graph.node))):
         raise InvalidModelError(f"{where}: the execution order is not a permutation of the nodes")
+    reasons = reasons or {}
     weights, weights_bytes = _weights(graph)
     # a body's reads of enclosing-scope tensors are the parent's business (they keep the
     # parent's tensor alive up to the node that owns the body)
@@ -362,24 +599,44 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
     n_steps = len(order)
     last_step = max(0, n_steps - 1)
     tensors: dict[str, TensorLife] = {}
-    unsized: list[str] = []
+    unplanned: list[dict[str, Any]] = []
+    left: set[str] = set()
 
-    def size_of(name: str, node_name: str | None) -> int:
+    def why_unsized(name: str) -> tuple[str, str] | None:
         info = types.get(name)
-        itemsize = _itemsize(info[0]) if info else None
-        if info is None or info[1] is None or itemsize is None:
-            if not allow_unknown:
-                at = f"output of node '{node_name}'" if node_name else "graph input"
-                raise InvalidModelError(
-                    f"{where}: the size of tensor '{name}' ({at}) is unknown after binding the "
-                    "shapes; bind the remaining dynamic dims or pass allow_unknown=true to leave "
-                    "it out of the plan")
-            unsized.append(name)
-            return 0
-        return int(np.prod(info[1], dtype=np.int64)) * itemsize
+        if name in reasons:
+            return reasons[name]
+        if info is None:
+            return ("unknown_type", "shape inference could not type it")
+        if info[0] == onnx.TensorProto.STRING:
+            return ("string", UNPLANNED_REASONS["string"])
+        if _itemsize(info[0]) is None:
+            return ("unknown_type", UNPLANNED_REASONS["unknown_type"])
+        if info[1] is None:
+            return ("unknown_shape", UNPLANNED_REASONS["unknown_shape"]
+                    + (" (inside a subgraph, which is not measured on onnxruntime)"
+                       if where != "graph" else ""))
+        return None
+
+    def size_of(name: str, node_name: str | None, kind: str) -> int | None:
+        why = why_unsized(name)
+        if why is None:
+            info = types[name]
+            return int(np.prod(info[1], dtype=np.int64)) * _itemsize(info[0])
+        at = f"output of node '{node_name}'" if node_name else "graph input"
+        if not allow_unknown:
+            raise InvalidModelError(
+                f"{where}: tensor '{name}' ({at}) has no static size: {why[1]}. Bind the "
+                "remaining dynamic dims, or pass allow_unknown=true to leave it to the runtime")
+        unplanned.append({"tensor": name, "kind": kind, "node": node_name, "reason": why[0],
+                          "detail": why[1]})
+        left.add(name)
+        return None
 
     for name in graph_inputs:
-        tensors[name] = TensorLife(name, size_of(name, None), 0, 0, "input")
+        size = size_of(name, None, "input")
+        if size is not None:
+            tensors[name] = TensorLife(name, size, 0, 0, "input")
     position = {}
     subgraphs: dict[str, dict[str, Liveness]] = {}
     for step, idx in enumerate(order):
@@ -389,7 +646,7 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
         for name in reads:
             t = tensors.get(name)
             if t is None:
-                if name in weights or name in position:
+                if name in weights or name in position or name in left:
                     continue
                 raise InvalidModelError(
                     f"{where}: node '{names[idx]}' reads '{name}' before any node produces it; "
@@ -403,15 +660,17 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
                 attr: graph_liveness(g, types, inplace=inplace, allow_unknown=allow_unknown,
                                      where=f"{where}/{names[idx]}.{attr}",
                                      inplace_policy=inplace_policy, alignment=alignment,
-                                     outer_scope=inner_scope)
+                                     outer_scope=inner_scope, reasons=reasons)
                 for attr, g in bodies}
         for name in node.output:
             if not name or name in weights:
                 continue
-            if name in tensors:
+            if name in tensors or name in left:
                 raise InvalidModelError(f"{where}: tensor '{name}' is produced twice")
             kind = "output" if name in graph_outputs else "intermediate"
-            tensors[name] = TensorLife(name, size_of(name, names[idx]), step, step, kind)
+            size = size_of(name, names[idx], kind)
+            if size is not None:
+                tensors[name] = TensorLife(name, size, step, step, kind)
     for name in graph_outputs:
         if name in tensors:
             tensors[name].last = last_step
@@ -430,7 +689,7 @@ def graph_liveness(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[i
                       inplace_policy)
     return Liveness(order=[names[i] for i in order], tensors=tensors,
                     node_index={names[i]: i for i in range(len(names))},
-                    subgraphs=subgraphs, weights_bytes=weights_bytes, unsized=unsized)
+                    subgraphs=subgraphs, weights_bytes=weights_bytes, unplanned=unplanned)
 
 
 INPLACE_POLICIES = ("oldest", "first")
@@ -476,8 +735,9 @@ def _mark_inplace(graph, names, order, tensors, inputs, outputs, types,
 @register_analysis("liveness")
 def liveness_analysis(model: onnx.ModelProto, ctx: PassContext, *,
                       dims: Mapping[str, int] | None = None, default_dim: int | None = None,
-                      inplace: bool = True, allow_unknown: bool = False) -> Liveness:
-    """Liveness of the main graph in its stored order; shapes bound from `dims` and ctx.shapes."""
+                      inplace: bool = True, allow_unknown: bool = True) -> Liveness:
+    """Liveness of the main graph in its stored order; shapes bound from `dims` and ctx.shapes.
+    Tensors without a static size are left out (`unplanned`) unless `allow_unknown=False`."""
     dim_sizes, input_shapes = normalise_bindings(dims, ctx.shapes)
     return model_liveness(model, dim_sizes, input_shapes, default_dim=default_dim,
                           inplace=inplace, allow_unknown=allow_unknown)
@@ -486,43 +746,23 @@ def liveness_analysis(model: onnx.ModelProto, ctx: PassContext, *,
 def static_types(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                  input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                  default_dim: int | None = None) -> dict[str, tuple[int, list[int] | None]]:
-    """{tensor: (elem_type, static dims)} for every graph and subgraph, after binding shapes.
-
-    Tensors of the main graph that onnx shape inference leaves dynamic are measured by running
-    the bound model once on onnxruntime.
-    """
-    from onnxpress.stats import iter_graphs
-
-    bound = bind_static_shapes(model, dims, input_shapes, default_dim=default_dim)
-    types: dict[str, tuple[int, list[int] | None]] = {}
-    for g in iter_graphs(bound.graph):
-        for k, v in _static_types(g).items():
-            if k not in types or (types[k][1] is None and v[1] is not None):
-                types[k] = v
-    weights, _ = _weights(bound.graph)
-    missing = []
-    for n in bound.graph.node:
-        for o in n.output:
-            if o and o not in weights and (o not in types or types[o][1] is None):
-                missing.append(o)
-    if missing:
-        bound_dims = {k: v for k, v in (dims or {}).items()}
-        feeds_shapes = dict(bound_dims)
-        for inp in bound.graph.input:
-            tt = inp.type.tensor_type
-            feeds_shapes[inp.name] = [d.dim_value for d in tt.shape.dim]
-        types.update(_probe_with_ort(bound, missing, feeds_shapes))
-    return types
+    """{tensor: (elem_type, static dims)} for every graph and subgraph, after binding shapes
+    (unbound dims raise PassOptionError). Tensors of the main graph that onnx shape inference
+    leaves dynamic are measured by running the bound model once on onnxruntime, except those
+    whose size depends on run-time values (see `size_info`): their dims stay None."""
+    return size_info(model, dims, input_shapes, default_dim=default_dim, strict=True).types
 
 
 def model_liveness(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                    input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                    order: Sequence[int] | None = None, default_dim: int | None = None,
-                   inplace: bool = True, allow_unknown: bool = False,
+                   inplace: bool = True, allow_unknown: bool = True,
                    types: Mapping[str, tuple[int, list[int] | None]] | None = None) -> Liveness:
     """Liveness of `model`'s main graph over `order` (default: the stored node order)."""
+    reasons = None
     if types is None:
-        types = static_types(model, dims, input_shapes, default_dim=default_dim)
-    return graph_liveness(model.graph, types, order, inplace=inplace, allow_unknown=allow_unknown)
-
-
+        info = size_info(model, dims, input_shapes, default_dim=default_dim,
+                         strict=not allow_unknown)
+        types, reasons = info.types, info.reasons
+    return graph_liveness(model.graph, types, order, inplace=inplace, allow_unknown=allow_unknown,
+                          reasons=reasons)

@@ -36,6 +36,11 @@ class MemoryPlanError(VerificationError):
     """A memory plan is malformed, stale, or places two live tensors in the same bytes."""
 
 
+class MemoryPlanWarning(UserWarning):
+    """Part of the model is left to the runtime: tensors without a static size are not in the
+    plan (the plan's `unplanned` says which and why)."""
+
+
 @dataclasses.dataclass
 class Buffer:
     """Tensors sharing memory through in-place reuse: one interval, one offset."""
@@ -266,11 +271,47 @@ def plan_dict(lv: Liveness, offsets: OffsetPlan, *, alignment: int,
                                    alignment=alignment)
                    for attr, sub in bodies.items()}
             for node, bodies in lv.subgraphs.items()}
-    if lv.unsized:
-        plan["unsized"] = list(lv.unsized)
+    plan["tensors_planned"] = lv.planned_count
+    plan["tensors_unplanned"] = lv.unplanned_count
+    plan["unplanned"] = [dict(u) for u in lv.unplanned]
+    if lv.unplanned_count:
+        plan["left_to_runtime"] = left_to_runtime(plan)
     if extra:
         plan.update(extra)
     return plan
+
+
+def _all_unplanned(plan: Mapping[str, Any], where: str = "") -> list[dict[str, Any]]:
+    out = [dict(u, graph=where or "main graph") for u in plan.get("unplanned") or []]
+    for node, bodies in (plan.get("subgraphs") or {}).items():
+        for attr, sub in bodies.items():
+            out += _all_unplanned(sub, f"{where + '/' if where else ''}{node}.{attr}")
+    return out
+
+
+def left_to_runtime(plan: Mapping[str, Any]) -> str:
+    """One sentence: how many tensors the plan leaves to the runtime, by reason, with an example
+    each (subgraphs included); empty when everything is planned."""
+    left = _all_unplanned(plan)
+    if not left:
+        return ""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for u in left:
+        by.setdefault(u["reason"], []).append(u)
+    parts = []
+    for reason, items in sorted(by.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        ex = items[0]
+        parts.append(f"{len(items)} {reason.replace('_', ' ')} (e.g. '{ex['tensor']}': "
+                     f"{ex['detail']})")
+    planned = plan.get("tensors_planned", len(plan.get("tensors") or {}))
+    text = (f"{len(left)} of {len(left) + planned} tensors are left to the runtime, outside the "
+            f"planned arena: " + "; ".join(parts))
+    if "unbound_dim" in by:
+        text += ". To plan those, bind the dims (reuse:batch=1,seq=128, reuse:dims=NAME/SIZE, or " \
+                "shapes={'input': [1, 3, 224, 224]})"
+    if not planned:
+        text += ". Nothing in this model has a static size: the plan is empty"
+    return text
 
 
 def read_memory_plan(model: onnx.ModelProto) -> dict[str, Any] | None:
@@ -344,6 +385,14 @@ def _check_plan(plan: Mapping[str, Any], where: str) -> None:
                 raise MemoryPlanError(
                     f"{w} claims to be written in place over '{src}', which does not end at "
                     f"step {t['first']} at the same offset with the same size")
+    unplanned = plan.get("unplanned", [])
+    if not isinstance(unplanned, list) or not all(
+            isinstance(u, dict) and isinstance(u.get("tensor"), str) for u in unplanned):
+        raise MemoryPlanError(f"{where}: 'unplanned' must be a list of objects naming a 'tensor'")
+    both = sorted({u["tensor"] for u in unplanned} & set(tensors))
+    if both:
+        raise MemoryPlanError(
+            f"{where}: tensor '{both[0]}' is both placed in the arena and listed as unplanned")
     index = {name: i for i, name in enumerate(names)}
     allowed = {(index[tensors[nm]["inplace_of"]], index[nm]) for nm in names
                if tensors[nm].get("inplace_of") is not None}

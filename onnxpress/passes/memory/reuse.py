@@ -16,6 +16,7 @@ names so that `order` names them. Dynamic dims are bound with options (`reuse:ba
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Annotated, Any, Literal
 
 import onnx
@@ -27,10 +28,11 @@ from onnxpress.passes.memory.liveness import (
     graph_liveness,
     name_nodes,
     normalise_bindings,
-    static_types,
+    size_info,
 )
 from onnxpress.passes.memory.planner import (
     PLAN_KEY,
+    MemoryPlanWarning,
     memory_greedy_order,
     plan_dict,
     plan_offsets,
@@ -43,16 +45,24 @@ from onnxpress.passes.registry import Range, register
 def plan_memory(model: onnx.ModelProto, *, dims: dict[str, int] | None = None,
                 shapes: dict[str, Any] | None = None, alignment: int = 64,
                 reorder: bool = True, inplace: bool = True, default_dim: int | None = None,
-                allow_unknown: bool = False,
+                allow_unknown: bool = True,
                 strategy: str = "best") -> tuple[dict[str, Any], list[int]]:
     """Plan `model`'s activations without changing it: (plan dict, node order as indices).
 
     The plan's `order` names nodes as `name_nodes` would name them; apply the order and the
-    names (the `reuse` pass does) before storing the plan in the model.
+    names (the `reuse` pass does) before storing the plan in the model. Tensors without a static
+    size are listed under `unplanned` (with `allow_unknown=False` they raise instead).
     """
     t0 = time.perf_counter()
     dim_sizes, input_shapes = normalise_bindings(dims, shapes)
-    types = static_types(model, dim_sizes, input_shapes, default_dim=default_dim)
+    if strategy not in ("best", "greedy_by_size", "greedy_by_breadth"):
+        from onnxpress.errors import PassOptionError
+
+        raise PassOptionError(f"unknown strategy '{strategy}'; choose from best, greedy_by_size, "
+                              "greedy_by_breadth")
+    info = size_info(model, dim_sizes, input_shapes, default_dim=default_dim,
+                     strict=not allow_unknown)
+    types = info.types
     strategies = (("greedy_by_size", "greedy_by_breadth") if strategy == "best" else (strategy,))
 
     def evaluate(order: list[int] | None) -> tuple[Liveness, Any]:
@@ -62,7 +72,7 @@ def plan_memory(model: onnx.ModelProto, *, dims: dict[str, int] | None = None,
         for policy in (INPLACE_POLICIES if inplace else INPLACE_POLICIES[:1]):
             lv = graph_liveness(model.graph, types, order, inplace=inplace,
                                 allow_unknown=allow_unknown, inplace_policy=policy,
-                                alignment=alignment)
+                                alignment=alignment, reasons=info.reasons)
             offs = plan_offsets(lv, alignment=alignment, strategies=strategies)
             offs.algorithm += f"+inplace_{policy}" if inplace else ""
             if best is None or offs.arena_bytes < best[1].arena_bytes:
@@ -118,7 +128,7 @@ def reuse(model: onnx.ModelProto, ctx: PassContext, *,
           reorder: bool = True,
           inplace: bool = True,
           strategy: Literal["best", "greedy_by_size", "greedy_by_breadth"] = "best",
-          allow_unknown: bool = False) -> onnx.ModelProto:
+          allow_unknown: bool = True) -> onnx.ModelProto:
     """Plan activation memory into one arena (tensor reuse) and store the plan in the model.
 
     before: naive = every activation its own buffer
@@ -127,7 +137,10 @@ def reuse(model: onnx.ModelProto, ctx: PassContext, *,
     elementwise and view ops whose input dies there, offsets by greedy-by-size best fit and
     greedy-by-breadth (the smaller arena kept), and a memory-aware node order written into the
     graph when it lowers the arena without raising the peak. Dynamic dims: batch=, seq=,
-    dims=NAME/SIZE+NAME/SIZE, or the context's shapes. Outputs are unchanged.
+    dims=NAME/SIZE+NAME/SIZE, or the context's shapes. Tensors without a static size (unbound
+    dims, data-dependent shapes, strings, sequences) are left to the runtime, listed under the
+    plan's `unplanned` with a warning; allow_unknown=false fails on them instead. Outputs are
+    unchanged.
     """
     bind: dict[str, int] = {}
     if dims:
@@ -151,7 +164,11 @@ def reuse(model: onnx.ModelProto, ctx: PassContext, *,
         arena_vs_naive=plan["arena_bytes"] / max(1, plan["naive_bytes"]),
         algorithm=plan["algorithm"], reordered=plan["reordered"],
         inplace_tensors=plan["inplace_tensors"], peak_node=plan["peak"]["node"],
+        tensors_planned=plan["tensors_planned"], tensors_unplanned=plan["tensors_unplanned"],
         memory_plan=plan)
+    if plan["tensors_unplanned"]:
+        warnings.warn(MemoryPlanWarning(f"reuse: {plan['left_to_runtime']}. The plan's "
+                                        "'unplanned' lists each one."), stacklevel=2)
     return model
 
 
