@@ -2,6 +2,7 @@
 
     onnxpress compile model.onnx --target x86|arm|cuda[:sm_XX] [--shape NAME=1,3,224,224 ...]
         [--tune N --db DIR] [--rpc HOST:PORT --key K] [--exact-math] -o DIR
+    onnxpress compile model.onnx --recipe small-board [--tune 0] -o DIR   # the recipe's [compile]
     onnxpress run DIR --inputs x.npz [--verify model.onnx] [--rtol R --atol A] [--outputs y.npz]
         [--bench N] [--rpc HOST:PORT --key K]
 """
@@ -57,9 +58,29 @@ def integer_summary(info: dict | None, limit: int = 12) -> list[str]:
     return lines
 
 
+def _apply_recipe_compile(args: argparse.Namespace) -> None:
+    """--recipe NAME|FILE: its [compile] section gives target, tune_trials, db, rpc and key;
+    flags given on the command line win."""
+    if args.recipe:
+        from onnxpress import recipes
+
+        section = recipes.load(args.recipe).compile
+        if not section:
+            from onnxpress.errors import PassOptionError
+
+            raise PassOptionError(f"recipe '{args.recipe}' has no [compile] section; give --target")
+        for flag, key in (("target", "target"), ("tune", "tune_trials"), ("db", "db"),
+                          ("rpc", "rpc"), ("key", "key")):
+            if getattr(args, flag) is None and section.get(key) is not None:
+                setattr(args, flag, section[key])
+    args.target = args.target or "x86"
+    args.tune = int(args.tune or 0)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from onnxpress.backends import tvm
 
+    _apply_recipe_compile(args)
     art = tvm.compile(args.model, _parse_target(args.target), shapes=_parse_shapes(args.shape),
                       tune_trials=args.tune, db=args.db, rpc=args.rpc, key=args.key,
                       fast_math=not args.exact_math,
@@ -134,12 +155,16 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("compile", help="compile (and tune) an ONNX model with Apache TVM",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="ONNX model")
-    p.add_argument("--target", "-t", default="x86",
-                   help="x86 (host CPU), arm (aarch64+NEON), cuda or cuda:sm_XX, or a TVM target as JSON")
+    p.add_argument("--target", "-t", default=None,
+                   help="x86 (host CPU, the default), arm (aarch64+NEON), cuda or cuda:sm_XX, or a "
+                        "TVM target as JSON")
+    p.add_argument("--recipe", metavar="NAME|FILE",
+                   help="take target, tuning budget, db, rpc and key from a recipe's [compile] "
+                        "section (onnxpress recipes lists them); flags override it")
     p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
                    help="static shape for an input with dynamic dims (repeatable)")
-    p.add_argument("--tune", type=int, default=0, metavar="N",
-                   help="MetaSchedule trials (0: default schedules, no measurement)")
+    p.add_argument("--tune", type=int, default=None, metavar="N",
+                   help="MetaSchedule trials (0, the default: default schedules, no measurement)")
     p.add_argument("--db", help="tuning database directory, reused by later compiles "
                                 "(default ~/.cache/onnxpress/tvm-db when tuning)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker: tune/run on a board")

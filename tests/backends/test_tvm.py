@@ -222,3 +222,21 @@ def test_tvm_runs_on_every_physical_core_unless_told_otherwise():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"},
                          capture_output=True, text=True, check=True)
     assert int(out.stdout.split()[-1]) == 1
+
+
+def test_cli_compile_takes_target_and_budget_from_a_recipe(digits_cnn_path, tmp_path, capsys):
+    """The small-board recipe's [compile] section (target arm, tune 2000) is honoured: with
+    --tune 0 it builds an aarch64 library offline; with its own budget and no board it fails
+    with the clear error, not a traceback."""
+    from onnxpress.commands import tvm as cli
+
+    out = tmp_path / "board"
+    assert cli.main(["compile", str(digits_cnn_path), "--recipe", "small-board", "--tune", "0",
+                     "--shape", "input=1,1,8,8", "-o", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "arm"
+    capsys.readouterr()
+    assert cli.main(["compile", str(digits_cnn_path), "--recipe", "small-board",
+                     "--shape", "input=1,1,8,8", "-o", str(tmp_path / "tuned"), "--quiet"]) == 2
+    assert "needs the board" in capsys.readouterr().err
+    assert not (tmp_path / "tuned").exists()
