@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import onnx
 import pytest
@@ -12,7 +10,6 @@ from onnx import numpy_helper
 from onnxpress import passes, zoo
 from onnxpress.backends import ort
 from onnxpress.errors import PassOptionError
-from onnxpress.passes import registry
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +53,7 @@ def test_clip_before_fake_int8_lowers_quantization_error(outlier_model, digits):
     assert clip_q_err < 0.3 * q_err, (clip_q_err, q_err)
 
 
-def _quant_int8_available() -> bool:
-    if registry.is_registered("quant_int8"):
-        return True
-    try:
-        importlib.import_module("onnxpress.passes.quant")
-    except ImportError:
-        return False
-    return registry.is_registered("quant_int8")
-
-
 def test_clip_before_quant_int8_lowers_quantization_error(outlier_model, digits):
-    if not _quant_int8_available():
-        pytest.skip("the quant_int8 pass is not in this checkout")
     X = digits.test[0]
     calib = zoo.digits_calib(256, 64)
     spec = "quant_int8:per_channel=false,latency_aware=false"
