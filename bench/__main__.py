@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             continue
     (out / "README.md").write_text("\n".join(parts))
+    if out.resolve() == RESULTS.resolve():
+        # README.md's benchmark tables are rendered from these results (bench/readme.py)
+        from bench import readme
+
+        readme.main([])
     if failed:
         print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)
         return 1

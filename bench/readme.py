@@ -1,0 +1,186 @@
+"""README's benchmark tables, rendered from the committed results in bench/results/*.json.
+
+Every figure the README shows about speed, size or accuracy sits between markers
+
+    <!-- bench:NAME -->  ...generated...  <!-- /bench:NAME -->
+
+and is rendered here from bench/results/<source>.json, with the machine and the date of the run
+that measured it. After a benchmark run:
+
+    python -m bench.readme            # rewrite the blocks in README.md
+    python -m bench.readme --check    # exit 1 and list the blocks that disagree (tests run this)
+
+so a number in the README can only come from a committed measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+BLOCK = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.S)
+
+
+def _load(source: str) -> dict:
+    return json.loads((RESULTS / f"{source}.json").read_text())
+
+
+def _x(v: Any, digits: int = 2) -> str:
+    return "" if v in (None, "") else f"{float(v):.{digits}f}x"
+
+
+def _num(v: Any, fmt: str = "{:.3g}") -> str:
+    return "" if v in (None, "") else fmt.format(float(v))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _stamp(data: dict, source: str, extra: str = "") -> str:
+    env = data.get("environment") or {}
+    mode = " --quick" if data.get("quick") else ""
+    return (f"_{env.get('cpu', '?')}, {env.get('cores', '?')} cores, onnxruntime "
+            f"{env.get('onnxruntime', '?')}, {env.get('date', '?')}; "
+            f"`python -m bench --only {source}{mode}`{extra}_")
+
+
+def quant_speed() -> list[str]:
+    data = _load("quant")
+    rows = [r for r in data["rows"] if r.get("wall_ms_2t") is not None and r["model"] != "MiniLM"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    out = []
+    for m in models:
+        by = {r["variant"]: r for r in rows if r["model"] == m}
+        fp32 = by.get("fp32", {})
+        ours = [v for v in by if v.startswith("onnxpress")]
+        for v in ours or [None]:
+            r, peer = by.get(v, {}), by.get("ORT quantize_static", {})
+            out.append([m, v.replace("onnxpress ", "") if v else "", _num(fp32.get("wall_ms_2t"), "{:.2f}"),
+                        f"{_x(peer.get('speedup_wall'))} faster, {_x(peer.get('size_x'), 3)} size"
+                        if peer.get("speedup_wall") else (peer.get("decision") or "failed"),
+                        f"**{_x(r.get('speedup_wall'))}** faster, {_x(r.get('size_x'), 3)} size",
+                        r.get("int8_layers", ""), _num(r.get("cosine"), "{:.5f}"),
+                        r.get("decision") or ""])
+    header = ["model", "pipeline", "fp32 ms", "onnxruntime quantize_static", "onnxpress",
+              "int8 layers", "cosine to fp32", "kept float / decision"]
+    return _table(header, out) + ["", _stamp(data, "quant")]
+
+
+def quant_minilm() -> list[str]:
+    data = _load("quant")
+    rows = [r for r in data["rows"] if r["model"] == "MiniLM" and r.get("accuracy") is not None]
+    out = [[r["variant"], f"{r['accuracy']:.3f}", _num(r.get("min_cosine"), "{:.3f}"),
+            _x(r.get("size_x"), 3), _x(r.get("speedup_wall"))] for r in rows]
+    return _table(["MiniLM, Debian task", "accuracy", "min cosine", "size", "speed (2 threads)"],
+                  out) + ["", _stamp(data, "quant")]
+
+
+def fuse() -> list[str]:
+    data = _load("fuse")
+    out = [[r["model"], str(r["nodes original"]), f"**{r['nodes onnxpress']}**", str(r["nodes onnxslim"]),
+            _num(r.get("(a) speedup"), "{:.2f}"), _num(r.get("(b) speedup"), "{:.2f}")]
+           for r in data["rows"]]
+    return _table(["model", "nodes: original", "onnxpress", "onnxslim", "speed-up, ORT opts off",
+                   "speed-up, ORT_ENABLE_ALL"], out) + ["", _stamp(data, "fuse")]
+
+
+def prune() -> list[str]:
+    data = _load("prune")
+    out = []
+    for r in data["rows"]:
+        acc = r.get("acc_before_distill")
+        after = r.get("acc_after_distill")
+        out.append([r["model"], r["config"], "" if acc in (None, "") else f"{float(acc):.3f}",
+                    "" if after in (None, "") else f"{float(after):.3f}",
+                    _x(r.get("macs_ratio")), _x(r.get("params_ratio")), _x(r.get("latency_ratio"))])
+    return _table(["model", "pruning", "accuracy", "after distill", "MACs", "params", "latency"],
+                  out) + ["", _stamp(data, "prune")]
+
+
+def memory() -> list[str]:
+    data = _load("memory")
+    out = []
+    for r in data["rows"]:
+        tvm = r.get("tvm_planned_bytes")
+        out.append([r["model"], f"{r['arena_bytes'] / 2**20:.2f} MiB",
+                    _x(r.get("arena_vs_lower_bound")), _x(r.get("arena_vs_naive"), 3),
+                    _x(r["arena_bytes"] / tvm) if tvm else ""])
+    return _table(["model (batch 1)", "planned arena", "vs lower bound", "vs no reuse",
+                   "vs TVM's planner"], out) + ["", _stamp(data, "memory")]
+
+
+def tvm() -> list[str]:
+    data = _load("tvm")
+    out = [[r["model"], _num(r.get("ort_fp32_ms"), "{:.3g}"), _x(r.get("untuned_vs_ort")),
+            _x(r.get("tuned_vs_ort")), f"{r.get('trials', '')} ({_num(r.get('tune_s'), '{:.0f}')} s)"
+            if r.get("trials") else ""]
+           for r in data["rows"] if " after " not in r["model"]]
+    return _table(["model", "onnxruntime fp32 ms", "TVM untuned / onnxruntime",
+                   "TVM tuned / onnxruntime", "trials (tuning time)"], out) + ["", _stamp(data, "tvm")]
+
+
+def tvm_int8() -> list[str]:
+    data = _load("tvm_int8")
+    out = [[r["model"], _num(r.get("ort_fp32_ms"), "{:.3g}"), _num(r.get("ort_int8_ms"), "{:.3g}"),
+            _num(r.get("tvm_fp32_ms"), "{:.3g}"), _num(r.get("tvm_int8_ms"), "{:.3g}"),
+            _x(r.get("tvm_int8_vs_ort_int8")), str(r.get("int8_kernels/int8_io/float", "")),
+            str(r.get("x86_dot_instructions") or r.get("arm_dot_instructions") or "")]
+           for r in data["rows"]]
+    return _table(["model", "ORT fp32 ms", "ORT int8 ms", "TVM fp32 ms", "TVM int8 ms",
+                   "TVM int8 / ORT int8", "integer kernels / 8-bit io / float", "dot instructions"],
+                  out) + ["", _stamp(data, "tvm_int8")]
+
+
+BLOCKS: dict[str, Callable[[], list[str]]] = {
+    "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
+    "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8,
+}
+
+
+def render(name: str) -> str:
+    return "\n".join(BLOCKS[name]()) + "\n"
+
+
+def update(text: str) -> tuple[str, list[str]]:
+    """(text with every block re-rendered, names of blocks whose content changed)."""
+    changed = []
+
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"README block '{name}' has no renderer in bench/readme.py "
+                             f"(have {', '.join(BLOCKS)})")
+        body = render(name)
+        if body != m.group("body"):
+            changed.append(name)
+        return f"<!-- bench:{name} -->\n{body}<!-- /bench:{name} -->"
+
+    return BLOCK.sub(sub, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    text = README.read_text()
+    new, changed = update(text)
+    if "--check" in argv:
+        if changed:
+            print(f"README blocks that disagree with bench/results: {', '.join(changed)}; "
+                  "run `python -m bench.readme`", file=sys.stderr)
+            return 1
+        return 0
+    if changed:
+        README.write_text(new)
+    print(f"README: {len(changed)} block(s) rewritten ({', '.join(changed) or 'none'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
