@@ -83,6 +83,18 @@ def inspect_sections(model: onnx.ModelProto, args: argparse.Namespace, console) 
     table.add_row("planned arena", f"{arena:,}", _human(arena),
                   f"{arena / max(1, lower):.3f}x lower bound, {arena / max(1, naive):.1%} of naive")
     table.add_row("weights + arena", f"{weights + arena:,}", _human(weights + arena), "")
+    unplanned = plan.get("tensors_unplanned", 0)
+    if unplanned:
+        from onnxpress.passes.memory.planner import all_unplanned
+
+        reasons: dict[str, int] = {}
+        for u in all_unplanned(plan):
+            reasons[u["reason"]] = reasons.get(u["reason"], 0) + 1
+        table.add_row(
+            "left to the runtime", f"{unplanned:,} tensors", "",
+            "no static size, not in the arena: " + ", ".join(
+                f"{n} {r.replace('_', ' ')}" for r, n in sorted(reasons.items(),
+                                                               key=lambda kv: -kv[1])))
     bindings = plan.get("bindings") or {}
     table.caption = escape(
         f"{source}; {plan.get('algorithm', '?')}, {plan.get('inplace_tensors', 0)} tensors in "

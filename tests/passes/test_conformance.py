@@ -14,6 +14,7 @@ import collections
 import itertools
 
 from onnxpress.passes.memory import read_memory_plan, verify_memory_plan
+from onnxpress.passes.memory.planner import all_unplanned
 from tests.passes.conformance_cases import (
     SKIP_CHECKER,
     SKIP_NO_INPUTS,
@@ -61,7 +62,7 @@ def test_cleanup_fuse_reuse_preserves_every_case(capsys):
             plans["cases partly left to the runtime"] += 1
             if not plan["tensors_planned"]:
                 plans["cases with an empty plan"] += 1
-        for u in _all_unplanned(plan):
+        for u in all_unplanned(plan):
             plans[f"unplanned: {u['reason']}"] += 1
 
     stats, failures = run_cases(itertools.chain(model_cases(), node_cases()),
@@ -74,10 +75,3 @@ def test_cleanup_fuse_reuse_preserves_every_case(capsys):
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:10])
     assert stats["preserved"] == ran >= 1500
 
-
-def _all_unplanned(plan: dict) -> list[dict]:
-    out = list(plan.get("unplanned") or [])
-    for bodies in (plan.get("subgraphs") or {}).values():
-        for sub in bodies.values():
-            out += _all_unplanned(sub)
-    return out

@@ -281,18 +281,19 @@ def plan_dict(lv: Liveness, offsets: OffsetPlan, *, alignment: int,
     return plan
 
 
-def _all_unplanned(plan: Mapping[str, Any], where: str = "") -> list[dict[str, Any]]:
+def all_unplanned(plan: Mapping[str, Any], where: str = "") -> list[dict[str, Any]]:
+    """Every `unplanned` entry of the plan and its subgraph plans, with the graph it is in."""
     out = [dict(u, graph=where or "main graph") for u in plan.get("unplanned") or []]
     for node, bodies in (plan.get("subgraphs") or {}).items():
         for attr, sub in bodies.items():
-            out += _all_unplanned(sub, f"{where + '/' if where else ''}{node}.{attr}")
+            out += all_unplanned(sub, f"{where + '/' if where else ''}{node}.{attr}")
     return out
 
 
 def left_to_runtime(plan: Mapping[str, Any]) -> str:
     """One sentence: how many tensors the plan leaves to the runtime, by reason, with an example
     each (subgraphs included); empty when everything is planned."""
-    left = _all_unplanned(plan)
+    left = all_unplanned(plan)
     if not left:
         return ""
     by: dict[str, list[dict[str, Any]]] = {}
