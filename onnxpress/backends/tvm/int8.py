@@ -261,6 +261,11 @@ class _Rewriter:
         gr = self.gr
         x = _dq_activation(gr, node.input[0])
         if x is None:
+            wp = gr.producer.get(node.input[1]) if len(node.input) > 1 else None
+            if wp is None or wp.op_type != "DequantizeLinear":
+                dw = node.op_type == "Conv" and int(_attr(node, "group", 1)) > 1
+                return ("not quantized in the model: float " + ("depthwise/grouped conv" if dw else "layer")
+                        + " (quant_int8 keeps depthwise convs float unless depthwise=true)" * dw)
             return "input is not a per-tensor dequantized 8-bit tensor"
         w = _dq_const(gr, node.input[1]) if len(node.input) > 1 else None
         if w is None:
