@@ -97,3 +97,20 @@ def test_shared_weight_quantized_for_both_readers_and_kept_float_for_an_excluded
     conv2 = next(n for n in res.model.graph.node if n.name == "conv2")
     inits = {t.name: t for t in res.model.graph.initializer}
     assert inits[conv2.input[1]].data_type == onnx.TensorProto.FLOAT
+
+
+@pytest.mark.slow
+def test_minilm_fused_attention_is_split_so_its_qkv_matmuls_get_integer_kernels(minilm_path):
+    """fuse packs each layer's Q/K/V MatMuls into com.microsoft.Attention, which has no int8
+    form with an additive mask: quant_int8 splits it back, so `fuse,quant_int8` quantizes the
+    36 weight MatMuls `quant_int8` alone does; an Attention left float is fused back."""
+    model = onnx.load(minilm_path)
+    task = zoo.debian_task()
+    tok = zoo.minilm_tokenizer()
+    calib = [zoo.minilm_feeds(task.train_texts[i:i + 8], tokenizer=tok) for i in range(0, 16, 8)]
+    fused = passes.run(model, ["fuse", QUANT], calib=calib, progress=False).reports[-1].figures
+    assert fused["fused_ops_split"] == 6 and fused["int8_compute_nodes"] == 36
+    assert fused["float_why"] == "12 MatMul of two activations (matmul_activations=false)"
+    res = passes.run(model, ["fuse", QUANT + ",op_types=Conv"], calib=calib, progress=False)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("Attention") == 6 and res.reports[-1].figures["fused_ops_restored"] == 6

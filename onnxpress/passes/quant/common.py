@@ -265,93 +265,171 @@ def _activation_node(act: str, params: list[float], x: str, y: str, name: str,
     return helper.make_node(act, [x], [y], name=name, **attrs)
 
 
-def split_fused_ops(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """Rewrite the main graph's com.microsoft FusedConv/FusedGemm (from `fuse`, or any export)
-    back into standard ops, in place, so calibration sees every tensor quantization needs:
+FusedSplit = dict  # {fused node's output 0: (the fused node, copies of the nodes its split made)}
+
+
+def _split_conv_or_gemm(n: onnx.NodeProto, graph: onnx.GraphProto, names: Names
+                        ) -> list[onnx.NodeProto] | None:
+    base = FUSED_BASE[n.op_type]
+    act = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "activation"), b"")
+    act = act.decode() if isinstance(act, bytes) else act
+    if act not in ("", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh"):
+        return None
+    params = next((list(helper.get_attribute_value(a)) for a in n.attribute
+                   if a.name == "activation_params"), [])
+    label = n.name or names(base.lower())
+    core = helper.make_node(base, list(n.input[:3]), [names(n.output[0] + "_" + base.lower())],
+                            name=label)
+    core.attribute.extend(a for a in n.attribute if not a.name.startswith("activation"))
+    out = [core]
+    t = core.output[0]
+    if base == "Conv" and len(n.input) > 3 and n.input[3]:
+        s = names(n.output[0] + "_sum") if act else n.output[0]
+        out.append(helper.make_node("Add", [t, n.input[3]], [s], name=names(label + "_add")))
+        t = s
+    if act:
+        out.append(_activation_node(act, params, t, n.output[0], names(label + "_" + act.lower()),
+                                    graph, names))
+    else:
+        core.output[0] = n.output[0]
+    return out
+
+
+def _split_attention(n: onnx.NodeProto, graph: onnx.GraphProto, names: Names
+                     ) -> list[onnx.NodeProto] | None:
+    """com.microsoft.Attention(x, W[D, 3H], b[3H], , , bias) back into its Q/K/V MatMuls, so
+    they can get integer kernels (onnxruntime has none for Attention with an additive mask)."""
+    inits = {t.name: t for t in graph.initializer}
+    extra = [a.name for a in n.attribute if a.name not in ("num_heads", "scale")]
+    if (extra or len(n.input) < 3 or any(i for i in n.input[3:5]) or len(n.input) > 6
+            or n.input[1] not in inits or n.input[2] not in inits or len(n.output) > 1):
+        return None
+    heads = next(a.i for a in n.attribute if a.name == "num_heads")
+    w, b = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
+    if w.ndim != 2 or w.shape[1] % 3 or (w.shape[1] // 3) % heads:
+        return None
+    hidden = w.shape[1] // 3
+    d = hidden // heads
+    scale = next((a.f for a in n.attribute if a.name == "scale"), 1.0 / np.sqrt(d))
+    label = n.name or names("attention")
+
+    def const(arr, base):
+        name = names(f"{label}_{base}")
+        graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def t(base):
+        return names(f"{n.output[0]}_{base}")
+
+    nodes: list[onnx.NodeProto] = []
+    split_shape = const(np.array([0, 0, heads, d], np.int64), "split_heads")
+    heads_out: dict[str, str] = {}
+    for k, (part, perm) in enumerate((("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]),
+                                      ("v", [0, 2, 1, 3]))):
+        wk = const(w[:, k * hidden:(k + 1) * hidden].copy(), f"{part}_weight")
+        bk = const(b[k * hidden:(k + 1) * hidden].copy(), f"{part}_bias")
+        mm, add, r4, tr = t(part + "_mm"), t(part + "_add"), t(part + "_4d"), t(part)
+        nodes += [helper.make_node("MatMul", [n.input[0], wk], [mm], name=names(f"{label}_{part}")),
+                  helper.make_node("Add", [mm, bk], [add], name=names(f"{label}_{part}_bias")),
+                  helper.make_node("Reshape", [add, split_shape], [r4], name=names(f"{label}_{part}_heads")),
+                  helper.make_node("Transpose", [r4], [tr], perm=perm, name=names(f"{label}_{part}_t"))]
+        heads_out[part] = tr
+    scores, scaled = t("scores"), t("scaled")
+    nodes += [helper.make_node("MatMul", [heads_out["q"], heads_out["k"]], [scores],
+                               name=names(f"{label}_scores")),
+              helper.make_node("Mul", [scores, const(np.array(scale, np.float32), "scale")],
+                               [scaled], name=names(f"{label}_scale"))]
+    logits = scaled
+    if len(n.input) > 5 and n.input[5]:
+        logits = t("masked")
+        nodes.append(helper.make_node("Add", [scaled, n.input[5]], [logits], name=names(f"{label}_mask")))
+    probs, ctx_, ctx_t = t("probs"), t("context"), t("context_t")
+    nodes += [helper.make_node("Softmax", [logits], [probs], axis=-1, name=names(f"{label}_softmax")),
+              helper.make_node("MatMul", [probs, heads_out["v"]], [ctx_], name=names(f"{label}_context")),
+              helper.make_node("Transpose", [ctx_], [ctx_t], perm=[0, 2, 1, 3],
+                               name=names(f"{label}_context_t")),
+              helper.make_node("Reshape", [ctx_t, const(np.array([0, 0, hidden], np.int64), "merge_heads")],
+                               [n.output[0]], name=names(f"{label}_merge"))]
+    return nodes
+
+
+def split_fused_ops(model: onnx.ModelProto) -> FusedSplit:
+    """Rewrite the main graph's com.microsoft FusedConv/FusedGemm/Attention (from `fuse`, or
+    any export) back into standard ops, in place, so calibration sees every tensor quantization
+    needs and every weight gets its integer kernel:
 
         FusedConv(x, W, B, z, activation=Relu) -> y    becomes    Relu(Add(Conv(x, W, B), z)) -> y
+        Attention(x, Wqkv, bqkv, , , bias)             becomes    the Q/K/V MatMuls + Add, heads
+                                                                  split, softmax(QK^T*s + bias) V
 
-    Returns {output name: the fused node} for `restore_fused_ops`. The split keeps the fused
-    node's name on the Conv/Gemm, so per-layer choices keyed by name still apply."""
+    Returns what `restore_fused_ops` needs to fuse back the ones that stay float. The Conv/Gemm
+    of a split keeps the fused node's name, so per-layer choices keyed by name still apply."""
     graph = model.graph
     names = Names(model)
-    fused: dict[str, onnx.NodeProto] = {}
+    fused: FusedSplit = {}
     nodes: list[onnx.NodeProto] = []
     for n in graph.node:
-        base = FUSED_BASE.get(n.op_type) if n.domain == "com.microsoft" else None
-        act = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "activation"),
-                   b"")
-        act = act.decode() if isinstance(act, bytes) else act
-        if base is None or act not in ("", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid",
-                                       "Tanh"):
+        made = None
+        if n.domain == "com.microsoft" and n.op_type in FUSED_BASE:
+            made = _split_conv_or_gemm(n, graph, names)
+        elif n.domain == "com.microsoft" and n.op_type == "Attention":
+            made = _split_attention(n, graph, names)
+        if made is None:
             nodes.append(n)
             continue
-        params = next((list(helper.get_attribute_value(a)) for a in n.attribute
-                       if a.name == "activation_params"), [])
         keep = onnx.NodeProto()
         keep.CopyFrom(n)
-        fused[n.output[0]] = keep
-        label = n.name or names(base.lower())
-        core = helper.make_node(base, list(n.input[:3]), [names(n.output[0] + "_" + base.lower())],
-                                name=label)
-        core.attribute.extend(a for a in n.attribute if not a.name.startswith("activation"))
-        nodes.append(core)
-        t = core.output[0]
-        if base == "Conv" and len(n.input) > 3 and n.input[3]:
-            s = names(n.output[0] + "_sum") if act else n.output[0]
-            nodes.append(helper.make_node("Add", [t, n.input[3]], [s], name=names(label + "_add")))
-            t = s
-        if act:
-            nodes.append(_activation_node(act, params, t, n.output[0], names(label + "_" + act.lower()),
-                                          graph, names))
-        else:
-            core.output[0] = n.output[0]
+        copies = []
+        for m in made:
+            c = onnx.NodeProto()
+            c.CopyFrom(m)
+            copies.append(c)
+        fused[n.output[0]] = (keep, copies)
+        nodes.extend(made)
     if fused:
         del graph.node[:]
         graph.node.extend(nodes)
+        # weights only the fused nodes read (Attention's packed QKV) leave with them; restore
+        # brings them back
+        read = {i for g in iter_graphs(graph) for n in g.node for i in n.input}
+        gone = [t for t in graph.initializer if t.name not in read
+                and any(t.name in node.input for node, _ in fused.values())]
+        for t in gone:
+            graph.initializer.remove(t)
+        fused["__initializers__"] = (None, gone)
     return fused
 
 
-def restore_fused_ops(model: onnx.ModelProto, fused: dict[str, onnx.NodeProto]) -> int:
-    """Put back, in place, each fused node of `split_fused_ops` whose split form stayed entirely
-    float (no DequantizeLinear feeds its Conv/Gemm and the chain is intact). Returns how many."""
+def restore_fused_ops(model: onnx.ModelProto, fused: FusedSplit) -> list[tuple[onnx.NodeProto, list]]:
+    """Put back, in place, each fused node of `split_fused_ops` whose split form came through
+    quantization untouched (every node it made is still there, as it was: so it stayed float).
+    Returns [(fused node, the nodes its split had made)] for those put back."""
     if not fused:
-        return 0
+        return []
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    outputs = {o.name for o in graph.output}
-    replace: dict[int, onnx.NodeProto | None] = {}
-    for out, node in fused.items():
-        chain, t = [], out
-        while t in producer and len(chain) < 3:
-            p = producer[t]
-            chain.append(p)
-            if p.op_type == FUSED_BASE[node.op_type]:
-                break
-            t = p.input[0]
-        core = chain[-1] if chain else None
-        if (core is None or core.op_type != FUSED_BASE[node.op_type] or core.name != node.name
-                or any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
-                       for i in core.input)
-                or any(readers.get(p.output[0], 0) != 1 or p.output[0] in outputs
-                       for p in chain[1:]) or list(core.input) != list(node.input[:3])):
+    by_name = {n.name: n for n in graph.node if n.name}
+    drop: set[int] = set()
+    put: dict[int, onnx.NodeProto] = {}
+    own: set[str] = set()
+    _, removed = fused.get("__initializers__", (None, []))
+    restored: list[tuple[onnx.NodeProto, list]] = []
+    for key, (node, made) in fused.items():
+        if key == "__initializers__":
             continue
-        for p in chain:
-            replace[id(p)] = None
-        replace[id(chain[0])] = node
-    if not replace:
-        return 0
-    nodes = []
-    for n in graph.node:
-        if id(n) not in replace:
-            nodes.append(n)
-        elif replace[id(n)] is not None:
-            nodes.append(replace[id(n)])
-    # the split's own constants (Clip bounds) go when nothing reads them any more
-    own = {i for n in graph.node if id(n) in replace and n.op_type == "Clip" for i in n.input[1:]}
-    replace_graph_nodes(model, graph, nodes, keep={t.name for t in graph.initializer} - own)
-    return sum(1 for v in replace.values() if v is not None)
+        now = [by_name.get(m.name) for m in made]
+        if any(c is None or c.SerializeToString(deterministic=True)
+               != m.SerializeToString(deterministic=True) for c, m in zip(now, made)):
+            continue
+        drop.update(id(c) for c in now)
+        put[id(now[-1])] = node
+        restored.append((node, made))
+        own.update(i for m in made for i in m.input)
+    if not put:
+        return []
+    nodes = [put.get(id(n), n) for n in graph.node if id(n) not in drop or id(n) in put]
+    needed = {i for n in put.values() for i in n.input}
+    graph.initializer.extend(t for t in removed if t.name in needed)
+    # the split's own constants (Clip bounds, Q/K/V slices...) go when nothing reads them
+    keep = {t.name for t in graph.initializer} - (own - {i for n in nodes for i in n.input})
+    replace_graph_nodes(model, graph, nodes, keep=keep)
+    return restored

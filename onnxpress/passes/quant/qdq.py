@@ -184,6 +184,11 @@ def quantize_static(
     for n in graph.node:
         if n.op_type in COMPUTE and not selected(n):
             left_float[node_key(n)] = "excluded by the pass options"
+        elif n.op_type == "Attention" and n.domain == "com.microsoft":
+            # the passes split fuse's Attention back into its MatMuls (split_fused_ops); one
+            # still here has inputs that split does not cover (past state, a mask index)
+            left_float[node_key(n)] = ("com.microsoft.Attention with past state or a mask "
+                                       "index: not split into MatMuls, no int8 form")
     quantized: list[onnx.NodeProto] = []
     q_outputs: set[str] = set()          # tensors produced by quantized nodes
     producer_q = set()
@@ -540,8 +545,10 @@ def layer_precisions(model: onnx.ModelProto) -> dict[str, str]:
     out = {}
     for n in graph.node:
         key = node_key(n)
-        if n.op_type == "MatMulIntegerToFloat":
+        if n.op_type in ("MatMulIntegerToFloat", "QAttention"):
             out[key] = "int8"
+        elif n.op_type == "Attention" and n.domain == "com.microsoft":
+            out[key] = "float"
         elif n.op_type in COMPUTE and len(n.input) > 1:
             if dq_of_q(n.input[0]) and (dq_weight(n.input[1]) or dq_of_q(n.input[1])):
                 out[key] = "int8"
@@ -661,8 +668,13 @@ def quant_int8(
         for k, v in layer_precisions(out).items():
             if v != "int8" and candidate.get(k) == "int8":
                 reasons[k] = "slower in int8 on onnxruntime here (latency_aware)"
-    figures["fused_ops_split"] = len(fused)
-    figures["fused_ops_restored"] = restore_fused_ops(out, fused)
+    figures["fused_ops_split"] = len(fused) - ("__initializers__" in fused)
+    restored = restore_fused_ops(out, fused)
+    figures["fused_ops_restored"] = len(restored)
+    for node, made in restored:          # a re-fused layer inherits its split's reason
+        why = [reasons[node_key(m)] for m in made if node_key(m) in reasons]
+        if why:
+            reasons[node_key(node)] = why[0]
     from onnxpress.passes.graph import copy_model_fields
 
     copy_model_fields(original, out)
