@@ -506,17 +506,17 @@ def test_probe_that_returns_a_sequence_does_not_crash():
 
 
 def _data_dependent_model() -> onnx.ModelProto:
-    """NonZero(x) and a Reshape to a shape read from an input: sizes known only at run time;
+    """NonZero(x) and an Expand to a shape read from an input: sizes known only at run time;
     Relu(x) beside them is static."""
     nodes = [helper.make_node("NonZero", ["x"], ["nz"]),
              helper.make_node("Transpose", ["nz"], ["idx"]),
              helper.make_node("Relu", ["x"], ["r"]),
-             helper.make_node("Reshape", ["r", "shape"], ["y"]),
+             helper.make_node("Expand", ["r", "shape"], ["y"]),
              helper.make_node("Sigmoid", ["x"], ["s"])]
     graph = helper.make_graph(
         nodes, "data_dependent",
         [helper.make_tensor_value_info("x", FLOAT, [3, 4]),
-         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [3])],
         [helper.make_tensor_value_info("idx", TensorProto.INT64, ["k", 2]),
          helper.make_tensor_value_info("y", FLOAT, ["p", "q"]),
          helper.make_tensor_value_info("s", FLOAT, [3, 4])])
@@ -531,14 +531,18 @@ def test_data_dependent_shapes_are_left_to_the_runtime():
     assert reasons == {"nz": "data_dependent", "idx": "data_dependent", "y": "data_dependent"}
     details = {u["tensor"]: u["detail"] for u in plan["unplanned"]}
     assert "NonZero" in details["nz"] and "NonZero" in details["idx"]
-    assert "Reshape" in details["y"] and "'shape'" in details["y"]
+    assert "Expand" in details["y"] and "'shape'" in details["y"]
     assert set(plan["tensors"]) == {"x", "shape", "r", "s"}
     assert figures["tensors_planned"] == 4 and figures["tensors_unplanned"] == 3
-    # x, r (48 bytes each) and shape (16) live at once; s takes r's slot when the Reshape is done
-    assert figures["arena_bytes"] == 64 + 64 + 16 and figures["lower_bound_bytes"] == 112
+    # x, r (48 bytes each) and shape (24) live at once; s takes r's slot when the Expand is done
+    assert figures["arena_bytes"] == 64 + 64 + 24 and figures["lower_bound_bytes"] == 120
     assert len(messages) == 1 and "3 data dependent" in messages[0]
     x = np.array([[0, 1, 0, 2], [3, 0, 0, 4], [0, 0, 5, 0]], np.float32)
-    _same_outputs(model, out, {"x": x, "shape": np.array([4, 3], np.int64)})
+    _same_outputs(model, out, {"x": x, "shape": np.array([2, 3, 4], np.int64)})
+    # a static shape declared on the output (true for one input only) is not taken on trust
+    declared = _data_dependent_model()
+    declared.graph.output[0].CopyFrom(helper.make_tensor_value_info("idx", TensorProto.INT64, [5, 2]))
+    assert "idx" in _reasons(_run_reuse(declared)[1]["memory_plan"])
     # strict: the first tensor without a static size is an error that says why
     with pytest.raises(InvalidModelError, match=r"'nz'.*NonZero"):
         passes.apply(model, ["reuse:allow_unknown=false"])
@@ -553,3 +557,26 @@ def test_user_errors_stay_option_errors():
         passes.run(_chain_model(), ["reuse"], shapes={"x": [1, 3, 16]})
     with pytest.raises(PassOptionError, match="integers"):
         passes.run(_chain_model(), ["reuse"], shapes={"x": [1, "three", 16, 16]})
+
+
+def test_reshape_to_a_runtime_shape_keeps_a_static_size():
+    """Only the shape of Reshape(x, shape) depends on the values fed as `shape`: its bytes are
+    x's, so it is planned (in place over x's Relu), and so is the Sigmoid after it."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["v"]),
+             helper.make_node("Sigmoid", ["v"], ["y"]),
+             helper.make_node("Tile", ["x", "shape"], ["e"])]
+    graph = helper.make_graph(
+        nodes, "reshape",
+        [helper.make_tensor_value_info("x", FLOAT, [3, 4]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", FLOAT, [4, 3]),
+         helper.make_tensor_value_info("e", FLOAT, [12, 12])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, figures, messages = _run_reuse(model)
+    plan = figures["memory_plan"]
+    assert _reasons(plan) == {"e": "data_dependent"}        # Tile's size follows the values
+    t = plan["tensors"]
+    assert t["v"]["size"] == t["y"]["size"] == 3 * 4 * 4
+    assert t["v"]["inplace_of"] == "r" and t["y"]["kind"] == "output"
+    _same_outputs(model, out, {"x": np.ones((3, 4), np.float32), "shape": np.array([4, 3])})

@@ -264,9 +264,14 @@ BIND_HINT = ("Bind them by name (reuse:batch=1,seq=128 or reuse:dims=NAME/SIZE+N
 
 def bind_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                 input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-                default_dim: int | None = None) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+                default_dim: int | None = None, keep_output_shapes: bool = True,
+                ) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
     """As `bind_static_shapes`, but dims nothing binds stay symbolic: (shape-inferred copy,
-    {input: ["'x' axis 0 (batch)", ...]} for the inputs left with unbound dims)."""
+    {input: ["'x' axis 0 (batch)", ...]} for the inputs left with unbound dims).
+
+    `keep_output_shapes=False` drops the graph outputs' declared shapes before inference, so
+    that every static dim is one inference derived (a declared [2, 4] on NonZero's output holds
+    for the test input it was written for, not for every input)."""
     dims = dict(dims or {})
     for alias_group in (BATCH_DIM_NAMES, SEQUENCE_DIM_NAMES):
         given = [dims[a] for a in alias_group if a in dims]
@@ -312,6 +317,9 @@ def bind_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
     del out.graph.value_info[:]
     for o in out.graph.output:
         if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape"):
+            if not keep_output_shapes:
+                o.type.tensor_type.ClearField("shape")
+                continue
             for d in o.type.tensor_type.shape.dim:
                 if not d.HasField("dim_value"):
                     d.Clear()
@@ -382,6 +390,14 @@ class SizeInfo:
     types: dict[str, tuple[int, list[int] | None]]
     reasons: dict[str, tuple[str, str]]
     unbound: dict[str, list[str]]
+    # tensors whose shape is not static but whose element count is (a Reshape to a shape read
+    # from an input): {name: (elem_type, [count])}
+    flat: dict[str, tuple[int, list[int]]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def planning_types(self) -> dict[str, tuple[int, list[int] | None]]:
+        """`types` with the flat types added: what the planner sizes tensors by."""
+        return {**self.types, **self.flat}
 
 
 def _is_static(info: tuple[int, list[int] | None] | None) -> bool:
@@ -504,6 +520,33 @@ def _probe_with_ort(bound: onnx.ModelProto, names: list[str],
     return out, left
 
 
+def _same_element_count(graph: onnx.GraphProto, types: Mapping[str, tuple[int, list[int] | None]],
+                        reasons: dict[str, tuple[str, str]]) -> dict[str, tuple[int, list[int]]]:
+    """A view (Reshape, Flatten, Squeeze, Unsqueeze) or a one-input elementwise op keeps its
+    input's element count whatever its shape: where only the shape depends on run-time values
+    (a Reshape to a shape read from an input), the byte size is still static. Such tensors leave
+    `reasons`; returns {tensor: (elem_type, [element count])}, a flat type for planning only."""
+    from onnxpress.stats import iter_graphs
+
+    flat: dict[str, tuple[int, list[int]]] = {}
+    for g in iter_graphs(graph):
+        for n in g.node:
+            if n.domain not in ("", "ai.onnx") or not n.output or not n.output[0] or not n.input:
+                continue
+            if not (n.op_type in VIEW_OPS or (n.op_type in ELEMENTWISE_OPS
+                                              and sum(1 for i in n.input if i) == 1)):
+                continue
+            src, out = n.input[0], n.output[0]
+            why = reasons.get(out)
+            info, out_info = flat.get(src) or types.get(src), types.get(out)
+            if (why is None or why[0] not in ("data_dependent", "unbound_dim") or src in reasons
+                    or not _is_static(info) or out_info is None or _itemsize(out_info[0]) is None):
+                continue
+            flat[out] = (out_info[0], [int(np.prod(info[1], dtype=np.int64))])
+            del reasons[out]
+    return flat
+
+
 def size_info(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
               input_shapes: Mapping[str, Sequence[int]] | None = None, *,
               default_dim: int | None = None, strict: bool = False) -> SizeInfo:
@@ -513,12 +556,14 @@ def size_info(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
     Tensors of the main graph that onnx shape inference leaves dynamic are measured by running
     the bound model once on onnxruntime, unless their size depends on unbound dims or on values
     known only at run time (NonZero's output, a Reshape to a shape read from an input...): a
-    measurement would hold for the random inputs of that one run only. `strict`: unbound dims
+    measurement would hold for the random inputs of that one run only. The graph outputs'
+    declared shapes are not taken on trust (they may describe one test input). `strict`: unbound dims
     raise PassOptionError (as bind_static_shapes) and a failed measurement InvalidModelError.
     """
     from onnxpress.stats import iter_graphs
 
-    bound, unbound = bind_shapes(model, dims, input_shapes, default_dim=default_dim)
+    bound, unbound = bind_shapes(model, dims, input_shapes, default_dim=default_dim,
+                                 keep_output_shapes=False)
     if strict and unbound:
         raise _unbound_error(unbound)
     types: dict[str, tuple[int, list[int] | None]] = {}
@@ -534,11 +579,13 @@ def size_info(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
     reasons: dict[str, tuple[str, str]] = dict(shape_dep)
     for name, kind in kinds.items():
         reasons[name] = (kind, UNPLANNED_REASONS[kind])
+    flat = _same_element_count(bound.graph, types, reasons)
     weights, _ = _weights(bound.graph)
     missing = []
     for n in bound.graph.node:
         for o in n.output:
-            if o and o not in weights and o not in reasons and not _is_static(types.get(o)):
+            if (o and o not in weights and o not in reasons and o not in flat
+                    and not _is_static(types.get(o))):
                 missing.append(o)
     if missing:
         feeds_shapes = dict(dims or {})
@@ -553,7 +600,7 @@ def size_info(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                 + next(iter(left.values()))[1]) from None
         types.update(measured)
         reasons.update(left)
-    return SizeInfo(types, reasons, unbound)
+    return SizeInfo(types, reasons, unbound, flat)
 
 
 # -- liveness ---------------------------------------------------------------------------------
@@ -763,6 +810,6 @@ def model_liveness(model: onnx.ModelProto, dims: Mapping[str, int] | None = None
     if types is None:
         info = size_info(model, dims, input_shapes, default_dim=default_dim,
                          strict=not allow_unknown)
-        types, reasons = info.types, info.reasons
+        types, reasons = info.planning_types, info.reasons
     return graph_liveness(model.graph, types, order, inplace=inplace, allow_unknown=allow_unknown,
                           reasons=reasons)

@@ -62,7 +62,7 @@ def plan_memory(model: onnx.ModelProto, *, dims: dict[str, int] | None = None,
                               "greedy_by_breadth")
     info = size_info(model, dim_sizes, input_shapes, default_dim=default_dim,
                      strict=not allow_unknown)
-    types = info.types
+    types = info.planning_types
     strategies = (("greedy_by_size", "greedy_by_breadth") if strategy == "best" else (strategy,))
 
     def evaluate(order: list[int] | None) -> tuple[Liveness, Any]:
