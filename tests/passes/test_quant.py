@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxpress import passes, zoo
 from onnxpress.backends import ort
-from onnxpress.errors import CalibrationError
+from onnxpress.errors import CalibrationError, PassOptionError
 from onnxpress.passes.context import PassContext
 
 
@@ -368,3 +368,19 @@ def test_relu_stays_when_its_producer_stays_float():
     assert _ops(q).count("Relu") == 2
     ref, got = ort.run(model, calib[0])["y"], ort.run(q, calib[0])["y"]
     assert (got >= 0).all() and _cos(ref, got).min() > 0.99
+
+
+def test_quant_auto_accuracy_target_on_held_out_batches(digits_cnn, digits, digits_calib):
+    """quant_auto:target=0.99,metric=top1 picks the smallest mix whose top-1 agreement with fp32
+    on calibration batches its ranges never saw is at least 0.99, and shows what it explored."""
+    res = passes.run(digits_cnn, "quant_auto:target=0.99,metric=top1,objective=size",
+                     calib=digits_calib)
+    f = res.reports[0].figures
+    assert f["target_met"] is True and f["top1_agreement"] >= 0.99
+    assert f["evaluated_on"].startswith("4 held-out")
+    assert f["explored"] and all(p["bytes"] > 0 for p in f["explored"])
+    assert res.model.ByteSize() < 0.35 * digits_cnn.ByteSize()
+    Xte, yte = digits.test
+    assert zoo.accuracy(res.model, Xte, yte) >= zoo.accuracy(digits_cnn, Xte, yte) - 0.01
+    with pytest.raises(PassOptionError, match="target or budget"):
+        passes.run(digits_cnn, "quant_auto:budget=0.9,target=0.99", calib=digits_calib)

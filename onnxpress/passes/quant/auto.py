@@ -90,8 +90,17 @@ class Scorer:
             return self.base - float(self.callback(model))
         sess = ort.session(model)
         worst_cos, num, den = 1.0, 0.0, 0.0
+        agree = total = 0
         for b, ref in zip(self.batches, self.ref):
             got = sess.run(None, b)
+            first = np.asarray(ref[0])
+            if self.metric == "top1":
+                if first.ndim < 2 or not np.issubdtype(first.dtype, np.floating):
+                    raise PassOptionError("quant_auto: metric=top1 needs a first output of shape "
+                                          "[batch, classes, ...]; use cosine or a callback")
+                agree += int((first.argmax(-1) == np.asarray(got[0]).argmax(-1)).sum())
+                total += int(first.argmax(-1).size)
+                continue
             for x, y in zip(ref, got):
                 x = np.asarray(x)
                 if not np.issubdtype(x.dtype, np.floating):
@@ -104,6 +113,8 @@ class Scorer:
                 worst_cos = min(worst_cos, float(c.min()))
                 num += float(((x - y) ** 2).sum())
                 den += float((x ** 2).sum())
+        if self.metric == "top1":
+            return 1.0 - agree / max(total, 1)
         if self.metric == "cosine":
             return 1.0 - worst_cos
         return float(np.sqrt(num / max(den, 1e-30)))
@@ -140,9 +151,10 @@ def apply_assignment(model: onnx.ModelProto, stats, assignment: dict[str, str], 
 
 
 def layer_sensitivity(model: onnx.ModelProto, ctx: PassContext, *, precisions: list[str],
-                      scorer: Scorer, int8_options: dict, int4_options: dict
+                      scorer: Scorer, int8_options: dict, int4_options: dict, stats=None
                       ) -> tuple[list[Layer], dict[str, dict[str, float]]]:
-    stats = ctx.analysis("calib", model) if "int8" in precisions else None
+    if stats is None and "int8" in precisions:
+        stats = ctx.analysis("calib", model)
     layers = weighted_layers(model)
     table: dict[str, dict[str, float]] = {}
     jobs = [(layer, p) for layer in layers for p in precisions if p != "fp32" and supports(layer, p)]
@@ -201,7 +213,8 @@ def quant_auto(
     ctx: PassContext,
     *,
     budget: float | None = None,
-    metric: Literal["cosine", "rel_l2", "callback"] = "cosine",
+    target: float | None = None,
+    metric: Literal["cosine", "top1", "rel_l2", "callback"] = "cosine",
     objective: Literal["latency", "size"] = "latency",
     precisions: list[str] | None = None,
     callback: Any = None,
@@ -215,8 +228,11 @@ def quant_auto(
 
     before: every layer fp32
     after:  e.g. 30 MatMuls int8 (QDQ), 4 int4 weight-only, 2 most sensitive fp32
-    budget: min cosine to fp32 (metric cosine, default 0.99), max relative L2 (rel_l2, default
-    0.05), or max drop of callback(model) -> score (callback, default 0.005).
+    target (or budget, the same): min cosine to fp32 (metric cosine, default 0.99), top-1
+    agreement with fp32 (top1, default 0.99), max relative L2 (rel_l2, default 0.05), or max drop
+    of callback(model) -> score (callback, default 0.005). It is judged on held-out calibration
+    batches (the last max_batches, when at least twice as many exist; ranges come from the
+    rest), and the report says whether it was met and shows the size/metric points explored.
     objective latency prefers int8 > fp32 (> int4 > fp16); size prefers int4 > int8 > fp16 > fp32.
     precisions limits the candidates (e.g. int8+fp32). The sensitivity table is in the report.
     """
@@ -227,8 +243,11 @@ def quant_auto(
     if fused:
         ctx.invalidate()
     calib = ctx.require_calib(model)
+    if target is not None and budget is not None and target != budget:
+        raise PassOptionError("quant_auto: give target or budget (they are the same), not both")
+    budget = target if target is not None else budget
     if budget is None:
-        budget = {"cosine": 0.99, "rel_l2": 0.05, "callback": 0.005}[metric]
+        budget = {"cosine": 0.99, "top1": 0.99, "rel_l2": 0.05, "callback": 0.005}[metric]
     if callback is not None and metric != "callback":
         metric = "callback"
     cands = [p for p in (precisions or list(PRECISIONS)) if p in PRECISIONS]
@@ -246,27 +265,40 @@ def quant_auto(
         levels = [p for p in ("int4", "int8", "fp16", "fp32") if p in cands]
     measure = [p for p in levels if p != "fp32"]
 
+    # judge on batches the ranges never saw when there are enough of them
+    n_batches = calib.length if getattr(calib, "length", None) is not None else None
+    held_out = n_batches is not None and n_batches >= 2 * max_batches
     batches = []
     for i, b in enumerate(calib):
-        if i >= max_batches:
+        if held_out and i < n_batches - max_batches:
+            continue
+        if len(batches) >= max_batches:
             break
         batches.append(b)
     scorer = Scorer(model, batches, metric, callback)
-    stats = ctx.analysis("calib", model)
+    stats = ctx.analysis("calib", model, max_batches=n_batches - max_batches) if held_out \
+        else ctx.analysis("calib", model)
     int8_options = dict(method=method, contrib_ops=ctx.for_onnxruntime)
     int4_options = dict(block_size=block_size, use_nbits=ctx.for_onnxruntime)
     layers, table = layer_sensitivity(model, ctx, precisions=measure, scorer=scorer,
-                                      int8_options=int8_options, int4_options=int4_options)
-    if metric == "cosine":
+                                      int8_options=int8_options, int4_options=int4_options,
+                                      stats=stats)
+    if metric in ("cosine", "top1"):
         def budget_ok(d: float) -> bool:
             return 1.0 - d >= budget
     else:
         def budget_ok(d: float) -> bool:
             return d <= budget
 
+    explored: list[dict[str, Any]] = []      # the size/metric trade-off the search walked
+
     def evaluate(assign: dict[str, str]) -> float:
-        return scorer(apply_assignment(model, stats, assign, int8_options=int8_options,
-                                       int4_options=int4_options, embeddings=embeddings))
+        cand = apply_assignment(model, stats, assign, int8_options=int8_options,
+                                int4_options=int4_options, embeddings=embeddings)
+        d = scorer(cand)
+        explored.append({"bytes": cand.ByteSize(), "value": _metric_value(metric, d),
+                         "fp32_layers": sum(v == "fp32" for v in assign.values())})
+        return d
 
     assign, degradation, evaluated = choose_precisions(layers, table, levels, evaluate,
                                                        budget_ok, ctx)
@@ -294,10 +326,21 @@ def quant_auto(
             row[p] = None if v is None else round(v, 6)
         row["chosen"] = assign[layer.key]
         rows.append(row)
+    met = budget_ok(degradation)
+    if not met:
+        import warnings
+
+        warnings.warn(f"quant_auto: no mix of {', '.join(levels)} reached {metric} {budget} on "
+                      f"the evaluation batches; the closest has {metric} "
+                      f"{_metric_value(metric, degradation):.4g}", stacklevel=3)
     figures.update({
-        "metric": metric, "budget": budget, "objective": objective,
-        ("min_cosine" if metric == "cosine" else "degradation"):
-            round(1.0 - degradation if metric == "cosine" else degradation, 6),
+        "metric": metric, "budget": budget, "objective": objective, "target_met": met,
+        "evaluated_on": (f"{len(batches)} held-out calibration batches" if held_out else
+                         f"{len(batches)} calibration batches (too few to hold any out: give at "
+                         f"least {2 * max_batches})"),
+        "explored": explored,
+        {"cosine": "min_cosine", "top1": "top1_agreement"}.get(metric, "degradation"):
+            round(_metric_value(metric, degradation), 6),
         "layers": len(layers), "models_evaluated": evaluated + len(rows),
         **{f"layers_{p}": c for p, c in counts.items()},
         "precision": {layer.key: assign[layer.key] for layer in layers},
@@ -308,6 +351,11 @@ def quant_auto(
     })
     ctx.record(**figures)
     return out
+
+
+def _metric_value(metric: str, degradation: float) -> float:
+    """The metric as users read it: cosine and agreement as similarities, the rest as drops."""
+    return 1.0 - degradation if metric in ("cosine", "top1") else degradation
 
 
 def sensitivity_table(model: onnx.ModelProto, calib: Any, *, metric: str = "cosine",
