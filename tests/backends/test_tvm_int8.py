@@ -178,6 +178,27 @@ def test_cnn_manifest_says_what_runs_in_integers(cnn):
     assert "DequantizeLinear" not in ops and ops.count("QuantizeLinear") == 1
 
 
+def test_quantized_cnn_stays_channels_last_between_kernels():
+    """Requantizations keep the NHWC layout (no clip, which has no layout rule): the only
+    transposes are at the graph's edges (the NCHW input, the pooled features, the NCHW 8-bit
+    output), none starts a kernel (the old NHWC->NCHW->clip->NHWC after every conv), and every
+    requantize is fused into its conv's epilogue (no float32 conv output goes to a second kernel)."""
+    import re
+
+    from onnxpress.backends.tvm.compiler import lower_to_fused
+    from onnxpress.backends.tvm.frontend import bind_shapes, to_relax
+
+    model = cnn_model()
+    resolved = resolve_target("x86")
+    target = resolved.tvm_target()
+    relax_mod = to_relax(model, bind_shapes(model, None), integer=True, decisions=[], target=target)
+    text = lower_to_fused(relax_mod, resolved, target, {})["main"].script()
+    kernels = re.findall(r"call_tir\((\w+),", text)
+    transposes = [k for k in kernels if "transpose" in k]
+    assert len(transposes) <= 3, kernels          # input quantize, pooled features, NCHW output
+    assert not any(k.startswith("fused_transpose") for k in kernels), kernels
+
+
 def test_dot_product_instructions_in_the_library(cnn):
     _model, art = cnn
     isa = int8_isa(resolve_target("x86").tvm_target())

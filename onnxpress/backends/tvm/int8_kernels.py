@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 RULE = "onnxpress.conv2d_int8"
 RULE_MATMUL = "onnxpress.matmul_int8"
+WEIGHTS_OUTER_BYTES = 256 << 10     # packed conv weights above this: output-channel blocks outermost
 PMADDUBSW_PAIR_LIMIT = 128          # 255 * 128 = 32640 <= 32767
 
 
@@ -409,16 +410,29 @@ def _schedule(sch, intrin: str, lanes: int, registers: int) -> None:
     rows, v = best
     wo, wi = sch.split(w, [None, rows])
     oo, ov, ol = sch.split(oc, [None, v, lanes])
-    sch.reorder(n, h, wo, oo, rh, rw, rc, wi, ov, ol, rj)
+    weight_bytes = 1
+    for lp in (rh, rw, rc, rj, oc):
+        weight_bytes *= int(sch.get(lp).extent) if lp is not oc else int(sch.get(ov).extent) * lanes * int(sch.get(oo).extent)
+    if weight_bytes >= WEIGHTS_OUTER_BYTES:
+        # weights bigger than L2: output-channel blocks outermost, so each block's weights
+        # (kh*kw*ic*V*L bytes) come from memory once and are reused from L2 over every output
+        # row, instead of the whole tensor streaming once per row (resnet18's 512-channel 3x3
+        # convs: 2.4 MB per row; 1.7 ms instead of 2-3.8 ms)
+        sch.reorder(oo, n, h, wo, rh, rw, rc, wi, ov, ol, rj)
+        tile, outer = wo, (oo, n, h)
+    else:
+        # small weights stay in L1/L2 anyway: rows outermost, the input rows shared by all blocks
+        sch.reorder(n, h, wo, oo, rh, rw, rc, wi, ov, ol, rj)
+        tile, outer = oo, (n, h)
     if last is not None:
-        sch.reverse_compute_at(last, oo, preserve_unit_loops=True)
+        sch.reverse_compute_at(last, tile, preserve_unit_loops=True)
         loops = sch.get_loops(last)
         inner = loops[-1]
         extent = int(sch.get(inner).extent)
         if extent > lanes and extent % lanes == 0:
             inner = sch.split(inner, [None, lanes])[1]
         sch.vectorize(inner)
-    par = sch.fuse(n, h)
+    par = sch.fuse(*outer)
     sch.parallel(par)
     init = sch.decompose_reduction(conv, rh)
     sch.vectorize(sch.get_loops(init)[-1])
