@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -180,9 +181,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     model = import_model(args.model)  # .onnx, .keras/.h5 or a SavedModel directory
     before = keep_before(args, model)
     shapes = parse_shapes(args.shape)
-    result = passes.run(model, steps, calib=args.calib, target=args.target or "ort", seed=args.seed,
-                        shapes=shapes, verify=args.verify, progress=not args.quiet, inplace=True,
-                        keep_initializer_inputs=args.keep_initializer_inputs)
+    with warnings.catch_warnings():      # the passes' warnings are printed after the table
+        warnings.simplefilter("ignore", UserWarning)
+        result = passes.run(model, steps, calib=args.calib, target=args.target or "ort",
+                            seed=args.seed, shapes=shapes, verify=args.verify,
+                            progress=not args.quiet, inplace=True,
+                            keep_initializer_inputs=args.keep_initializer_inputs)
     ox.save(result.model, out, external_data=True if args.external_data else None)
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(result.to_dict(), indent=2))
@@ -190,6 +194,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if not args.quiet:
         con = _console()
         con.print(result.table())
+        from rich.markup import escape
+
+        for r in result.reports:
+            for w in r.warnings:
+                con.print(f"[yellow]warning[/yellow] {escape(w)}")
         first, last = result.reports[0], result.reports[-1]
         con.print(f"wrote {out}: nodes {first.nodes_before} -> {last.nodes_after}, "
                   f"{_human(first.bytes_before)} -> {_human(last.bytes_after)}")

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import time
+import warnings
 import zlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -159,6 +160,7 @@ class PassReport:
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     verify: dict[str, Any] | None = None
     children: list[PassReport] = dataclasses.field(default_factory=list)   # a named pipeline's
+    warnings: list[str] = dataclasses.field(default_factory=list)   # what the pass warned about
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -481,12 +483,19 @@ def run(
         ctx._current_pass = step.name
         t0 = time.perf_counter()
         try:
-            out = step.info.func(working, ctx, **step.options)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = step.info.func(working, ctx, **step.options)
         except OnnxPressError:
             raise
         except Exception as exc:
             raise PassError(f"pass '{step}' failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - t0
+        # what a pass warns about goes into its report and on to the caller, once
+        said = list(dict.fromkeys(str(w.message) for w in caught
+                                  if issubclass(w.category, UserWarning)))
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if out is None:
             out = working
         if not isinstance(out, onnx.ModelProto):
@@ -506,7 +515,7 @@ def run(
             params_before=params_b, params_after=state[2],
             bytes_before=bytes_b, bytes_after=state[3],
             seconds=seconds, modified=modified, figures=dict(ctx._figures),
-            children=list(ctx._children))
+            children=list(ctx._children), warnings=said)
         for inst in instruments:
             inst.after_pass(step, working, ctx, report)
         reports.append(report)

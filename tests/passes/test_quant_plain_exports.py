@@ -93,6 +93,8 @@ def test_shared_weight_quantized_for_both_readers_and_kept_float_for_an_excluded
     assert f["int8_compute_nodes"] == 1
     assert f["float_layers"] == {"conv2": "excluded by the pass options"}
     assert any("1 of 2 layers got integer kernels" in str(w.message) for w in caught)
+    assert res.reports[-1].warnings and "1 of 2 layers" in res.reports[-1].warnings[0]
+    assert res.to_dict()["passes"][-1]["warnings"] == res.reports[-1].warnings
     # the excluded conv still reads the float weight, not a dequantized int8 copy
     conv2 = next(n for n in res.model.graph.node if n.name == "conv2")
     inits = {t.name: t for t in res.model.graph.initializer}
