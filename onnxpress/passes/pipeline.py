@@ -208,7 +208,7 @@ class PipelineResult:
 
 # figures a reader looks for first, whichever pass wrote them
 _KEY_FIGURES = ("int8_compute_nodes", "layers_float", "fusions_fired", "sparsity", "min_cosine",
-                "speedup", "arena_bytes", "peak_bytes")
+                "speedup", "arena_bytes", "tensors_unplanned", "peak_bytes")
 
 
 def _summary(r: PassReport, limit: int = 4) -> str:
