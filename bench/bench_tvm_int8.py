@@ -12,6 +12,11 @@ difference), max abs logit error, top-1 agreement with onnxruntime int8 on the z
 the dot-product instructions in the x86 library; the CPU model and ISA flags are in the notes.
 The aarch64 row cross-compiles quant_int8's model for target arm (8-bit weights) with +dotprod and counts sdot/udot with
 aarch64-linux-gnu-objdump (not run: qemu speed says nothing).
+
+Further rows, the same four latencies interleaved in this process: MiniLM at batch 1, sequence
+128 (`fuse,quant_int8` target tvm; the Debian task accuracy of TVM int8's embeddings next to
+onnxruntime int8's), and mobilenetv3_small_100, efficientnet_b0, convnext_atto at [1,3,224,224]
+(top-1 agreement with onnxruntime int8 on the zoo's photos; how depthwise convs ran).
 """
 
 from __future__ import annotations
@@ -123,6 +128,11 @@ def run(quick: bool) -> dict:
         arm = passes.apply(path, ["fuse", "quant_int8"], calib=calib, target="arm")  # 8-bit: sdot
         rows.append(_arm_row(arm, work))
         print(rows[-1], flush=True)
+        rows.append(_minilm_row(work, quick))
+        print(rows[-1], flush=True)
+        for name in CNNS:
+            rows.append(_cnn_row(name, calib, work))
+            print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     notes = (f"CPU: {cpu}; ISA flags: {' '.join(flags) or 'none found'}; int8 dot product chosen: "
@@ -134,8 +144,127 @@ def run(quick: bool) -> dict:
              "(QDQ's reference semantics). On CPUs without VNNI, convolutions whose weights would "
              "saturate vpmaddubsw run as float convs between 8-bit tensors (the manifest says which); "
              "7-bit weights ([-63, 63], quant_int8's weight_range) put every 3x3/1x1 conv on the integer kernel.")
-    return {"title": "TVM int8 (integer kernels) vs TVM fp32 vs onnxruntime, resnet18", "rows": rows,
-            "notes": notes}
+    notes += (" MiniLM: batch 1, sequence 128 (shapes bound at compile), `fuse,quant_int8` target tvm "
+              "(constant-weight MatMuls quantized; attention-score MatMuls stay float: quant_int8's "
+              "matmul_activations=false); calibration 4 batches of 16 Debian-task training texts. Task "
+              "accuracy: logistic regression on the embeddings (zoo.text_task_accuracy), onnxruntime int8 "
+              "on texts tokenized to at most 128 tokens, TVM int8 on the same texts padded to 128 and run "
+              "through an artifact of the same model compiled for batch 16. CNN rows: timm models at "
+              "[1,3,224,224]; depthwise convs stay float (quant_int8's depthwise=false; the manifest says "
+              "'not quantized in the model'), convs whose output channels do not fill the vector run as float "
+              "convs between 8-bit tensors.")
+    return {"title": "TVM int8 (integer kernels) vs TVM fp32 vs onnxruntime: resnet18, MiniLM, mobile CNNs",
+            "rows": rows, "notes": notes}
+
+
+CNNS = ("mobilenetv3_small_100", "efficientnet_b0", "convnext_atto")
+
+
+def _interleaved(fp32, model, tvm_fp32, tvm_int8, feeds) -> dict:
+    """Median over 3 interleaved rounds of each of the four p50 latencies (ms)."""
+    from onnxpress.backends import ort
+
+    t = {"ort_fp32": [], "ort_int8": [], "tvm_fp32": [], "tvm_int8": []}
+    for _ in range(3):          # interleaved: load drift on a shared machine hits all alike
+        t["ort_fp32"].append(ort.benchmark(fp32, feeds, threads=2, runs=RUNS).p50_ms)
+        t["ort_int8"].append(ort.benchmark(model, feeds, threads=2, runs=RUNS).p50_ms)
+        t["tvm_fp32"].append(tvm_fp32.benchmark(feeds, runs=RUNS).p50_ms)
+        t["tvm_int8"].append(tvm_int8.benchmark(feeds, runs=RUNS).p50_ms)
+    return {k: float(np.median(v)) for k, v in t.items()}
+
+
+def _latency_cols(ms: dict, art) -> dict:
+    info = art.manifest["integer"]
+    dots = _count(str(art.library), ("vpdpbusd", "vpmaddubsw", "vpmaddwd"))
+    return {**{f"{k}_ms": round(v, 2) for k, v in ms.items()},
+            "tvm_int8_vs_ort_int8": round(ms["tvm_int8"] / ms["ort_int8"], 2),
+            "tvm_fp32_vs_tvm_int8": round(ms["tvm_fp32"] / ms["tvm_int8"], 2),
+            "int8_kernels/int8_io/float": f"{info['int8_kernels']}/{info['int8_io']}/{info['float']}",
+            "x86_dot_instructions": " ".join(f"{k} {v}" for k, v in dots.items())}
+
+
+def _minilm_row(work: str, quick: bool) -> dict:
+    from bench.bench_quant import minilm_calib
+    from onnxpress import passes, zoo
+    from onnxpress.backends import ort
+    from onnxpress.backends import tvm as ox_tvm
+
+    path = zoo.minilm()
+    task = zoo.debian_task()
+    tok = zoo.minilm_tokenizer()
+    rng = np.random.default_rng(0)
+    calib_texts = [task.train_texts[i] for i in rng.permutation(len(task.train_texts))[:64]]
+    calib = minilm_calib(calib_texts, 16, tok)
+    fp32 = passes.apply(path, ["fuse"], target="tvm")
+    q = passes.apply(path, ["fuse", "quant_int8"], calib=calib, target="tvm")
+    seq, batch = 128, 16
+    shapes = {"input_ids": [1, seq], "attention_mask": [1, seq]}
+    tvm_fp32 = ox_tvm.compile(fp32, "x86", shapes=shapes, output_dir=os.path.join(work, "minilm_fp32"),
+                              progress=False)
+    art = ox_tvm.compile(q, "x86", shapes=shapes, output_dir=os.path.join(work, "minilm_int8"), progress=False)
+    feeds = zoo.minilm_feeds(task.test_texts[:1], max_length=seq, pad_to_max=True, tokenizer=tok)
+    ms = _interleaved(fp32, q, tvm_fp32, art, feeds)
+    row = {"model": f"MiniLM [1,{seq}] fuse,quant_int8 (target tvm)", **_latency_cols(ms, art)}
+    ref = ort.run(q, feeds)["embedding"]
+    got = art.run(feeds)["embedding"]
+    row["embedding_cos_vs_ort_int8"] = round(float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)), 5)
+
+    # task accuracy: every text padded to 128, through a batch-16 build of the same model
+    texts_tr, texts_te = task.train_texts, task.test_texts
+    if quick:
+        texts_tr, texts_te = texts_tr[:400], texts_te[:200]
+    acc_art = ox_tvm.compile(q, "x86", shapes={"input_ids": [batch, seq], "attention_mask": [batch, seq]},
+                             output_dir=os.path.join(work, "minilm_int8_b16"), progress=False)
+
+    def tvm_embed(texts):
+        out = []
+        for i in range(0, len(texts), batch):
+            chunk = list(texts[i:i + batch])
+            n = len(chunk)
+            f = zoo.minilm_feeds(chunk + [""] * (batch - n), max_length=seq, pad_to_max=True, tokenizer=tok)
+            out.append(acc_art.run(f)["embedding"][:n])
+        return np.concatenate(out)
+
+    sub = task if not quick else _subtask(task, len(texts_tr), len(texts_te))
+    ort_acc = zoo.text_task_accuracy(zoo.embed(q, texts_tr, tokenizer=tok, max_length=seq),
+                                     zoo.embed(q, texts_te, tokenizer=tok, max_length=seq), sub)
+    tvm_acc = zoo.text_task_accuracy(tvm_embed(texts_tr), tvm_embed(texts_te), sub)
+    row["task_accuracy_tvm_int8"] = round(tvm_acc, 4)
+    row["task_accuracy_ort_int8"] = round(ort_acc, 4)
+    return row
+
+
+def _subtask(task, n_train: int, n_test: int):
+    import dataclasses
+
+    return dataclasses.replace(task, train_texts=task.train_texts[:n_train], test_texts=task.test_texts[:n_test],
+                               train_labels=task.train_labels[:n_train], test_labels=task.test_labels[:n_test])
+
+
+def _cnn_row(name: str, calib, work: str) -> dict:
+    from onnxpress import passes, zoo
+    from onnxpress.backends import ort
+    from onnxpress.backends import tvm as ox_tvm
+
+    path = str(zoo.timm_model(name))
+    photos = zoo.photo_batch(224)
+    feeds = {"input": photos[:1]}
+    fp32 = passes.apply(path, ["fuse"], target="tvm")
+    q = passes.apply(path, ["fuse", "quant_int8"], calib=calib, target="tvm")
+    tvm_fp32 = ox_tvm.compile(fp32, "x86", output_dir=os.path.join(work, f"{name}_fp32"), progress=False)
+    art = ox_tvm.compile(q, "x86", output_dir=os.path.join(work, f"{name}_int8"), progress=False)
+    ms = _interleaved(fp32, q, tvm_fp32, art, feeds)
+    agree = []
+    for i in range(len(photos)):
+        one = {"input": photos[i:i + 1]}
+        agree.append(int(np.argmax(art.run(one)["output"])) == int(np.argmax(ort.run(q, one)["output"])))
+    nodes = art.manifest["integer"]["nodes"]
+    dw = sum(n["kernel"] == "float" and "depthwise" in n.get("reason", "") for n in nodes)
+    narrow = sum(n["kernel"] == "int8-io" and "do not fill" in n.get("reason", "") for n in nodes)
+    return {"model": f"{name} fuse,quant_int8 (target tvm)", **_latency_cols(ms, art),
+            "top1_agree_ort_int8": f"{sum(agree)}/{len(agree)}",
+            "depthwise": f"{dw} float (not quantized)" if dw else "integer",
+            "float_convs_between_8bit": narrow}
 
 
 def _arm_row(model, work: str) -> dict:
