@@ -107,8 +107,9 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
     """
     shapes = ctx.analysis("shapes", model, symbolic=False)
     n_before = sum(1 for _ in _all_nodes(model.graph))
-    shape_folds = sum(_fold_static_shapes(g, shapes) for g in list(_graphs(model.graph))) \
-        if fold_shapes else 0
+    conditions = if_condition_cone(model.graph)
+    shape_folds = sum(_fold_static_shapes(g, shapes, conditions)
+                      for g in list(_graphs(model.graph))) if fold_shapes else 0
     const_bytes = {}
     for g in _graphs(model.graph):
         for name, t in constants(g).items():
@@ -116,6 +117,8 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
 
     def exclude(node) -> bool:
         if node.op in NONDETERMINISTIC:
+            return True
+        if any(t.name in conditions for t in node.outputs):
             return True
         in_bytes = 0
         for t in node.inputs:
@@ -162,9 +165,32 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
     return out
 
 
-def _fold_static_shapes(graph: onnx.GraphProto, shapes: dict) -> int:
+def if_condition_cone(graph: onnx.GraphProto) -> set[str]:
+    """Tensors an If's condition is computed from (in its own graph, subgraphs included).
+
+    They are left computed: a condition folded to a constant makes onnxruntime inline the
+    branch at load time and check it eagerly, and exported ONNX functions (AffineGrid's
+    expansion) hold branches valid only for the inputs that take them, so a model it ran would
+    no longer load. (Folding them would gain nothing unless the If itself were inlined.)"""
+    cone: set[str] = set()
+    for g in _graphs(graph):
+        producer = {o: n for n in g.node for o in n.output if o}
+        stack = [n.input[0] for n in g.node if n.op_type == "If" and n.input]
+        while stack:
+            t = stack.pop()
+            if t in cone:
+                continue
+            cone.add(t)
+            p = producer.get(t)
+            if p is not None:
+                stack.extend(i for i in p.input if i)
+    return cone
+
+
+def _fold_static_shapes(graph: onnx.GraphProto, shapes: dict, keep: set[str] = frozenset()) -> int:
     """Replace Shape nodes (honouring start/end) and Size nodes whose answer is static, and
-    Gather(Shape(x), const) where only the gathered dims need to be static, by Constants."""
+    Gather(Shape(x), const) where only the gathered dims need to be static, by Constants
+    (outputs in `keep` stay computed)."""
     folded = 0
     consts = constants(graph)
     producer = {o: n for n in graph.node for o in n.output if o}
@@ -200,7 +226,7 @@ def _fold_static_shapes(graph: onnx.GraphProto, shapes: dict) -> int:
                 flat = [int(i) + len(dims) if int(i) < 0 else int(i) for i in np.ravel(idx)]
                 if all(0 <= i < len(dims) and isinstance(dims[i], int) and dims[i] > 0 for i in flat):
                     value = np.array([dims[i] for i in flat], dtype=np.int64).reshape(idx.shape)
-        if value is not None:
+        if value is not None and node.output[0] not in keep:
             new_nodes.append(onnx.helper.make_node(
                 "Constant", [], [node.output[0]], name=(node.name or node.output[0]) + "_folded",
                 value=numpy_helper.from_array(value, node.output[0])))
