@@ -312,3 +312,29 @@ def test_synthetic_concat_convtranspose_grouped_reshape():
     got = ort.run(pruned, {"x": x})["y"]
     want = ort.run(_masked_equivalent(model, cg, keep), {"x": x})["y"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_structured_prune_that_removes_nothing_fails_and_names_the_blockers():
+    """Asked for 30% and able to prune nothing (here every channel reaches a graph output), the
+    pass fails naming what blocks each group, instead of returning the model unchanged in
+    silence; allow_partial=true accepts it with a warning."""
+    import warnings
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpress.errors import PassError
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(PassError, match="removed no channel.*graph output"):
+        passes.apply(model, "prune:sparsity=0.3,structured=true")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = passes.run(model, "prune:sparsity=0.3,structured=true,allow_partial=true")
+    assert res.reports[0].warnings and "removed no channel" in res.reports[0].warnings[0]
+    assert any("removed no channel" in str(w.message) for w in caught)

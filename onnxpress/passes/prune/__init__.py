@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from onnxpress import stats
-from onnxpress.errors import PassOptionError
+from onnxpress.errors import PassError, PassOptionError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.graph import copy_model_fields
 from onnxpress.passes.prune.groups import ChannelGroup, ChannelGroups, channel_groups
@@ -78,7 +78,8 @@ def prune(model: onnx.ModelProto, ctx: PassContext, *,
           scope: Literal["auto", "global", "layer"] = "auto",
           criterion: Literal["l2", "l1", "activation"] = "l2",
           round_to: Annotated[int, Range(0)] = 0,
-          exclude: list[str] = ()) -> onnx.ModelProto:
+          exclude: list[str] = (),
+          allow_partial: bool = False) -> onnx.ModelProto:
     """Prune weights (magnitude, N:M) or whole channels (structured=true) of Conv/Gemm/MatMul.
 
     unstructured: W[64,512] -> same shape, `sparsity` of the smallest |w| zeroed (scope=global:
@@ -92,7 +93,9 @@ def prune(model: onnx.ModelProto, ctx: PassContext, *,
         channels; scope=global: one threshold over all groups. round_to keeps channel counts a
         multiple of N (0 = auto: 8, the channel block of onnxruntime's NCHWc CPU kernels; counts
         off that grid fall back to slower kernels), 1 = exact. exclude: node names
-        (unstructured) or group names (structured) to keep.
+        (unstructured) or group names (structured) to keep. When structured pruning can remove
+        nothing although sparsity > 0 (every channel group blocked), the pass fails naming what
+        blocks each group, unless allow_partial=true (then it warns and returns the model).
     Reports sparsity per layer, compressed size, MACs and parameters before/after.
     """
     remember_teacher(model, ctx)
@@ -120,6 +123,18 @@ def prune(model: onnx.ModelProto, ctx: PassContext, *,
             out, results = prune_channels(model, sparsity, cg=cg, scores=scores, scope=eff_scope,
                                           round_to=round_to, ctx=ctx)
         copy_model_fields(original, out)
+        removed = sum(r.channels - r.kept for r in results)
+        if sparsity > 0 and removed == 0:
+            blocked = [f"{g.name} ({g.frozen})" for g in cg.groups.values() if g.sources and g.frozen]
+            why = ("; ".join(blocked[:8]) + (f"; and {len(blocked) - 8} more" if len(blocked) > 8
+                                             else "")) or "no group has more than one channel"
+            msg = (f"pass 'prune': structured sparsity={sparsity} removed no channel: "
+                   f"{len(cg.prunable())} prunable group(s) of {len(cg.groups)}; blocked: {why}")
+            if not allow_partial:
+                raise PassError(msg + ". Pass allow_partial=true to accept an unchanged model.")
+            import warnings
+
+            warnings.warn(msg, stacklevel=3)
         after = stats.model_stats(out)
         ctx.record(
             mode="structured", criterion=criterion, scope=eff_scope, round_to=round_to,
