@@ -309,46 +309,23 @@ def model_size_ok(model: onnx.ModelProto) -> bool:
 
 
 def bind_input_shapes(model: onnx.ModelProto, shapes: dict | None) -> onnx.ModelProto:
-    """A copy of `model` whose graph inputs have dynamic dims fixed.
+    """A shape-inferred copy of `model` with dynamic input dims fixed; dims `shapes` does not
+    bind stay symbolic.
 
     `shapes` maps an input name to its full shape ({"input_ids": [1, 128]}) or a dim name to a
-    size ({"batch": 1, "seq": 128}). Shapes are re-inferred so every tensor gets static dims.
-    """
-    import copy
-
+    size ({"batch": 1, "seq": 128}), as `--shape` does on the command line. One binder serves
+    the whole project (memory.liveness.bind_shapes: the same names, aliases and errors)."""
     if not shapes:
         return model
-    out = copy.deepcopy(model)
-    inits = {t.name for t in out.graph.initializer}
-    for inp in out.graph.input:
-        if inp.name in inits or not inp.type.HasField("tensor_type"):
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        full = shapes.get(inp.name)
-        if full is not None:
-            full = list(full) if isinstance(full, (list, tuple)) else [full]
-            if len(full) != len(dims):
-                raise InvalidModelError(
-                    f"shape {full} for input '{inp.name}' has rank {len(full)}, the input has rank "
-                    f"{len(dims)}")
-            for d, size in zip(dims, full):
-                d.Clear()
-                d.dim_value = int(size)
-            continue
-        for d in dims:
-            if d.HasField("dim_param") and d.dim_param in shapes:
-                size = shapes[d.dim_param]
-                size = size[0] if isinstance(size, (list, tuple)) else size
-                d.Clear()
-                d.dim_value = int(size)
-    del out.graph.value_info[:]
-    for o in out.graph.output:
-        # let inference recompute output dims from the bound inputs
-        if o.type.HasField("tensor_type"):
-            for d in o.type.tensor_type.shape.dim:
-                if d.HasField("dim_param"):
-                    d.Clear()
-    return infer_shapes(out)
+    from onnxpress.passes.memory.liveness import bind_shapes
+
+    names = {i.name for i in model.graph.input}
+    inputs = {k: list(v) if isinstance(v, (list, tuple)) else [v]
+              for k, v in shapes.items() if k in names}
+    dims = {k: int(v[0] if isinstance(v, (list, tuple)) else v)
+            for k, v in shapes.items() if k not in names}
+    bound, _ = bind_shapes(model, dims, inputs, keep_output_shapes=False)
+    return bound
 
 
 def restore_graph_io(original: onnx.ModelProto, out: onnx.ModelProto) -> None:
