@@ -281,7 +281,7 @@ def test_report_of_a_dynamic_shape_model_agrees_with_inspect(tmp_path, monkeypat
     _crnn_with_constant_weights(tmp_path / "crnn.onnx")
     np.savez(tmp_path / "calib.npz",
              x=np.random.default_rng(0).standard_normal((8, 3, 48, 320)).astype(np.float32))
-    assert main(["optimize", "crnn.onnx", "-p", "cleanup,fuse,quant_int8,reuse", "--shape",
+    assert main(["optimize", "crnn.onnx", "-p", "cleanup,fuse,quant_int8:latency_aware=false,reuse", "--shape",
                  "x=1,3,48,320", "--calib", "calib.npz", "-o", "out.onnx", "--report", "rep.html",
                  "--no-latency", "-q"]) == 0
     models = json.loads((tmp_path / "rep.json").read_text())["models"]
@@ -291,7 +291,8 @@ def test_report_of_a_dynamic_shape_model_agrees_with_inspect(tmp_path, monkeypat
         seen = json.loads(out.stdout)
         assert models[key]["weight_bytes"] == seen["weight_bytes"] > 0, key
         assert models[key]["macs"] == seen["macs"] > 20_000_000, key
-    # weights in Constant nodes count: int8 is about a quarter of the float weights
+    # weights in Constant nodes count: int8 is about a quarter of the float weights (the
+    # latency choice is off: on a loaded machine it may keep this small model float)
     assert models["after"]["weight_bytes"] < 0.35 * models["before"]["weight_bytes"]
     # peak memory: both planned at the same bindings (the input held no plan)
     before, after = models["before"]["peak_memory_bytes"], models["after"]["peak_memory_bytes"]
