@@ -199,6 +199,40 @@ def test_quantized_cnn_stays_channels_last_between_kernels():
     assert not any(k.startswith("fused_transpose") for k in kernels), kernels
 
 
+def silu_model():
+    """conv -> Q, then a float SiLU gate between 8-bit tensors (DQ, Sigmoid, Mul, Q: the
+    QuantizeLinear/DequantizeLinear left at float boundaries), then conv again."""
+    b = QDQ(9)
+    x, _ = b.q("x", 0.05, 128)
+    w1, ws1 = b.weight((16, 8, 3, 3), qmax=63)
+    c1, _ = b.q(b.node("Conv", [x, w1, b.bias(16, 0.05, ws1)], pads=[1, 1, 1, 1]), 0.1, 120)
+    gate = b.node("Mul", [c1, b.node("Sigmoid", [c1])])
+    gate, _ = b.q(gate, 0.06, 10)
+    w2, ws2 = b.weight((16, 16, 1, 1), qmax=63)
+    _c2, c2q = b.q(b.node("Conv", [gate, w2, b.bias(16, 0.06, ws2)]), 0.08, 128)
+    return b.model([_vi("x", TensorProto.FLOAT, [1, 8, 10, 10])], [_vi(c2q, TensorProto.UINT8, [1, 16, 10, 10])])
+
+
+def test_float_gates_between_quantized_convs_stay_channels_last(tmp_path):
+    """QuantizeLinear/DequantizeLinear at float boundaries become elementwise ops with a layout
+    rule (TVM's relax quantize/dequantize have none: NHWC<->NCHW transposes around each gate)."""
+    import re
+
+    from onnxpress.backends.tvm.compiler import lower_to_fused
+    from onnxpress.backends.tvm.frontend import bind_shapes, to_relax
+
+    model = silu_model()
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "silu", progress=False)
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        _compare(model, art, {"x": rng.standard_normal((1, 8, 10, 10)).astype(np.float32)})
+    resolved = resolve_target("x86")
+    target = resolved.tvm_target()
+    relax_mod = to_relax(model, bind_shapes(model, None), integer=True, decisions=[], target=target)
+    kernels = re.findall(r"call_tir\((\w+),", lower_to_fused(relax_mod, resolved, target, {})["main"].script())
+    assert sum("transpose" in k for k in kernels) <= 2, kernels          # the input, the output
+
+
 def test_dot_product_instructions_in_the_library(cnn):
     _model, art = cnn
     isa = int8_isa(resolve_target("x86").tvm_target())
@@ -235,6 +269,8 @@ def matmul_model():
     g = b.node("Gemm", [flat, wg,
                         b.const(np.linspace(-1, 1, 6).astype(np.float32), "gb")], alpha=0.5, beta=2.0)
     f = b.node("MatMul", [x, w])                              # float output
+    wa, wsa = b.weight((24, 8), qmax=64, axis=1)              # int32 bias and alpha: bias not scaled
+    ga = b.node("Gemm", [flat, wa, b.bias(8, 0.05, wsa)], alpha=0.5)
     wfull, wsfull = b.weight((32, 16), axis=1)                # full range: float on AVX2 w/o VNNI
     full = b.node("MatMul", [x, wfull])
     full = b.node("Add", [full, b.const(np.linspace(-0.5, 0.5, 16).astype(np.float32), "fb")])
@@ -246,7 +282,8 @@ def matmul_model():
                     _vi("z", TensorProto.FLOAT, [6, 30])],
                    [_vi(y1q, TensorProto.UINT8, [2, 4, 24]), _vi(sq, TensorProto.UINT8, [2, 4, 5]),
                     _vi(g, TensorProto.FLOAT, [8, 6]), _vi(f, TensorProto.FLOAT, [2, 4, 24]),
-                    _vi(fullq, TensorProto.UINT8, [2, 4, 16]), _vi(zyq, TensorProto.UINT8, [6, 16])])
+                    _vi(fullq, TensorProto.UINT8, [2, 4, 16]), _vi(zyq, TensorProto.UINT8, [6, 16]),
+                    _vi(ga, TensorProto.FLOAT, [8, 8])])
 
 
 def test_matmul_gemm_and_activation_matmul(tmp_path):

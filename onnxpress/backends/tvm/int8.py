@@ -313,7 +313,9 @@ class _Rewriter:
                     axis = 1 if axis == 0 else 0
                 alpha = float(_attr(node, "alpha", 1.0))
                 beta = float(_attr(node, "beta", 1.0))
-                if bias is not None and beta != 1.0:
+                if bias is not None and (beta != 1.0 or alpha != 1.0):
+                    # alpha * (x @ W) + beta * C: a bias folded into the int32 accumulator
+                    # would be scaled by alpha too, so it is added in float after the scale
                     kind, arr, bscale = bias
                     f = arr.astype(np.float32) * (bscale if kind == "int" else np.float32(1))
                     bias = ("float", f * np.float32(beta), None)
@@ -869,6 +871,51 @@ def _converters() -> dict:
     return {"QConv": QConv, "QMatMul": QMatMul, "QAdd": QAdd, "QRequant": QRequant, "QPool": QPool}
 
 
+def _elementwise_qdq(op: str, fallback):
+    """A converter for the QuantizeLinear / DequantizeLinear nodes left at float boundaries (SiLU
+    gates, softmax, layer norms between quantized ops): per-tensor ones as plain elementwise ops
+    (the same arithmetic as onnxruntime's: divide, round half to even, + zp, saturate; (q - zp) *
+    scale). TVM's own relax quantize/dequantize ops have no layout rule, so ConvertLayout
+    wrapped each of them in NHWC<->NCHW transposes (efficientnet_b0: the SiLU gates ran
+    transpose, dequantize, sigmoid, multiply, transpose, quantize, transpose). Per-channel,
+    blocked and non-float32 ones keep TVM's converter."""
+    from tvm.relax.frontend.onnx import onnx_frontend as fe
+
+    class ElementwiseQDQ(fe.OnnxOpConverter):
+        @classmethod
+        def get_converter(cls, opset):
+            orig = fallback.get_converter(opset)
+
+            def convert(bb, inputs, attr, params):
+                try:
+                    x = inputs[0]
+                    scale = inputs[1]
+                    zp = inputs[2] if len(inputs) > 2 else None
+                    if not _is_const(scale) or (zp is not None and not _is_const(zp)) \
+                            or attr.get("block_size", 0) or attr.get("output_dtype", 0):
+                        return orig(bb, inputs, attr, params)
+                    s, z = _np(scale), (_np(zp) if zp is not None else np.zeros((), np.uint8))
+                    xdtype = str(bb.normalize(x).ty.dtype)
+                    if s.size != 1 or z.size != 1 or s.dtype != np.float32 \
+                            or z.dtype.type not in INT_TYPES:
+                        return orig(bb, inputs, attr, params)
+                except Exception:
+                    return orig(bb, inputs, attr, params)
+                if op == "DequantizeLinear":
+                    if xdtype not in ("uint8", "int8"):
+                        return orig(bb, inputs, attr, params)
+                    return _dequantized(x, float(s.reshape(())), int(z.reshape(())))
+                if xdtype != "float32":
+                    return orig(bb, inputs, attr, params)
+                qp = QParam(float(s.reshape(())), int(z.reshape(())), np.dtype(z.dtype).name)
+                return _requantize(x, {"y_scale": qp.scale, "y_zero_point": qp.zp, "y_dtype": qp.dtype,
+                                       "y_min": qp.qmin, "y_max": qp.qmax})
+
+            return convert
+
+    return ElementwiseQDQ
+
+
 @contextlib.contextmanager
 def integer_converters():
     """TVM's ONNX importer with converters for the onnxpress.int8 nodes (restored on exit)."""
@@ -876,6 +923,9 @@ def integer_converters():
 
     original = fe._get_convert_map
     extra = _converters()
+    base = original()
+    extra.update({op: _elementwise_qdq(op, base[op]) for op in ("QuantizeLinear", "DequantizeLinear")
+                  if op in base})
 
     def convert_map():
         table = original()
