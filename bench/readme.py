@@ -129,14 +129,20 @@ def tvm() -> list[str]:
 
 def tvm_int8() -> list[str]:
     data = _load("tvm_int8")
-    out = [[r["model"], _num(r.get("ort_fp32_ms"), "{:.3g}"), _num(r.get("ort_int8_ms"), "{:.3g}"),
-            _num(r.get("tvm_fp32_ms"), "{:.3g}"), _num(r.get("tvm_int8_ms"), "{:.3g}"),
-            _x(r.get("tvm_int8_vs_ort_int8")), str(r.get("int8_kernels/int8_io/float", "")),
-            str(r.get("x86_dot_instructions") or r.get("arm_dot_instructions") or "")]
-           for r in data["rows"]]
+    out = []
+    for r in data["rows"]:
+        acc = ""
+        if r.get("task_accuracy_tvm_int8") is not None:
+            acc = f"{r['task_accuracy_tvm_int8']:.3f} / {r.get('task_accuracy_ort_int8', 0):.3f}"
+        out.append([r["model"], _num(r.get("ort_fp32_ms"), "{:.3g}"), _num(r.get("ort_int8_ms"), "{:.3g}"),
+                    _num(r.get("tvm_fp32_ms"), "{:.3g}"), _num(r.get("tvm_int8_ms"), "{:.3g}"),
+                    _x(r.get("tvm_fp32_vs_tvm_int8")), _x(r.get("tvm_int8_vs_ort_int8")),
+                    str(r.get("int8_kernels/int8_io/float", "")), acc,
+                    str(r.get("x86_dot_instructions") or r.get("arm_dot_instructions") or "")])
     return _table(["model", "ORT fp32 ms", "ORT int8 ms", "TVM fp32 ms", "TVM int8 ms",
-                   "TVM int8 / ORT int8", "integer kernels / 8-bit io / float", "dot instructions"],
-                  out) + ["", _stamp(data, "tvm_int8")]
+                   "TVM int8 speed-up over TVM fp32", "TVM int8 / ORT int8 latency",
+                   "integer kernels / 8-bit io / float", "task accuracy TVM / ORT int8",
+                   "dot instructions"], out) + ["", _stamp(data, "tvm_int8")]
 
 
 BLOCKS: dict[str, Callable[[], list[str]]] = {
