@@ -78,6 +78,7 @@ def run(quick: bool) -> dict:
     from onnxpress.backends.tvm.targets import resolve_target
 
     cpu, flags = cpu_description()
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     isa = int8_isa(resolve_target("x86").tvm_target())
     path = str(zoo.timm_model("resnet18"))
     photos = zoo.photo_batch(224)
@@ -135,7 +136,10 @@ def run(quick: bool) -> dict:
             print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    notes = (f"CPU: {cpu}; ISA flags: {' '.join(flags) or 'none found'}; int8 dot product chosen: "
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    notes = (f"CPU: {cpu}; ISA flags: {' '.join(flags) or 'none found'}; load average at the start "
+             f"{load0:.1f}, at the end {load:.1f} on {os.cpu_count()} cores (another job on the cores "
+             "inflates every time, onnxruntime's spinning threads more than TVM's); int8 dot product chosen: "
              f"{isa[0] + ' (' + str(isa[1]) + ' int32 lanes)' if isa else 'none (generic integer kernels)'}. "
              "p50 latency, batch 1, 2 threads, interleaved 3 x "
              f"{RUNS} runs (median of the three p50s). TVM builds untuned (default schedules). "

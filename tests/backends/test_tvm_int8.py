@@ -452,6 +452,31 @@ def test_arm_dotprod_build_matches_onnxruntime_under_qemu(arm_cnn):
     _compare(model, art, {"x": x})
 
 
+@pytest.fixture(scope="module")
+def arm_encoder(tmp_path_factory):
+    if not arm_cc:
+        pytest.skip("aarch64-linux-gnu-gcc / objdump not found")
+    model = encoder_block_model()
+    return model, ox_tvm.compile(model, ARM_DOTPROD, output_dir=tmp_path_factory.mktemp("arm") / "enc",
+                                 progress=False)
+
+
+def test_arm_dotprod_matmuls_disassemble_to_sdot(arm_encoder):
+    _model, art = arm_encoder
+    mms = [n for n in art.manifest["integer"]["nodes"] if n["op"] == "MatMul"]
+    assert sum("dotprod dot product" in n["reason"] for n in mms) == 5, mms
+    text = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(art.library)], capture_output=True,
+                          text=True).stdout
+    assert sum(1 for line in text.splitlines() if "\tsdot\t" in line) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ox_tvm.arm_runtime_problem() is not None, reason="no emulated aarch64 runtime here")
+def test_arm_dotprod_matmuls_match_onnxruntime_under_qemu(arm_encoder):
+    model, art = arm_encoder
+    _compare(model, art, {"x": np.random.default_rng(5).standard_normal((1, 16, 64)).astype(np.float32)})
+
+
 def test_quant_int8_for_tvm_picks_the_weight_range_the_dot_product_needs(tmp_path):
     """quant_int8 with target tvm writes 7-bit weights exactly when the host's TVM dot product is
     vpmaddubsw (no VNNI), so the plain digits CNN gets every conv and Gemm on integer kernels
