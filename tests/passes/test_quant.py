@@ -384,3 +384,18 @@ def test_quant_auto_accuracy_target_on_held_out_batches(digits_cnn, digits, digi
     assert zoo.accuracy(res.model, Xte, yte) >= zoo.accuracy(digits_cnn, Xte, yte) - 0.01
     with pytest.raises(PassOptionError, match="target or budget"):
         passes.run(digits_cnn, "quant_auto:budget=0.9,target=0.99", calib=digits_calib)
+
+
+def test_weight_range_follows_the_cpu_that_runs_the_model(digits_cnn, digits_calib):
+    """onnxruntime's u8 x s8 kernels saturate on full-range weights on x86 without VNNI: the
+    auto weight range writes 7-bit weights exactly there (onnxruntime's reduce_range)."""
+    from onnxpress.passes.quant.qdq import _host_is_x86_without_vnni
+
+    auto = passes.run(digits_cnn, "quant_int8:latency_aware=false", calib=digits_calib)
+    assert auto.reports[0].figures["weight_bits"] == (7 if _host_is_x86_without_vnni() else 8)
+    for mode, bound in (("7bit", 63), ("full", 127)):
+        q = passes.apply(digits_cnn, f"quant_int8:latency_aware=false,weight_range={mode}",
+                         calib=digits_calib)
+        weights = [numpy_helper.to_array(t) for t in q.graph.initializer
+                   if t.data_type == TensorProto.INT8 and len(t.dims) >= 2]
+        assert weights and max(int(np.abs(w).max()) for w in weights) == bound, mode
