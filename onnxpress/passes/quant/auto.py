@@ -346,7 +346,7 @@ def quant_auto(
         "precision": {layer.key: assign[layer.key] for layer in layers},
         "sensitivity": rows,
         "calibration_batches": stats.batches,
-        "fused_ops_split": len(fused) - ("__initializers__" in fused),
+        "fused_ops_split": len(fused),
         "fused_ops_restored": len(restore_fused_ops(out, fused)),
     })
     ctx.record(**figures)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -265,7 +267,17 @@ def _activation_node(act: str, params: list[float], x: str, y: str, name: str,
     return helper.make_node(act, [x], [y], name=name, **attrs)
 
 
-FusedSplit = dict  # {fused node's output 0: (the fused node, copies of the nodes its split made)}
+@dataclasses.dataclass
+class FusedSplit:
+    """What `split_fused_ops` did, for `restore_fused_ops`: each fused node with copies of the
+    nodes its split made, and the weights only fused nodes read (gone with the split)."""
+
+    splits: dict[str, tuple[onnx.NodeProto, list[onnx.NodeProto]]] = \
+        dataclasses.field(default_factory=dict)
+    removed_initializers: list[onnx.TensorProto] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.splits)
 
 
 def _split_conv_or_gemm(n: onnx.NodeProto, graph: onnx.GraphProto, names: Names
@@ -366,7 +378,7 @@ def split_fused_ops(model: onnx.ModelProto) -> FusedSplit:
     of a split keeps the fused node's name, so per-layer choices keyed by name still apply."""
     graph = model.graph
     names = Names(model)
-    fused: FusedSplit = {}
+    fused = FusedSplit()
     nodes: list[onnx.NodeProto] = []
     for n in graph.node:
         made = None
@@ -384,7 +396,7 @@ def split_fused_ops(model: onnx.ModelProto) -> FusedSplit:
             c = onnx.NodeProto()
             c.CopyFrom(m)
             copies.append(c)
-        fused[n.output[0]] = (keep, copies)
+        fused.splits[n.output[0]] = (keep, copies)
         nodes.extend(made)
     if fused:
         del graph.node[:]
@@ -393,10 +405,10 @@ def split_fused_ops(model: onnx.ModelProto) -> FusedSplit:
         # brings them back
         read = {i for g in iter_graphs(graph) for n in g.node for i in n.input}
         gone = [t for t in graph.initializer if t.name not in read
-                and any(t.name in node.input for node, _ in fused.values())]
+                and any(t.name in node.input for node, _ in fused.splits.values())]
         for t in gone:
             graph.initializer.remove(t)
-        fused["__initializers__"] = (None, gone)
+        fused.removed_initializers = gone
     return fused
 
 
@@ -411,11 +423,8 @@ def restore_fused_ops(model: onnx.ModelProto, fused: FusedSplit) -> list[tuple[o
     drop: set[int] = set()
     put: dict[int, onnx.NodeProto] = {}
     own: set[str] = set()
-    _, removed = fused.get("__initializers__", (None, []))
     restored: list[tuple[onnx.NodeProto, list]] = []
-    for key, (node, made) in fused.items():
-        if key == "__initializers__":
-            continue
+    for node, made in fused.splits.values():
         now = [by_name.get(m.name) for m in made]
         if any(c is None or c.SerializeToString(deterministic=True)
                != m.SerializeToString(deterministic=True) for c, m in zip(now, made)):
@@ -428,7 +437,7 @@ def restore_fused_ops(model: onnx.ModelProto, fused: FusedSplit) -> list[tuple[o
         return []
     nodes = [put.get(id(n), n) for n in graph.node if id(n) not in drop or id(n) in put]
     needed = {i for n in put.values() for i in n.input}
-    graph.initializer.extend(t for t in removed if t.name in needed)
+    graph.initializer.extend(t for t in fused.removed_initializers if t.name in needed)
     # the split's own constants (Clip bounds, Q/K/V slices...) go when nothing reads them
     keep = {t.name for t in graph.initializer} - (own - {i for n in nodes for i in n.input})
     replace_graph_nodes(model, graph, nodes, keep=keep)

@@ -669,7 +669,7 @@ def quant_int8(
         for k, v in layer_precisions(out).items():
             if v != "int8" and candidate.get(k) == "int8":
                 reasons[k] = "slower in int8 on onnxruntime here (latency_aware)"
-    figures["fused_ops_split"] = len(fused) - ("__initializers__" in fused)
+    figures["fused_ops_split"] = len(fused)
     restored = restore_fused_ops(out, fused)
     figures["fused_ops_restored"] = len(restored)
     for node, made in restored:          # a re-fused layer inherits its split's reason
