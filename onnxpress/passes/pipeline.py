@@ -285,6 +285,26 @@ def _count(n: float) -> str:
 def _human(n: int) -> str:
     return human_bytes(n, 1, compact=True)
 
+def keep_model_fields(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """What a pass that built a new model dropped comes back from the model it was given:
+    metadata_props entries it did not set itself, producer, doc strings, graph name, functions.
+    (A pass may still change any of them: what it set wins.) The pipeline does this for every
+    pass, built-in or custom, so no pass has to."""
+    have = {p.key for p in after.metadata_props}
+    after.metadata_props.extend(p for p in before.metadata_props if p.key not in have)
+    for field in ("producer_name", "producer_version", "domain", "doc_string"):
+        if not getattr(after, field) and getattr(before, field):
+            setattr(after, field, getattr(before, field))
+    if not after.model_version and before.model_version:
+        after.model_version = before.model_version
+    if not after.graph.name and before.graph.name:
+        after.graph.name = before.graph.name
+    if not after.graph.doc_string and before.graph.doc_string:
+        after.graph.doc_string = before.graph.doc_string
+    if not after.functions and before.functions:
+        after.functions.extend(before.functions)
+
+
 def _model_state(model: onnx.ModelProto) -> tuple[str, int, int, int]:
     return (fingerprint(model), stats.count_nodes(model), stats.count_params(model),
             stats.model_bytes(model))
@@ -500,6 +520,8 @@ def run(
             out = working
         if not isinstance(out, onnx.ModelProto):
             raise PassError(f"pass '{step.name}' returned {type(out).__name__}, expected a ModelProto")
+        if out is not working:
+            keep_model_fields(working, out)
         working = out
         # the state after this pass is the state before the next: measured once per pass
         state = _model_state(working)

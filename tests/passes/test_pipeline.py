@@ -307,3 +307,33 @@ def test_target_is_a_validated_choice(digits_cnn):
     with pytest.raises(PassOptionError, match="unknown target 'onnxruntime'.*ort, tvm, x86, arm, cuda"):
         passes.run(digits_cnn, ["dce"], target="onnxruntime")
     assert passes.run(digits_cnn, ["dce"], target="TVM").reports[0].name == "dce"
+
+
+def test_the_pipeline_keeps_model_fields_a_custom_pass_drops(digits_cnn):
+    """A pass that builds a fresh model (here through onnx-graphsurgeon, which drops metadata)
+    gets the input's metadata, producer and graph name back from the pipeline; what the pass
+    sets itself wins."""
+    import onnx_graphsurgeon as gs
+
+    @passes.register("test_rebuilding_pass", replace=True)
+    def rebuild(model, ctx):
+        """Round trip through onnx-graphsurgeon, plus one metadata entry of its own."""
+        out = gs.export_onnx(gs.import_onnx(model))
+        out.ir_version = model.ir_version
+        del out.metadata_props[:]           # as rebuilding tools do
+        out.producer_name = ""
+        entry = out.metadata_props.add()
+        entry.key, entry.value = "test.rebuilt", "yes"
+        return out
+
+    try:
+        m = onnx.ModelProto()
+        m.CopyFrom(digits_cnn)
+        m.producer_name = "pytorch"
+        assert list(m.metadata_props)
+        out = passes.apply(m, ["test_rebuilding_pass"])
+        meta = {p.key: p.value for p in out.metadata_props}
+        assert {p.key: p.value for p in m.metadata_props}.items() <= meta.items()
+        assert meta["test.rebuilt"] == "yes" and out.producer_name == "pytorch"
+    finally:
+        passes.unregister("test_rebuilding_pass")
