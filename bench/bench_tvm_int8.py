@@ -108,13 +108,7 @@ def run(quick: bool) -> dict:
                 one = {"input": photos[i:i + 1]}
                 agree.append(int(np.argmax(art.run(one)["output"])) ==
                              int(np.argmax(ort.run(model, one)["output"])))
-            t = {"ort_fp32": [], "ort_int8": [], "tvm_fp32": [], "tvm_int8": []}
-            for _ in range(3):          # interleaved: load drift on a shared machine hits all alike
-                t["ort_fp32"].append(ort.benchmark(fp32, feeds, threads=2, runs=RUNS).p50_ms)
-                t["ort_int8"].append(ort.benchmark(model, feeds, threads=2, runs=RUNS).p50_ms)
-                t["tvm_fp32"].append(tvm_fp32.benchmark(feeds, runs=RUNS).p50_ms)
-                t["tvm_int8"].append(art.benchmark(feeds, runs=RUNS).p50_ms)
-            ms = {k: float(np.median(v)) for k, v in t.items()}
+            ms = _interleaved(fp32, model, tvm_fp32, art, feeds)
             info = art.manifest["integer"]
             dots = _count(str(art.library), ("vpdpbusd", "vpmaddubsw", "vpmaddwd"))
             rows.append({"model": label, **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
