@@ -4,6 +4,7 @@
     onnxpress inspect model.onnx
     onnxpress optimize model.onnx -p fold_constants,dce,simplify -o out.onnx [--calib c.npz] [--verify]
     onnxpress bench model.onnx --vs other.onnx
+    onnxpress bench out/x86 --profile --top 10
 
 Errors of onnxpress's own hierarchy print one line and exit 2; --debug shows the traceback.
 """
@@ -236,6 +237,54 @@ def _bench_one(path: str, feeds, args):
                          optimization=args.ort_opt, shapes=parse_shapes(args.shape))
 
 
+def _profile_one(path: str, feeds, args):
+    from onnxpress.backends import ort
+
+    p = Path(path)
+    if p.is_dir():
+        from onnxpress.backends import tvm
+
+        return tvm.load_artifact(p).profile(feeds, runs=args.runs, warmup=args.warmup)
+    return ort.profile(path, feeds, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                       optimization=args.ort_opt, shapes=parse_shapes(args.shape))
+
+
+def _kernel_label(name: str, op: str = "", width: int = 38) -> str:
+    """'Conv …/features.5/Relu_output_0_nchwc': the op, then the end of the name, which is where
+    onnxruntime's node names and TVM's fused names say the most."""
+    room = width - (len(op) + 1 if op else 0)
+    short = name if len(name) <= room else "…" + name[-(room - 1):]
+    return f"{op} {short}" if op else short
+
+
+def _print_profile(model: str, prof, top: int) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    shown = prof.kernels[:top] if top > 0 else prof.kernels
+    rest = prof.kernels[len(shown):]
+    t = Table(title=f"{escape(model)}: where {prof.latency_ms:.3f} ms go ({prof.backend})")
+    for c in ("kernel", "calls", "ms", "mean ms", "share"):
+        t.add_column(c, justify="left" if c == "kernel" else "right", no_wrap=True)
+    for k in shown:
+        t.add_row(escape(_kernel_label(k.name, k.op)), str(k.calls), f"{k.total_ms:.3f}",
+                  f"{k.mean_ms:.3f}", f"{k.share:.1f}%")
+    if rest:
+        t.add_row(f"({len(rest)} more kernel{'s' if len(rest) > 1 else ''})", str(sum(k.calls for k in rest)),
+                  f"{sum(k.total_ms for k in rest):.3f}", "", f"{sum(k.share for k in rest):.1f}%")
+    other = "(VM: allocation, checks, dispatch)" if prof.backend == "tvm" else "(executor between nodes)"
+    t.add_row(other, str(prof.other_calls or ""), f"{prof.other_ms:.3f}", "",
+              f"{100 * prof.other_ms / prof.total_ms if prof.total_ms else 0:.1f}%", end_section=True)
+    t.add_row("total", str(sum(k.calls for k in prof.kernels) + prof.other_calls),
+              f"{prof.total_ms:.3f}", "", "100.0%", style="bold")
+    con = _console()
+    con.print(t)
+    how = "each timed where the VM calls it" if prof.backend == "tvm" else "onnxruntime's profiler"
+    con.print(f"p50 {prof.latency_ms:.3f} ms; kernels {prof.kernel_ms:.3f} ms ({how}; {prof.runs} runs)")
+    if prof.kernel_ms > prof.latency_ms:
+        con.print("the kernels, timed one by one, add up to more than a run: shares are of their sum")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -248,6 +297,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ref = next((m for m in models if not Path(m).is_dir()), None)
         if ref is not None:
             feeds = make_inputs(ox.load(ref), shapes=parse_shapes(args.shape), seed=0)
+    if args.profile:
+        profiles = [(m, _profile_one(m, feeds, args)) for m in models]
+        if args.json:
+            print(json.dumps([{"model": m, **p.to_dict()} for m, p in profiles], indent=2))
+            return 0
+        for m, p in profiles:
+            _print_profile(m, p, args.top)
+        return 0
     rounds = max(1, args.rounds)
     results: dict[str, list] = {m: [] for m in models}
     for _ in range(rounds):  # interleave so machine drift hits every model alike
@@ -336,6 +393,9 @@ def build_parser(extensions: list | None = None) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model")
     p.add_argument("--ort-opt", default="all", choices=["disable", "basic", "extended", "layout", "all"])
     p.add_argument("--shape", action="append", metavar="NAME=DIMS")
+    p.add_argument("--profile", action="store_true",
+                   help="time per kernel (TVM artifact) or per node (onnxruntime), slowest first")
+    p.add_argument("--top", type=int, default=10, help="with --profile: kernels shown (0: all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

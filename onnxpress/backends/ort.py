@@ -4,11 +4,14 @@
     outputs = ort.run(model, feeds)                          # {output name: array}
     result = ort.verify(original, optimized)                 # max abs/rel error per output
     bench = ort.benchmark(model, threads=2)                  # p50/p90 latency in ms
+    prof = ort.profile(model, threads=2)                     # time per node, the slowest first
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import json
 import os
 import statistics
 import tempfile
@@ -19,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
+from onnxpress.backends.profile import Profile, make_profile
 from onnxpress.data import check_feed, graph_input_specs, make_inputs
 from onnxpress.errors import BackendError, CalibrationError, OnnxPressError
 from onnxpress.io import EXTERNAL_DATA_THRESHOLD, ModelLike, load, save
@@ -41,10 +45,12 @@ def session(
     optimization: str = "all",
     providers: list[str] | None = None,
     optimized_model_path: str | os.PathLike | None = None,
+    profile_prefix: str | os.PathLike | None = None,
 ):
     """An onnxruntime InferenceSession for a model (path, bytes or ModelProto).
 
     `optimization` is onnxruntime's graph optimization level: disable, basic, extended, layout, all.
+    `profile_prefix`: record onnxruntime's profile; `end_profiling()` writes PREFIX_<date>.json.
     """
     ort = _ort()
     if optimization not in OPT_LEVELS:
@@ -59,6 +65,9 @@ def session(
     so.log_severity_level = 3
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     providers = providers or ["CPUExecutionProvider"]
     tmpdir = None
     try:
@@ -296,6 +305,52 @@ def benchmark(model: ModelLike, feeds: Mapping[str, np.ndarray] | None = None, *
         threads=threads,
         optimization=optimization,
     )
+
+
+def profile(model: ModelLike, feeds: Mapping[str, np.ndarray] | None = None, *,
+            threads: int | None = 2, warmup: int = 5, runs: int = 20, optimization: str = "all",
+            shapes: Mapping[str, Any] | None = None, seed: int = 0) -> Profile:
+    """Where one inference's time goes on onnxruntime: its own profiler's time per node of the
+    graph as onnxruntime optimized it (so fused nodes such as FusedGemm appear), the median of
+    `runs` runs after `warmup`; `other_ms` is the executor's time between nodes."""
+    proto = _model_of(model)
+    if feeds is None:
+        feeds = make_inputs(proto, shapes=shapes, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="onnxpress-ort-profile-") as tmp:
+        sess = session(proto, threads=threads, optimization=optimization,
+                       profile_prefix=os.path.join(tmp, "ort"))
+        names = [o.name for o in sess.get_outputs()]
+        try:
+            for _ in range(max(0, warmup) + max(1, runs)):
+                sess.run(names, dict(feeds))
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
+        trace = json.loads(Path(sess.end_profiling()).read_text())
+    return profile_from_trace(trace, warmup=max(0, warmup))
+
+
+def profile_from_trace(events: list[dict], *, warmup: int = 0) -> Profile:
+    """A Profile from onnxruntime's profile (Chrome trace events): one `model_run` event per run,
+    one `NAME_kernel_time` event per node and run. The first `warmup` runs are left out; each
+    node's time is its median over the runs, as the latency is the median run."""
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[warmup:]
+    if not runs:
+        raise BackendError(f"onnxruntime's profile holds no timed run (after {warmup} warm-up runs)")
+    starts = [e["ts"] for e in runs]
+    per_run: list[dict[str, list[float]]] = [{} for _ in runs]
+    ops: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < starts[0]:
+            continue
+        args = e.get("args") or {}
+        name = e["name"][:-len("_kernel_time")] or f"{args.get('op_name', 'node')}#{args.get('node_index', '?')}"
+        per_run[bisect.bisect_right(starts, e["ts"]) - 1].setdefault(name, []).append(float(e["dur"]))
+        ops[name] = args.get("op_name", "")
+    per_kernel = {name: (round(statistics.median(len(r.get(name, ())) for r in per_run)),
+                         statistics.median(sum(r.get(name, ())) for r in per_run) / 1e3)
+                  for name in ops}
+    latency = statistics.median(float(e["dur"]) for e in runs) / 1e3
+    return make_profile(per_kernel, latency, backend="onnxruntime", runs=len(runs), ops=ops)
 
 
 def benchmark_pair(a: ModelLike, b: ModelLike, feeds: Mapping[str, np.ndarray] | None = None, *,

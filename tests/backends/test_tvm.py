@@ -58,6 +58,58 @@ def test_manifest_describes_the_artifact(x86_artifact):
     assert not [p for p in x86_artifact.path.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_profile_says_where_the_time_goes(x86_artifact, digits_feeds):
+    art = ox_tvm.load_artifact(x86_artifact.path)
+    before = art.run(digits_feeds)["logits"]
+    prof = art.profile(digits_feeds, runs=20)
+    names = [k.name for k in prof.kernels]
+    assert prof.backend == "tvm" and len(names) == len(set(names)) >= 5
+    assert not [n for n in names if n.startswith("vm.")]       # builtins are counted, not timed
+    assert prof.other_calls >= 3                                # alloc_storage, alloc_tensor, ...
+    lib = __import__("tvm").runtime.load_module(str(art.library))
+    assert all(lib.implements_function(n, True) for n in names)
+    assert [k.total_ms for k in prof.kernels] == sorted((k.total_ms for k in prof.kernels), reverse=True)
+    for k in prof.kernels:
+        assert k.calls >= 1 and k.total_ms > 0 and k.mean_ms == pytest.approx(k.total_ms / k.calls)
+    # the shares are of one inference: kernels plus what the VM adds between them make 100 %
+    other_share = 100 * prof.other_ms / prof.total_ms
+    assert sum(k.share for k in prof.kernels) + other_share == pytest.approx(100)
+    assert prof.total_ms == pytest.approx(max(prof.latency_ms, prof.kernel_ms))
+    # at batch 8 the 16->32 channel 3x3 conv is most of the work (2.4 of 2.7 M MACs)
+    assert "conv2d" in names[0] and prof.kernels[0].share > 40
+    # kernels timed one by one account for a whole inference, within a sane factor
+    assert 0.2 < prof.kernel_ms / prof.latency_ms < 5
+    assert prof.slowest(2).startswith(f"{names[0]} ") and prof.slowest(2).count("%") == 2
+    # the profiling VM is its own: the artifact's runs afterwards are unchanged
+    np.testing.assert_array_equal(art.run(digits_feeds)["logits"], before)
+
+
+def test_profile_refuses_qemu_and_rpc_artifacts_by_name(tmp_path):
+    manifest = {"target": {"name": "arm", "family": "cpu"}, "inputs": [], "outputs": []}
+    with pytest.raises(BackendError, match="qemu.*aarch64 host"):
+        ox_tvm.Artifact(tmp_path, manifest).profile()
+    with pytest.raises(BackendError, match="over RPC"):
+        ox_tvm.Artifact(tmp_path, manifest, rpc="127.0.0.1:9190", key="rk3588").profile()
+
+
+def test_cli_bench_profile_prints_the_top_kernels(x86_artifact, tmp_path, capsys):
+    from onnxpress.cli import main
+
+    assert main(["bench", str(x86_artifact.path), "--profile", "--top", "2", "--runs", "5"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "fused_conv2d" in out and "(4 more kernels)" in out and "(VM: allocation" in out
+    assert "100.0%" in next(line for line in lines if "total" in line)
+    assert main(["bench", str(x86_artifact.path), "--profile", "--runs", "5", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["backend"] == "tvm" and len(data[0]["kernels"]) >= 5
+    assert data[0]["kernel_ms"] == pytest.approx(sum(k["total_ms"] for k in data[0]["kernels"]))
+    (tmp_path / "notes").mkdir()
+    assert main(["bench", str(tmp_path / "notes"), "--profile"]) == 2
+    assert "not a TVM artifact: no manifest.json" in capsys.readouterr().err
+
+
 def test_second_compile_with_the_same_db_does_no_tuning(digits_cnn_path, digits_feeds, tmp_path):
     db = tmp_path / "db"
     first = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, tune_trials=16,

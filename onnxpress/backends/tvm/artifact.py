@@ -16,13 +16,15 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from onnxpress.backends.ort import BenchResult, VerifyResult, compare_outputs
+from onnxpress.backends.profile import Profile, make_profile
 from onnxpress.errors import BackendError
 
 from . import rpc as rpc_mod
@@ -79,6 +81,7 @@ class Artifact:
         self.rpc = rpc
         self.key = key
         self._vm = None
+        self._lib = None
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -130,20 +133,31 @@ class Artifact:
     # -- local -----------------------------------------------------------------------------------
     def _local_vm(self):
         if self._vm is None:
-            import tvm
             from tvm.runtime.vm import VirtualMachine
+
+            lib, dev = self._local_library()
+            try:
+                self._vm = (VirtualMachine(lib, dev), dev)
+            except Exception as exc:
+                raise BackendError(f"cannot load {self.library}: {_first_line(exc)}") from None
+        return self._vm
+
+    def _local_library(self):
+        """(the loaded model.so, the device it runs on here)."""
+        if self._lib is None:
+            import tvm
 
             try:
                 lib = tvm.runtime.load_module(str(self.library))
                 dev = tvm.cuda(0) if self.manifest["target"]["family"] == "gpu" else tvm.cpu(0)
                 if self.manifest["target"]["family"] == "gpu" and not dev.exist:
                     raise BackendError("this artifact targets CUDA and no GPU is present here")
-                self._vm = (VirtualMachine(lib, dev), dev)
+                self._lib = (lib, dev)
             except BackendError:
                 raise
             except Exception as exc:
                 raise BackendError(f"cannot load {self.library}: {_first_line(exc)}") from None
-        return self._vm
+        return self._lib
 
     def _outputs(self, result) -> dict[str, np.ndarray]:
         outs = [result] if hasattr(result, "numpy") else list(result)
@@ -237,6 +251,71 @@ class Artifact:
             raise BackendError(f"benchmarking {self.path} failed: {_first_line(exc)}") from None
         return _bench_result([float(r) * 1e3 for r in res.results], threads)
 
+    def profile(self, feeds: Mapping[str, np.ndarray] | None = None, *, runs: int = 20,
+                warmup: int = 5) -> Profile:
+        """Where one inference's time goes: every kernel of the artifact, the slowest first.
+
+        One run of the VM with an instrument on every call it makes: a kernel of model.so is
+        timed just before it runs, on the very arguments it is about to get (TVM's
+        time_evaluator: the median of `runs` single calls, as benchmark() takes the median of
+        whole runs; on a GPU, of `runs` means of 10 calls, timed by CUDA events), then runs as
+        usual. VM builtins (allocation, shape checks) are counted, not timed; the latency they
+        and the dispatch between kernels add is `other_ms`. Works on any artifact as built:
+        TVM 0.27 dropped the relax VM profiler (`profile=True`), the instrument hook is what
+        remains, and it needs nothing compiled in.
+
+        Local artifacts only: under qemu the times would be emulation's, and the instrument is a
+        Python callback that RPC cannot carry to a board. The profiling VM is one of its own,
+        whose outputs are dropped: a kernel that writes into its input runs many times there."""
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        mode = self.where()
+        if mode == "qemu":
+            raise BackendError(f"{self.path} is an aarch64 artifact, which runs here only under qemu: "
+                               "emulated kernel times say nothing about a board; profile it on an "
+                               "aarch64 host")
+        if mode == "rpc":
+            raise BackendError(f"cannot profile {self.path} over RPC: the per-kernel profile hooks a "
+                               "Python callback into the VM, which TVM RPC cannot carry to the "
+                               "board; profile it on the board itself")
+        feeds = self._feeds(feeds)
+        latency = self.benchmark(feeds, runs=runs, warmup=warmup).p50_ms
+        lib, dev = self._local_library()
+        modules = list(_imported_modules(lib))
+        # on a GPU one call per timing is mostly launch and synchronisation, which a run overlaps
+        # with the kernel before: there each timing is the mean of 10 calls back to back
+        number = 10 if self.manifest["target"]["family"] == "gpu" else 1
+        timers: dict[str, Any] = {}
+        calls: Counter[str] = Counter()
+        ms: Counter[str] = Counter()
+        vm_calls: Counter[str] = Counter()
+
+        def time_kernel(func, name, before, ret, *args):
+            if not before:
+                return 0
+            if name not in timers:
+                timers[name] = next((m.time_evaluator(name, dev, number=number, repeat=max(3, runs))
+                                     for m in modules if m.implements_function(name)), None)
+            if timers[name] is None:     # a VM builtin or a Relax function calling kernels
+                vm_calls[name] += 1
+            else:
+                calls[name] += 1
+                ms[name] += float(timers[name](*args).median) * 1e3
+            return 0
+
+        try:
+            vm = VirtualMachine(lib, dev)
+            vm.set_input("main", *[tvm.runtime.tensor(feeds[i["name"]], dev) for i in self.inputs])
+            vm.set_instrument(time_kernel)
+            vm.invoke_stateful("main")
+        except Exception as exc:
+            raise BackendError(f"profiling {self.path} failed: {_first_line(exc)}") from None
+        if not calls:
+            raise BackendError(f"profiling {self.path}: the VM called no kernel of {self.library.name}")
+        return make_profile({k: (calls[k], ms[k]) for k in calls}, latency, backend="tvm",
+                            runs=runs, other_calls=sum(vm_calls.values()))
+
     def verify(self, onnx_model, feeds: Mapping[str, np.ndarray] | None = None, *,
                rtol: float | None = None, atol: float | None = None, rpc: str | None = None,
                key: str | None = None, optimization: str = "auto",
@@ -278,6 +357,13 @@ class Artifact:
         result.ok = all(o.ok for o in result.outputs)
         result.criterion = f"integer kernels: <= 1 step on integer outputs, cosine >= {min_cosine:g} on float ones"
         return result
+
+
+def _imported_modules(lib) -> Iterator[Any]:
+    """The modules model.so imports, depth first: the kernels live there, not in the VM's."""
+    for m in lib.imports:
+        yield m
+        yield from _imported_modules(m)
 
 
 def load_artifact(path: str | os.PathLike, *, rpc: str | None = None, key: str | None = None) -> Artifact:
