@@ -68,6 +68,11 @@ def _calib(name: str) -> list[dict]:
     return cnn_calib()
 
 
+def slowest_kernels(art, feeds: dict, n: int = 3) -> str:
+    """'fused_conv2d1_add1_relu1 83%, ...': where one inference of the artifact spends its time."""
+    return art.profile(feeds, runs=RUNS).slowest(n)
+
+
 def variant_rows(work: str, names: list[str]) -> list[dict]:
     """The models after `fuse` (target tvm) and after `quant_int8`, compiled untuned and checked
     against onnxruntime running the same optimized model (the issue's correctness bar)."""
@@ -132,7 +137,8 @@ def cuda_rows(work: str) -> tuple[list[dict], str]:
         gpu_ms = art.benchmark(feeds, runs=RUNS).p50_ms
         rows.append({"model": f"{name} on CUDA ({arch}, {dev.device_name})", "ort_fp32_ms": round(ort_ms, 3),
                      "tvm_untuned_ms": round(gpu_ms, 3), "untuned_vs_ort": round(gpu_ms / ort_ms, 2),
-                     "untuned_max_abs_err": float(f"{err.max_abs:.2g}"), "untuned_ok": err.ok})
+                     "untuned_max_abs_err": float(f"{err.max_abs:.2g}"), "untuned_ok": err.ok,
+                     "slowest_kernels": slowest_kernels(art, feeds)})
         print(rows[-1], flush=True)
     return rows, f"CUDA rows: TVM's dlight GPU schedules on {dev.device_name}, onnxruntime on the CPU."
 
@@ -179,6 +185,7 @@ def run(quick: bool) -> dict:
                 row.update({"trials": tm["trials_measured"], "tasks_tuned": f"{tm['tasks_tuned']}/{tm['tasks_total']}",
                             "tune_s": round(tune_s, 0), "tvm_tuned_ms": round(tu_ms, 3),
                             "tuned_vs_ort": round(tu_ms / ort_ms, 2), "tuned_ok": terr.ok})
+            row["slowest_kernels"] = slowest_kernels(tuned or untuned, feeds)
             rows.append(row)
             print(row, flush=True)
         if os.environ.get("ONNXPRESS_BENCH_TVM_VARIANTS", "0" if quick else "1") != "0":
@@ -201,5 +208,7 @@ def run(quick: bool) -> dict:
              "with onnxruntime's unoptimized session (QDQ's reference float semantics, which TVM "
              "compiles; its optimized session fuses int8 kernels that round differently): ok when "
              "within rtol 1e-4 or within twice the gap between onnxruntime's optimized and "
-             "unoptimized sessions (ort_all_vs_unoptimized_max_abs). " + gpu_note)
+             "unoptimized sessions (ort_all_vs_unoptimized_max_abs). slowest_kernels: the three "
+             "slowest kernels of the tuned build (untuned where no trials ran) and their shares of "
+             "one inference, each kernel timed where the VM calls it (Artifact.profile). " + gpu_note)
     return {"title": "TVM x86 vs onnxruntime fp32 (untuned and tuned)", "rows": rows, "notes": notes}

@@ -119,12 +119,17 @@ def memory() -> list[str]:
 
 def tvm() -> list[str]:
     data = _load("tvm")
+    rows = [r for r in data["rows"] if " after " not in r["model"]]
     out = [[r["model"], _num(r.get("ort_fp32_ms"), "{:.3g}"), _x(r.get("untuned_vs_ort")),
             _x(r.get("tuned_vs_ort")), f"{r.get('trials', '')} ({_num(r.get('tune_s'), '{:.0f}')} s)"
-            if r.get("trials") else ""]
-           for r in data["rows"] if " after " not in r["model"]]
-    return _table(["model", "onnxruntime fp32 ms", "TVM untuned / onnxruntime",
-                   "TVM tuned / onnxruntime", "trials (tuning time)"], out) + ["", _stamp(data, "tvm")]
+            if r.get("trials") else ""] for r in rows]
+    header = ["model", "onnxruntime fp32 ms", "TVM untuned / onnxruntime", "TVM tuned / onnxruntime",
+              "trials (tuning time)"]
+    if any(r.get("slowest_kernels") for r in rows):      # results from before profiles lack it
+        header.append("slowest kernels (share of one inference)")
+        for cells, r in zip(out, rows):
+            cells.append(r.get("slowest_kernels") or "")
+    return _table(header, out) + ["", _stamp(data, "tvm")]
 
 
 def tvm_int8() -> list[str]:
