@@ -4,6 +4,8 @@
     python -m bench --only tvm [--quick]
 
 quick: the digits CNN (untuned and 32 trials) and resnet18 untuned, a few minutes.
+Both are also cross-compiled for aarch64, checked under qemu, with the instruction mix of their
+hot kernels beside it (ONNXPRESS_BENCH_TVM_ARM=0 skips these rows).
 full:  digits CNN, resnet18, mobilenetv3_small_100, efficientnet_b0, MiniLM (batch 1, seq 128),
        each untuned and tuned (budgets in FULL_TRIALS; resnet18 gets the 30-minute class budget).
 Set ONNXPRESS_BENCH_TVM_TRIALS=model=N,... to change budgets, ONNXPRESS_BENCH_TVM_MODELS to pick.
@@ -143,6 +145,60 @@ def cuda_rows(work: str) -> tuple[list[dict], str]:
     return rows, f"CUDA rows: TVM's dlight GPU schedules on {dev.device_name}, onnxruntime on the CPU."
 
 
+ARM_MODELS = ("digits_cnn", "resnet18")
+
+
+def arm_rows(work: str, names: list[str]) -> tuple[list[dict], str]:
+    """aarch64 without a board: each model cross-compiled for arm (untuned), its outputs checked
+    against onnxruntime under qemu-aarch64, and beside that the static instruction mix of its
+    hot kernels from the cross objdump (onnxpress/backends/tvm/isa_mix.py). Returns (rows, note)."""
+    from onnxpress.backends import tvm as ox_tvm
+
+    if os.environ.get("ONNXPRESS_BENCH_TVM_ARM", "1") == "0":
+        return [], "aarch64 rows skipped (ONNXPRESS_BENCH_TVM_ARM=0)."
+    qemu = ox_tvm.arm_runtime_problem()
+    rows = []
+    for name in [n for n in ARM_MODELS if n in names]:
+        path, feeds, shapes = _model(name)
+        row: dict = {"model": f"{name} aarch64 (cross-compiled, qemu, not timed)"}
+        try:
+            t0 = time.perf_counter()
+            art = ox_tvm.compile(path, "arm", shapes=shapes, progress=False,
+                                 output_dir=os.path.join(work, f"{name}-arm"))
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
+            mix = ox_tvm.instruction_mix(art, path)
+        except Exception as exc:   # no cross compiler or objdump here
+            row["isa_mix"] = f"not built: {str(exc).splitlines()[0]}"
+            rows.append(row)
+            continue
+        if qemu is None:
+            try:
+                err = art.verify(path, feeds)
+                row.update(qemu_max_abs_err=float(f"{err.max_abs:.2g}"), qemu_ok=err.ok)
+            except Exception as exc:   # the emulated runtime broke: the mix still stands
+                row["qemu_ok"] = f"failed: {str(exc).splitlines()[0]}"
+        else:
+            row["qemu_ok"] = f"not run: {qemu}"
+        conv = mix.hottest("conv")
+        row.update(hot_kernels=len(mix.hot), hot_vector_share=round(mix.hot_vector_share or 0, 3),
+                   hot_vector_fma_share=round(mix.hot_vector_fma_share or 0, 3),
+                   hot_lanes_per_fma=round(mix.hot_lanes_per_fma or 0, 2),
+                   hot_loads_per_fma=round(mix.hot_loads_per_fma or 0, 2),
+                   hot_loop_loads_per_fma=round(mix.hot_loop_loads_per_fma or 0, 2),
+                   hottest_conv=f"{conv.name}: {100 * conv.vector_share:.0f}% vector, "
+                                f"{100 * (conv.vector_fma_share or 0):.0f}% vector FMAs")
+        rows.append(row)
+        print(row, flush=True)
+    note = ("aarch64 rows: cross-compiled untuned for arm (NEON), outputs checked against "
+            "onnxruntime under qemu-aarch64 (qemu_ok: rtol 1e-4 / atol 1e-5), not timed; beside "
+            "it a static cost estimate from aarch64-linux-gnu-objdump (docs/tvm.md, 'ARM cost "
+            "estimate'): over the hot kernels (the heaviest by TVM's FLOP estimate, together 90% "
+            "of the FLOPs, FLOP-weighted) the vector share of their SIMD/FP instructions, the "
+            "share of vector FMAs, multiply-accumulate lanes per FMA (4 = NEON fp32) and SIMD/FP "
+            "loads per FMA, whole kernel and inner loop. Instructions in the code, not executed.")
+    return rows, note
+
+
 def run(quick: bool) -> dict:
     from onnxpress.backends import ort
     from onnxpress.backends import tvm as ox_tvm
@@ -195,6 +251,8 @@ def run(quick: bool) -> dict:
         except Exception as exc:  # a GPU machine without nvcc, a driver mismatch...
             gpu, gpu_note = [], f"CUDA rows failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
         rows.extend(gpu)
+        arm, arm_note = arm_rows(work, list(_budgets(quick)))
+        rows.extend(arm)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     notes = ("p50 latency, batch 1, 2 threads for both runtimes on the same machine, interleaved. "
@@ -210,5 +268,6 @@ def run(quick: bool) -> dict:
              "within rtol 1e-4 or within twice the gap between onnxruntime's optimized and "
              "unoptimized sessions (ort_all_vs_unoptimized_max_abs). slowest_kernels: the three "
              "slowest kernels of the tuned build (untuned where no trials ran) and their shares of "
-             "one inference, each kernel timed where the VM calls it (Artifact.profile). " + gpu_note)
+             "one inference, each kernel timed where the VM calls it (Artifact.profile). " + gpu_note
+             + " " + arm_note)
     return {"title": "TVM x86 vs onnxruntime fp32 (untuned and tuned)", "rows": rows, "notes": notes}
