@@ -12,6 +12,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _has_gpu() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    res = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return res.returncode == 0 and "GPU" in res.stdout
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where a CUDA GPU is present and are reported as skipped elsewhere."""
+    if not any("gpu" in item.keywords for item in items) or _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU here (run where one is present)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits_cnn_path():
     from onnxpress import zoo

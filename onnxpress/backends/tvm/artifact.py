@@ -4,8 +4,9 @@
       model.so          the Relax VM executable with kernels and weights (aarch64 .so for arm)
       manifest.json     inputs, outputs, target, versions, passes applied, tuning summary
       run.py            standalone runner (numpy + apache-tvm), for boards and qemu
-      kernels.ptx       CUDA targets: the kernels as PTX for the requested arch (made by nvcc)
-      kernels.cu        CUDA targets: the generated CUDA source
+      cuda/SHA.ptx      CUDA targets: each CUDA module's PTX for the requested arch (made by nvcc),
+      cuda/SHA.cu       named by the SHA-256 of its CUDA source; run.py loads the PTX from here
+      kernels.ptx/.cu   CUDA targets: all modules' PTX and source, concatenated to read
 """
 
 from __future__ import annotations
@@ -148,10 +149,17 @@ class Artifact:
             import tvm
 
             try:
+                dev = tvm.cpu(0)
+                if self.manifest["target"]["family"] == "gpu":
+                    from .run_artifact import ensure_cuda_runtime, use_stored_ptx
+
+                    ensure_cuda_runtime()
+                    dev = tvm.cuda(0)
+                    if not dev.exist:
+                        raise BackendError("this artifact targets CUDA and no GPU is present here "
+                                           "(or TVM's CUDA runtime cannot find the CUDA driver)")
+                    use_stored_ptx(str(self.path), self.manifest)
                 lib = tvm.runtime.load_module(str(self.library))
-                dev = tvm.cuda(0) if self.manifest["target"]["family"] == "gpu" else tvm.cpu(0)
-                if self.manifest["target"]["family"] == "gpu" and not dev.exist:
-                    raise BackendError("this artifact targets CUDA and no GPU is present here")
                 self._lib = (lib, dev)
             except BackendError:
                 raise

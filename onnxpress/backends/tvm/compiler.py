@@ -26,6 +26,7 @@ from onnxpress.io import ModelLike, load
 from . import rpc as rpc_mod
 from .artifact import LIBRARY, MANIFEST, RUNNER, Artifact, random_inputs, write_atomically
 from .frontend import bind_shapes, to_relax
+from .int8_cuda import apply_gpu_schedules
 from .schedules import apply_default_schedules
 from .targets import ARM_TRIPLE, ResolvedTarget, _first_line, resolve_target
 from .tuning import TuneSummary, open_database, tune
@@ -84,13 +85,15 @@ def _output_specs(model: onnx.ModelProto, relax_mod) -> list[dict]:
     return specs
 
 
-def _has_conv2d(mod) -> bool:
+def _has_conv2d(mod, dtype: str | None = None) -> bool:
+    """Whether `mod` has a conv2d (whose data is `dtype`, where given)."""
     from tvm import relax
 
     found = []
 
     def visit(expr):
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d" \
+                and (dtype is None or str(getattr(expr.args[0].ty, "dtype", "")) == dtype):
             found.append(expr)
 
     for func in mod.functions.values():
@@ -138,8 +141,15 @@ def lower_to_fused(relax_mod, resolved: ResolvedTarget, target, layout_used: dic
     with target:
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings()])(relax_mod)
-        if resolved.family == "cpu" and _has_conv2d(mod):
-            # channels last: output channels become the contiguous, vectorised axis
+        if resolved.family == "gpu":
+            # what the CUDA pipeline dispatches before legalizing (sort, scan, sampling kernels)
+            from tvm.relax.backend.cuda.pipeline import library_dispatch_passes
+
+            mod = tvm.transform.Sequential(library_dispatch_passes(target))(mod)
+        if (resolved.family == "cpu" and _has_conv2d(mod)) or \
+                (resolved.family == "gpu" and _has_conv2d(mod, "uint8")):
+            # channels last: output channels become the contiguous, vectorised axis (CPUs), and
+            # four input channels a contiguous word for dp4a (integer convolutions on GPUs)
             with contextlib.suppress(Exception):   # a graph it cannot convert keeps NCHW
                 mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
                 layout_used["conv2d"] = "NHWC"
@@ -257,6 +267,28 @@ def _cuda_sources(module) -> list[str]:
     return found
 
 
+def _write_ptx(build_dir: Path, pairs: list) -> list[dict]:
+    """Every CUDA module's PTX, one file per module under cuda/, keyed by the SHA-256 of the CUDA
+    source that model.so holds: TVM 0.27 keeps device code as CUDA C in the library and compiles
+    it when the library loads, so run.py hands the driver this PTX instead (no compiler, nvcc or
+    NVRTC needed where the artifact runs). kernels.ptx / kernels.cu concatenate them to read."""
+    from .run_artifact import source_key
+
+    (build_dir / "cuda").mkdir()
+    modules, all_ptx, all_cu = [], [], []
+    for code, ptx in pairs:
+        text = bytes(ptx).decode() if isinstance(ptx, (bytes, bytearray)) else str(ptx)
+        key = source_key(code)
+        (build_dir / "cuda" / f"{key}.ptx").write_text(text)
+        (build_dir / "cuda" / f"{key}.cu").write_text(code)
+        modules.append({"sha256": key, "ptx": f"cuda/{key}.ptx", "source": f"cuda/{key}.cu"})
+        all_ptx.append(f"// onnxpress: CUDA module {key}\n{text}")
+        all_cu.append(f"// onnxpress: CUDA module {key}\n{code}")
+    (build_dir / "kernels.ptx").write_text("\n".join(all_ptx))
+    (build_dir / "kernels.cu").write_text("\n".join(all_cu))
+    return modules
+
+
 def _ptx_from_source_modules(executable, arch: str) -> list:
     from tvm.support import nvcc
 
@@ -297,6 +329,10 @@ def _runner_for(resolved: ResolvedTarget, rpc: str | None, key: str | None):
 
         if not tvm.cuda(0).exist:
             raise BackendError("tuning for CUDA needs a GPU here or a GPU board over RPC")
+        # MetaSchedule's GPU search space is not wired in yet: building with the default GPU
+        # schedules while the user asked for tuning would print a tuned artifact that is not
+        raise BackendError("tuning for CUDA is not supported yet: compile without --tune (the "
+                           "default GPU schedules: dp4a integer kernels, dlight for the rest)")
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20,
                                           enable_cpu_cache_flush=False)
     return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator), "local"
@@ -392,8 +428,17 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
                                            tvm_target, specs)
             schedule_info.update(pick)
             timings["check_s"] = time.perf_counter() - t0
-    elif tune_trials:
-        _runner_for(resolved, rpc, key)       # raises with the reason (no GPU here)
+    else:
+        if tune_trials:
+            _runner_for(resolved, rpc, key)   # raises with the reason (no GPU here)
+        t0 = time.perf_counter()
+        layout_used = {}
+        fused = lower_to_fused(relax_mod, resolved, tvm_target, layout_used, fast_math=False)
+        schedule_info["conv2d_layout"] = layout_used.get("conv2d")
+        fused, info = apply_gpu_schedules(fused, tvm_target)
+        schedule_info.update(info)
+        build_mod = fused
+        timings["schedule_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     ptx_sink: list = []
@@ -421,10 +466,7 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
             raise
         except Exception as exc:
             raise BackendError(f"exporting the library for {resolved.name} failed: {_first_line(exc)}") from None
-        if ptx_sink:
-            (build_dir / "kernels.cu").write_text("\n".join(code for code, _ in ptx_sink))
-            ptx = ptx_sink[-1][1]
-            (build_dir / "kernels.ptx").write_bytes(ptx if isinstance(ptx, bytes) else str(ptx).encode())
+        cuda_modules = _write_ptx(build_dir, ptx_sink) if ptx_sink else []
         shutil.copyfile(Path(__file__).with_name("run_artifact.py"), build_dir / RUNNER)
         passes, meta = _passes_from_metadata(proto)
         versions = _versions()
@@ -450,6 +492,7 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
             "rpc": {"tracker": rpc, "key": key} if rpc else None,
             "files": {"ptx": "kernels.ptx" if ptx_sink else None,
                       "cuda_source": "kernels.cu" if ptx_sink else None},
+            "cuda_modules": cuda_modules,
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

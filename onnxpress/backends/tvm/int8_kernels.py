@@ -12,6 +12,7 @@
     avx512bw                vpmaddubsw + vpmaddwd zmm (16)             weights with |w0|+|w1| <= 128
     avx2                    vpmaddubsw + vpmaddwd ymm (8)              weights with |w0|+|w1| <= 128
     aarch64 +dotprod        sdot on (x - 128) (4), + 128 * sum(w)      all int8 weights
+    CUDA sm_61+             dp4a (u8 x s8, int8_cuda.py's GPU tiling)  all int8 weights
 
 vpmaddubsw adds two u8 x i8 products into a saturating int16: 255 * (|w0| + |w1|) must stay
 within 32767, which per-channel int8 weights (|w| up to 127) break. Convolutions whose weights
@@ -35,6 +36,10 @@ def int8_isa(target) -> tuple[str, int] | None:
     """(name, int32 lanes) of the best u8 x i8 dot-product instruction of an llvm target."""
     from tvm.target import codegen
 
+    if target is not None and str(target.kind.name) == "cuda":
+        from .int8_cuda import has_dp4a
+
+        return ("dp4a", 1) if has_dp4a(target) else None
     if target is None or str(target.kind.name) != "llvm":
         return None
 

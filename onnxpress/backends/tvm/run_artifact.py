@@ -6,9 +6,56 @@ Copied into every artifact as run.py, so a board (or qemu-aarch64) needs no onnx
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
+
+
+def source_key(code) -> str:
+    """The name a CUDA module's PTX is stored under: the SHA-256 of its CUDA source."""
+    data = code.encode() if isinstance(code, str) else bytes(code)
+    return hashlib.sha256(data).hexdigest()
+
+
+def use_stored_ptx(artifact_dir, manifest) -> None:
+    """TVM keeps CUDA kernels in model.so as CUDA C and asks `tvm_callback_cuda_compile` for
+    device code when the library loads: answer with the PTX compiled into the artifact, so
+    running needs neither TVM's compiler nor nvcc (the driver JIT-compiles the PTX)."""
+    modules = {m["sha256"]: os.path.join(artifact_dir, m["ptx"]) for m in manifest.get("cuda_modules") or []}
+    if not modules:
+        return
+    import tvm_ffi
+
+    def compile_from_artifact(code, *_):
+        path = modules.get(source_key(code))
+        if path is None:
+            raise RuntimeError("a CUDA module in the library has no PTX in the artifact "
+                               "(model.so and cuda/ come from different builds?)")
+        with open(path, "rb") as f:
+            # cuModuleLoadData reads PTX as a C string: it must end in NUL
+            return f.read() + b"\0"
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_from_artifact, override=True)
+
+
+def ensure_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime library if `import tvm` did not (runtime-only installs, as on a
+    GPU box without TVM's compiler, skip the device backends)."""
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return
+    try:
+        import ctypes
+
+        from tvm.base import _LOADED_LIBS
+
+        runtime_dir = os.path.dirname(os.path.realpath(_LOADED_LIBS["tvm_runtime"]._name))
+        _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(
+            os.path.join(runtime_dir, "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+    except Exception:      # no CUDA runtime here: tvm.cuda(0).exist says so to the caller
+        pass
 
 
 def load(artifact_dir, device=None):
@@ -22,6 +69,9 @@ def load(artifact_dir, device=None):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
+    if manifest["target"]["family"] == "gpu":
+        ensure_cuda_runtime()
+        use_stored_ptx(artifact_dir, manifest)
     lib = tvm.runtime.load_module(os.path.join(artifact_dir, manifest["library"]))
     dev = device or (tvm.cuda(0) if manifest["target"]["family"] == "gpu" else tvm.cpu(0))
     return manifest, VirtualMachine(lib, dev), dev

@@ -129,5 +129,9 @@ def resolve_target(target: str | Mapping[str, Any], *, num_cores: int | None = N
         arch = arg or DEFAULT_CUDA_ARCH
         if not arch.startswith("sm_"):
             raise BackendError(f"CUDA arch '{arch}' should look like sm_80")
-        return ResolvedTarget("cuda", {"kind": "cuda", "arch": arch}, {"kind": "llvm"}, "gpu", False)
+        # limits every CUDA GPU since sm_50 shares (48 KiB is the static shared memory a block
+        # may use without opting in); schedules size their thread blocks and tiles by them
+        spec = {"kind": "cuda", "arch": arch, "max_threads_per_block": 1024,
+                "max_shared_memory_per_block": 49152, "thread_warp_size": 32}
+        return ResolvedTarget("cuda", spec, {"kind": "llvm"}, "gpu", False)
     raise BackendError(f"unknown target '{target}': use x86, arm, cuda (or cuda:sm_XX) or a TVM target dict")
