@@ -91,6 +91,37 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 # -- inspect -----------------------------------------------------------------------------------
+def _inspect_artifact(args: argparse.Namespace) -> int:
+    """`onnxpress inspect DIR` on a compiled TVM artifact: what it was built for and which nodes
+    run as integer kernels, which stayed float and why (the manifest, read back)."""
+    from onnxpress.backends.tvm import load_artifact
+    from onnxpress.commands.tvm import integer_summary
+
+    art = load_artifact(args.model)
+    m = art.manifest
+    if args.json:
+        print(json.dumps(m, indent=2, default=str))
+        return 0
+    t = m["target"]
+    print(f"{art.path}: TVM artifact for {t['name']} ({t['tvm']}), built {m.get('created', '?')}")
+    print("  inputs: " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in m["inputs"]))
+    print("  outputs: " + ", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in m["outputs"]))
+    if m.get("passes"):
+        print(f"  passes applied before compiling: {', '.join(m['passes'])}")
+    sched = m.get("schedules") or {}
+    parts = [f"{v} {k.replace('_', ' ')}" for k, v in sched.items() if isinstance(v, int) and v]
+    if parts:
+        print(f"  kernels: {', '.join(parts)}")
+    lines = integer_summary(m.get("integer"), limit=50, every_node=True)
+    print("\n".join(lines) if lines else "  integer: no quantized nodes (a float model)")
+    tuning = m.get("tuning") or {}
+    if tuning.get("trials_measured"):
+        print(f"  tuned: {tuning['trials_measured']} trials on {tuning['tasks_tuned']} task(s), DB {tuning['db']}")
+    if m.get("cuda_modules"):
+        print(f"  CUDA: {len(m['cuda_modules'])} module(s), PTX in {art.path / 'cuda'}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace, extensions: list) -> int:
     from rich.markup import escape
     from rich.table import Table
@@ -99,6 +130,8 @@ def cmd_inspect(args: argparse.Namespace, extensions: list) -> int:
     from onnxpress.commands.ecosystem import import_model
     from onnxpress.passes.graph import bind_input_shapes
 
+    if Path(args.model).is_dir() and (Path(args.model) / "manifest.json").exists():
+        return _inspect_artifact(args)
     model = import_model(args.model)  # .onnx, .keras/.h5 or a SavedModel directory
     shapes = parse_shapes(args.shape)
     st = ox.model_stats(bind_input_shapes(model, shapes) if shapes else model, batch=args.batch)
@@ -179,6 +212,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise ox.PassOptionError("give the passes to run with -p, e.g. -p fold_constants,dce,simplify,"
                                  " or a recipe with --recipe (see `onnxpress recipes`)")
     steps = passes.parse_pipeline(pipeline)  # fail on bad names/options before loading anything
+    if Path(args.model).is_dir() and (Path(args.model) / "manifest.json").exists():
+        return _inspect_artifact(args)
     model = import_model(args.model)  # .onnx, .keras/.h5 or a SavedModel directory
     before = keep_before(args, model)
     shapes = parse_shapes(args.shape)

@@ -41,14 +41,14 @@ def _parse_target(text: str):
     return text
 
 
-def integer_summary(info: dict | None, limit: int = 12) -> list[str]:
+def integer_summary(info: dict | None, limit: int = 12, *, every_node: bool = False) -> list[str]:
     """Lines saying which quantized nodes run as integer kernels and which stayed float, and why
-    (the manifest's "integer" entry)."""
+    (the manifest's "integer" entry); every_node lists the integer kernels too, not only the rest."""
     if not info:
         return []
     lines = [f"  integer: {info['int8_kernels']} integer kernel(s), {info['int8_io']} op(s) on 8-bit "
              f"tensors, {info['float']} left float"]
-    others = [n for n in info["nodes"] if n["kernel"] != "int8"]
+    others = [n for n in info["nodes"] if every_node or n["kernel"] != "int8"]
     by_reason: dict = {}
     for n in others:
         by_reason.setdefault((n["kernel"], n["op"], n.get("reason", "")), []).append(n)

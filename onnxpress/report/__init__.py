@@ -135,6 +135,17 @@ def compile_report(
                        ("default_scheduled", "kernels default-scheduled")):
         if sched.get(key) is not None:
             extra[label] = sched[key]
+    integer = manifest.get("integer") or {}
+    if integer:
+        extra["integer kernels"] = {"quantized nodes on integer kernels": integer.get("int8_kernels", 0),
+                                    "ops on 8-bit tensors": integer.get("int8_io", 0),
+                                    "left float": integer.get("float", 0)}
+        why = {n["node"]: f"{n['op']}: {n.get('reason') or n['kernel']}"
+               for n in integer.get("nodes", []) if n["kernel"] != "int8"}
+        if why:
+            extra["nodes not on integer kernels, and why"] = dict(list(why.items())[:40])
+    if sched.get("dp4a_scheduled"):
+        extra["kernels on dp4a (CUDA)"] = sched["dp4a_scheduled"]
     if measure:
         from onnxpress.backends import ort
 

@@ -178,6 +178,27 @@ def test_cnn_manifest_says_what_runs_in_integers(cnn):
     assert "DequantizeLinear" not in ops and ops.count("QuantizeLinear") == 1
 
 
+def test_inspect_and_the_compile_report_name_the_integer_nodes(cnn, tmp_path, capsys):
+    """`onnxpress inspect ARTIFACT` and the compile report say which nodes run as integer
+    kernels and which do not, and why (read back from the manifest)."""
+    from onnxpress.cli import main
+    from onnxpress.report import compile_report
+
+    model, art = cnn
+    assert main(["inspect", str(art.path)]) == 0
+    out = capsys.readouterr().out
+    info = art.manifest["integer"]
+    assert f"{info['int8_kernels']} integer kernel(s)" in out and "Conv" in out and "Gemm" in out
+    for n in info["nodes"]:
+        assert n["node"] in out or "(+" in out, n          # every node named (or counted)
+    assert main(["inspect", str(art.path), "--json"]) == 0
+    assert '"int8_kernels"' in capsys.readouterr().out
+    html = compile_report(tmp_path / "r.html", model, art, measure=False).read_text()
+    assert "integer kernels" in html and "ops on 8-bit tensors" in html
+    others = [n for n in info["nodes"] if n["kernel"] != "int8"]
+    assert others and all(n["node"] in html for n in others[:40])
+
+
 def test_quantized_cnn_stays_channels_last_between_kernels():
     """Requantizations keep the NHWC layout (no clip, which has no layout rule): the only
     transposes are at the graph's edges (the NCHW input, the pooled features, the NCHW 8-bit
