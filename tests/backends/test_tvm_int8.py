@@ -518,3 +518,23 @@ def test_quant_int8_for_tvm_picks_the_weight_range_the_dot_product_needs(tmp_pat
     assert integer["int8_kernels"] >= 4 and integer["float"] == 0, integer
     check = art.verify(res.model, calib[0])
     assert check.ok, check
+
+
+def test_latency_aware_quant_times_tvm_builds_for_a_tvm_target():
+    """quant_int8:tvm_timing=true decides what stays int8 by timing TVM builds (integer kernels
+    included), not onnxruntime: the figures say so, and the model it returns is never slower
+    than float on TVM by the decision's own measurement."""
+    from onnxpress import passes, zoo
+    from onnxpress.errors import PassOptionError
+
+    model = onnx.load(zoo.plain_export("digits_cnn"))
+    calib = [{"x": b["input"][i:i + 1]} for b in zoo.digits_calib(16, 16) for i in range(16)]
+    res = passes.run(model, "quant_int8:tvm_timing=true,latency_floor_ms=0", calib=calib, target="tvm")
+    f = res.reports[-1].figures
+    assert f["latency_measured_on"].startswith("TVM") and f["latency_fp32_wall_ms"] > 0
+    if f["int8_compute_nodes"]:
+        assert f["speedup"] >= 1 / 0.95, f          # int8 kept only where TVM ran it faster
+    else:
+        assert "does not pay on TVM" in f["latency_decision"], f
+    with pytest.raises(PassOptionError, match="target tvm or x86"):
+        passes.run(model, "quant_int8:tvm_timing=true", calib=calib, target="ort")

@@ -624,6 +624,7 @@ def quant_int8(
     latency_floor_ms: Annotated[float, Range(0)] = 1.0,
     weight_range: Literal["auto", "full", "7bit"] = "auto",
     report_error: bool = True,
+    tvm_timing: bool = False,
 ) -> onnx.ModelProto:
     """Static int8 QDQ quantization from calibration data (integer kernels on onnxruntime).
 
@@ -634,7 +635,9 @@ def quant_int8(
     default (slower in int8 on CPUs). Embedding tables read by Gather become int8 with per-row
     scales (embeddings=false keeps them). latency_aware (target ort): ops whose int8 form does not pay
     on onnxruntime are dropped by measurement; the model is never slower than its input
-    (models under latency_floor_ms in float are kept in int8 for their size).
+    (models under latency_floor_ms in float are kept in int8 for their size). tvm_timing (target
+    tvm/x86, with latency_aware): the same decision timed on TVM builds for this CPU, integer
+    kernels included (each candidate is a TVM compile: minutes on big models, so opt-in).
     weight_range: "7bit" keeps weights within +-63 (onnxruntime's reduce_range) so that x86
     CPUs without VNNI run the u8 x s8 dot product (vpmaddubsw) without saturating; "auto" picks
     it when the CPU the model runs on lacks VNNI (target ort: this machine; tvm/x86: the CPU TVM
@@ -658,17 +661,24 @@ def quant_int8(
     out, figures = quantize_static(model, stats, **kwargs)
     reasons = figures.pop("float_reasons")
     figures.pop("weights_weight_only")    # (model_quant_figures counts every int8 weight)
-    if latency_aware and ctx.for_onnxruntime:
+    on_tvm = bool(tvm_timing) and ctx.target in ("tvm", "x86")
+    if tvm_timing and not on_tvm:
+        from onnxpress.errors import PassOptionError
+
+        raise PassOptionError(f"tvm_timing times TVM builds for this CPU: it needs target tvm or "
+                              f"x86, not '{ctx.target}'")
+    if latency_aware and (ctx.for_onnxruntime or on_tvm):
         from onnxpress.passes.quant.latency import choose_fastest
 
         candidate = layer_precisions(out)
         out, timing = choose_fastest(original, out, stats, kwargs, calib, ctx,
-                                    floor_ms=latency_floor_ms)
+                                    floor_ms=latency_floor_ms, on_tvm=on_tvm)
         reasons = timing.pop("float_reasons", reasons)
         figures.update(timing)
+        where = "TVM" if on_tvm else "onnxruntime"
         for k, v in layer_precisions(out).items():
             if v != "int8" and candidate.get(k) == "int8":
-                reasons[k] = "slower in int8 on onnxruntime here (latency_aware)"
+                reasons[k] = f"slower in int8 on {where} here (latency_aware)"
     figures["fused_ops_split"] = len(fused)
     restored = restore_fused_ops(out, fused)
     figures["fused_ops_restored"] = len(restored)
