@@ -1,16 +1,16 @@
-"""README's benchmark tables, rendered from the committed results in bench/results/*.json.
+"""README's (and docs/*.md's) benchmark tables, rendered from the committed bench/results/*.json.
 
-Every figure the README shows about speed, size or accuracy sits between markers
+Every figure the README and the docs show about speed, size or accuracy sits between markers
 
     <!-- bench:NAME -->  ...generated...  <!-- /bench:NAME -->
 
 and is rendered here from bench/results/<source>.json, with the machine and the date of the run
 that measured it. After a benchmark run:
 
-    python -m bench.readme            # rewrite the blocks in README.md
+    python -m bench.readme            # rewrite the blocks in README.md and docs/*.md
     python -m bench.readme --check    # exit 1 and list the blocks that disagree (tests run this)
 
-so a number in the README can only come from a committed measurement.
+so a number in the README or the docs can only come from a committed measurement.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
+
+
+def files() -> list[Path]:
+    """Where blocks may sit: README.md and every page under docs/."""
+    return [README, *sorted((HERE.parent / "docs").glob("*.md"))]
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.S)
 
 
@@ -150,9 +155,38 @@ def tvm_int8() -> list[str]:
                    "dot instructions"], out) + ["", _stamp(data, "tvm_int8")]
 
 
+def cuda() -> list[str]:
+    """docs/tvm.md: CUDA artifacts built here and run on a GPU (bench/bench_cuda.py)."""
+    data = _load("cuda")
+    out = []
+    for r in data["rows"]:
+        steps = [v for k, v in r.items() if k.endswith("_max_steps")]
+        cos = [v for k, v in r.items() if k.endswith("_cosine")]
+        top = [v for k, v in r.items() if k.endswith("_top1_same")]
+        if "error" in r:
+            match = f"not run: {r['error']}"
+        else:
+            parts = []
+            if steps:
+                parts.append("exact on 8-bit outputs" if max(steps) == 0 else
+                             f"<= {max(steps)} step on 8-bit outputs")
+            if cos:
+                parts.append(f"cosine {min(cos)}")
+            if not r["int8"]:
+                parts.append(f"max abs {max(v for k, v in r.items() if k.endswith('_max_abs')):g}")
+            match = ", ".join(parts)
+        out.append([r["case"], str(r.get("int8_kernels", 0)), str(r.get("dp4a_scheduled", 0)), match,
+                    ("yes" if all(top) else "no") if top else "n/a", _num(r.get("p50_ms"), "{:.3f}")])
+    env = data.get("environment") or {}
+    return _table(["case", "int8 kernels", "on dp4a", "vs onnxruntime's reference", "same top-1",
+                   "p50 ms"], out) + ["", f"_{data['title']}; built on {env.get('cpu', '?')}, "
+                                      f"{env.get('date', '?')}; `python -m bench.bench_cuda build DIR` "
+                                      "then `run DIR` on the GPU_"]
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
-    "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8,
+    "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda,
 }
 
 
@@ -179,17 +213,22 @@ def update(text: str) -> tuple[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    text = README.read_text()
-    new, changed = update(text)
+    stale = []
+    for path in files():
+        text = path.read_text()
+        if "<!-- bench:" not in text:
+            continue
+        new, changed = update(text)
+        stale += [f"{path.name}:{name}" for name in changed]
+        if changed and "--check" not in argv:
+            path.write_text(new)
     if "--check" in argv:
-        if changed:
-            print(f"README blocks that disagree with bench/results: {', '.join(changed)}; "
+        if stale:
+            print(f"blocks that disagree with bench/results: {', '.join(stale)}; "
                   "run `python -m bench.readme`", file=sys.stderr)
             return 1
         return 0
-    if changed:
-        README.write_text(new)
-    print(f"README: {len(changed)} block(s) rewritten ({', '.join(changed) or 'none'})")
+    print(f"{len(stale)} block(s) rewritten ({', '.join(stale) or 'none'})")
     return 0
 
 

@@ -13,11 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_readme_benchmark_blocks_match_the_committed_results():
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"<!-- bench:([\w-]+) -->", text)
+    """README.md and docs/*.md: every block up to date, every renderer used somewhere."""
+    blocks = []
+    for path in readme.files():
+        text = path.read_text()
+        blocks += re.findall(r"<!-- bench:([\w-]+) -->", text)
+        _, changed = readme.update(text)
+        assert not changed, f"{path.name} blocks out of date with bench/results: {changed}; run `python -m bench.readme`"
     assert set(blocks) == set(readme.BLOCKS), "every renderer has its block and vice versa"
-    _, changed = readme.update(text)
-    assert not changed, f"README blocks out of date with bench/results: {changed}; run `python -m bench.readme`"
+    assert (ROOT / "docs" / "tvm.md") in readme.files() and "cuda" in blocks
 
 
 def test_benchmark_section_has_no_hand_written_figures():
