@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -117,7 +118,15 @@ def test_second_compile_with_the_same_db_does_no_tuning(digits_cnn_path, digits_
     t1 = first.manifest["tuning"]
     assert t1["trials_measured"] >= 1 and t1["tasks_tuned"] == 1
     assert first.manifest["schedules"]["from_db"] >= 1
-    assert (db / "database_tuning_record.json").stat().st_size > 0
+    # records live in a sub-directory named for this CPU (MetaSchedule ignores the target when
+    # it looks a record up, so a shared directory would hand one CPU another's schedules)
+    keyed = Path(t1["db"])
+    assert keyed.parent == db.resolve() and keyed.name.startswith("x86-")
+    assert (keyed / "database_tuning_record.json").stat().st_size > 0
+    from onnxpress.backends.tvm.targets import db_key
+
+    assert db_key(ox_tvm.resolve_target("cuda:sm_90")) == "cuda-sm_90"
+    assert db_key(ox_tvm.resolve_target("arm")).startswith("arm-aarch64")
     second = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, tune_trials=16,
                             db=db, output_dir=tmp_path / "b", progress=False)
     t2 = second.manifest["tuning"]

@@ -28,7 +28,7 @@ from .artifact import LIBRARY, MANIFEST, RUNNER, Artifact, random_inputs, write_
 from .frontend import bind_shapes, to_relax
 from .int8_cuda import apply_gpu_schedules
 from .schedules import apply_default_schedules
-from .targets import ARM_TRIPLE, ResolvedTarget, _first_line, resolve_target
+from .targets import ARM_TRIPLE, ResolvedTarget, _first_line, db_key, resolve_target
 from .tuning import TuneSummary, open_database, tune
 
 ARM_CC = "aarch64-linux-gnu-gcc"
@@ -398,7 +398,9 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
     database = None
     db_dir = None
     if db is not None or tune_trials:
-        db_dir = str(Path(db if db is not None else default_db_dir()).resolve())
+        # one sub-directory per CPU model / target (targets.db_key): records tuned on one
+        # machine are reused by every model compiled for it, and never by another machine
+        db_dir = str(Path(db if db is not None else default_db_dir()).resolve() / db_key(resolved))
         database = open_database(db_dir)
         summary.db = db_dir
     if resolved.family == "cpu":

@@ -92,6 +92,36 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+def host_cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), e.g. "AMD EPYC 7B13"; "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
+def db_key(resolved: ResolvedTarget) -> str:
+    """The tuning database's sub-directory for a target: MetaSchedule looks records up by the
+    workload alone, never by the target, so one directory shared by two CPUs would hand each
+    the other's schedules. x86 (the host): the LLVM CPU name and the CPU model; cross and
+    custom targets: their target string; cuda: the arch."""
+    import re
+
+    spec = resolved.spec
+    if resolved.name == "cuda":
+        text = f"cuda-{spec.get('arch', '')}"
+    elif resolved.name == "x86" and not resolved.cross:
+        text = f"x86-{spec.get('mcpu', '')}-{host_cpu_model()}"
+    else:
+        text = f"{resolved.name}-{spec.get('mtriple', '')}-{spec.get('mcpu', 'generic')}-" + \
+            "".join(str(a) for a in spec.get("mattr", []) or [])
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")[:120]
+
+
 def host_is_aarch64() -> bool:
     return platform.machine().lower() in ("aarch64", "arm64")
 
