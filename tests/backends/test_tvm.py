@@ -301,3 +301,28 @@ def test_cli_compile_takes_target_and_budget_from_a_recipe(digits_cnn_path, tmp_
                      "--shape", "input=1,1,8,8", "-o", str(tmp_path / "tuned"), "--quiet"]) == 2
     assert "needs the board" in capsys.readouterr().err
     assert not (tmp_path / "tuned").exists()
+
+
+def test_tvm_binds_shapes_with_the_projects_one_binder():
+    """tvm's shapes= takes what --shape takes everywhere (input shapes or dim names with their
+    aliases), a dynamic batch nothing binds is 1, a size-0 dim is a size, and a dim left
+    dynamic or a name the model lacks is a clear error."""
+    from onnxpress.backends.tvm.frontend import bind_shapes
+
+    x = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])
+    e = helper.make_tensor_value_info("empty", TensorProto.FLOAT, [0, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    g = helper.make_graph([helper.make_node("Identity", ["ids"], ["y"]),
+                           helper.make_node("Identity", ["empty"], ["z"])], "g", [x, e], [y, z])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert bind_shapes(model, {"seq": 16})["ids"]["shape"] == [1, 16]
+    assert bind_shapes(model, {"batch_size": 2, "sequence_length": 8})["ids"]["shape"] == [2, 8]
+    assert bind_shapes(model, {"ids": [3, 5]})["ids"]["shape"] == [3, 5]
+    assert bind_shapes(model, {"seq": 4})["empty"]["shape"] == [0, 4]
+    with pytest.raises(BackendError, match="seq"):
+        bind_shapes(model, None)
+    with pytest.raises(BackendError, match="unknown input"):
+        bind_shapes(model, {"nope": [1]})
+    with pytest.raises(BackendError, match="fixed to 4"):
+        bind_shapes(model, {"empty": [0, 5], "seq": 4})

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from onnxpress.errors import BackendError, UnsupportedOpError
+from onnxpress.errors import BackendError, OnnxPressError, UnsupportedOpError
 
 from .targets import _first_line
 
@@ -25,37 +25,53 @@ def _dtype_of(vi: onnx.ValueInfoProto) -> str:
     return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)))
 
 
-def bind_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, dict]:
-    """{input name: {"shape": [...], "dtype": str}}; every dim static, taken from `shapes` where given."""
+def bind_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int] | int] | None) -> dict[str, dict]:
+    """{input name: {"shape": [...], "dtype": str}}, every dim static.
+
+    `shapes` takes what the project's one shape binder takes (memory.liveness.bind_shapes, as
+    `--shape` everywhere): an input's full shape ({"input_ids": [1, 128]}) or a dim name's size
+    ({"seq": 128}, batch/seq aliases included). What TVM adds: a dynamic batch axis nothing binds
+    is 1, a dim the model fixes cannot be changed, and any dim left dynamic is an error, since
+    TVM builds static shapes."""
+    from onnxpress.passes.memory.liveness import BATCH_DIM_NAMES, SEQUENCE_DIM_NAMES
+    from onnxpress.passes.memory.liveness import bind_shapes as bind
+
     shapes = dict(shapes or {})
-    names = [i.name for i in graph_inputs(model)]
-    unknown = sorted(set(shapes) - set(names))
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    dim_names = {d.dim_param for vi in inputs for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    unknown = sorted(set(shapes) - set(names) - dim_names - set(BATCH_DIM_NAMES) - set(SEQUENCE_DIM_NAMES))
     if unknown:
-        raise BackendError(f"--shape names unknown input(s) {', '.join(unknown)}; "
-                           f"the model's inputs are {', '.join(names)}")
+        raise BackendError(f"--shape names unknown input(s) or dim(s) {', '.join(unknown)}; "
+                           f"the model's inputs are {', '.join(names)}"
+                           + (f", its dims {', '.join(sorted(dim_names))}" if dim_names else ""))
+    full = {k: [int(d) for d in v] for k, v in shapes.items() if k in names}
+    dims = {k: int(v[0] if isinstance(v, (list, tuple)) else v) for k, v in shapes.items() if k not in names}
+    for vi in inputs:
+        if vi.name not in full:
+            continue
+        fixed = vi.type.tensor_type.shape.dim
+        if len(full[vi.name]) != len(fixed):
+            raise BackendError(f"--shape {vi.name} has {len(full[vi.name])} dims, the model's input has {len(fixed)}")
+        for k, (given, d) in enumerate(zip(full[vi.name], fixed)):
+            if d.HasField("dim_value") and d.dim_value != given:
+                raise BackendError(f"--shape {vi.name}: dim {k} is fixed to {d.dim_value} in the model, got {given}")
+    if not any(a in dims for a in BATCH_DIM_NAMES):
+        dims["batch"] = 1            # a dynamic batch axis nothing binds runs one sample
+    try:
+        bound, unbound = bind(model, dims, full)
+    except OnnxPressError as exc:
+        raise BackendError(str(exc)) from None
+    if unbound:
+        first = next(iter(unbound))
+        raise BackendError(
+            f"dynamic dim(s) {'; '.join(d for ds in unbound.values() for d in ds)}: TVM builds "
+            f"static shapes: pass shapes={{'{first}': [...]}} or a dim's size (CLI: --shape "
+            f"{first}=1,... or --shape seq=128)")
     specs = {}
-    for vi in graph_inputs(model):
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name in shapes:
-            shape = [int(d) for d in shapes[vi.name]]
-            if len(shape) != len(dims):
-                raise BackendError(f"--shape {vi.name} has {len(shape)} dims, the model's input has {len(dims)}")
-            for k, (given, d) in enumerate(zip(shape, dims)):
-                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != given:
-                    raise BackendError(f"--shape {vi.name}: dim {k} is fixed to {d.dim_value} in the model, got {given}")
-        else:
-            shape = []
-            for k, d in enumerate(dims):
-                if d.HasField("dim_value") and d.dim_value > 0:
-                    shape.append(int(d.dim_value))
-                elif k == 0:
-                    shape.append(1)   # a symbolic batch dimension defaults to 1
-                else:
-                    label = d.dim_param or "?"
-                    raise BackendError(
-                        f"input '{vi.name}' has a dynamic dim {k} ('{label}'); TVM builds static shapes: "
-                        f"pass shapes={{'{vi.name}': [...]}} (CLI: --shape {vi.name}=1,...)")
-        specs[vi.name] = {"shape": shape, "dtype": _dtype_of(vi)}
+    for vi in graph_inputs(bound):
+        specs[vi.name] = {"shape": [int(d.dim_value) for d in vi.type.tensor_type.shape.dim],
+                          "dtype": _dtype_of(vi)}
     return specs
 
 
