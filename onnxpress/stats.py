@@ -133,7 +133,7 @@ class ModelStats:
 def _shape_map(model: onnx.ModelProto) -> dict[str, list]:
     from onnxpress.passes.graph import infer_shapes
 
-    inferred = infer_shapes(model, symbolic=True)
+    inferred = infer_shapes(model, symbolic=True, weights=False)
     shapes = {}
     for g in iter_graphs(inferred.graph):
         for vi in list(g.value_info) + list(g.input) + list(g.output):

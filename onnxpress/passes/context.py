@@ -145,7 +145,7 @@ def _shapes_analysis(model: onnx.ModelProto, ctx: PassContext, *,
     wrong static dim would change results, e.g. constant folding)."""
     from onnxpress.passes.graph import infer_shapes
 
-    inferred = infer_shapes(model, strict=False, symbolic=symbolic)
+    inferred = infer_shapes(model, strict=False, symbolic=symbolic, weights=False)
     out = {}
     from onnxpress.stats import iter_graphs
 

@@ -18,26 +18,70 @@ from onnxpress.io import EXTERNAL_DATA_THRESHOLD
 
 
 def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True,
-                 symbolic: bool = False) -> onnx.ModelProto:
+                 symbolic: bool = False, weights: bool = True) -> onnx.ModelProto:
     """onnx shape inference; models over 2 GiB go through a temporary file.
+
+    Inference runs on a copy without the big weights (`light_copy`): they are all that makes a
+    model big, and serializing them for onnx's C++ inference cost three times the model's bytes
+    and most of the time. The result is a copy of `model` with value_info filled in; with
+    `weights=False` it is the light copy itself (its big weights are typed graph inputs), for
+    callers that only read the shapes.
 
     With `symbolic=True`, onnxruntime's symbolic shape inference runs afterwards and fills in
     what onnx could not (Reshape targets computed from Shape, e.g. in attention blocks).
     """
-    proxy = standard_proxy(model)
-    src = model if proxy is None else proxy
+    light = light_copy(model)
+    proxy = standard_proxy(light)
+    src = light if proxy is None else proxy
     out = _onnx_infer(src, strict=strict, data_prop=data_prop)
-    if symbolic and _size(model) <= EXTERNAL_DATA_THRESHOLD:
+    if symbolic and _size(src) <= EXTERNAL_DATA_THRESHOLD:
         out = _merge_symbolic(src, out)
-    if proxy is None:
-        return out
-    # the caller gets its own graph back, annotated with what the proxy let inference see
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
     own = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    if weights:   # the caller gets its own graph back, annotated with what inference saw
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
+    else:
+        if out is light:
+            return light
+        result = light
     del result.graph.value_info[:]
     result.graph.value_info.extend(v for v in out.graph.value_info if v.name in own)
+    if out is not src and [o.name for o in out.graph.output] == [o.name for o in model.graph.output]:
+        del result.graph.output[:]
+        result.graph.output.extend(out.graph.output)
+    if proxy is None and out is not src and len(out.graph.node) == len(model.graph.node) and \
+            any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for n in model.graph.node for a in n.attribute):
+        # If/Loop/Scan bodies carry their own value_info: take the annotated nodes
+        del result.graph.node[:]
+        result.graph.node.extend(out.graph.node)
     return result
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its big weights: they become typed graph inputs, which is all shape
+    inference needs from them (small integer constants stay, for Reshape targets and the like).
+    Subgraphs are kept as they are."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    src = model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and \
+                int(np.prod(t.dims, dtype=np.int64)) <= 64:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
 
 
 # Contrib ops that neither onnx's shape inference nor onnxruntime's symbolic one types (the fuse

@@ -22,7 +22,7 @@ import onnx
 from onnxpress.errors import PassError, PassOptionError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.fuse import api
-from onnxpress.passes.graph import copy_model_fields, restore_graph_io
+from onnxpress.passes.graph import copy_model_fields, light_copy, restore_graph_io
 from onnxpress.passes.registry import Range, register
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater",
@@ -66,32 +66,9 @@ def _scalarize_constants(model) -> int:
     return count
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its big weights: they become typed graph inputs, which is all shape
-    inference needs from them (small integer constants stay, for Reshape targets and the like)."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    g = light.graph
-    src = model.graph
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    inputs = {i.name for i in src.input}
-    for t in src.initializer:
-        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and \
-                int(np.prod(t.dims, dtype=np.int64)) <= 64:
-            g.initializer.append(t)
-        elif t.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light
-
-
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(_light_copy(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light_copy(model), data_prop=True)
     except Exception:  # inference gave up: fusions that need shapes will not fire
         return {}
     return {v.name: v.type for v in inferred.graph.value_info}

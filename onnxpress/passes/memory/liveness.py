@@ -324,7 +324,17 @@ def bind_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                 if not d.HasField("dim_value"):
                     d.Clear()
     # non-strict: what inference cannot size, onnxruntime measures (static_types)
-    return infer_shapes(out, strict=False, data_prop=True), unbound
+    # `out` is this function's own copy: annotate it in place, a second copy costs its bytes
+    inferred = infer_shapes(out, strict=False, data_prop=True, weights=False)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    if [o.name for o in inferred.graph.output] == [o.name for o in out.graph.output]:
+        del out.graph.output[:]
+        out.graph.output.extend(inferred.graph.output)
+    if len(inferred.graph.node) == len(out.graph.node):   # If/Loop/Scan bodies' value_info
+        del out.graph.node[:]
+        out.graph.node.extend(inferred.graph.node)
+    return out, unbound
 
 
 def _static_types(graph: onnx.GraphProto) -> dict[str, tuple[int, list[int] | None]]:

@@ -137,7 +137,10 @@ def quant_dynamic(model: onnx.ModelProto, ctx: PassContext, *, per_channel: bool
     fewer than min_weight elements stay float.
     """
     original = onnx.ModelProto()
-    original.CopyFrom(model)
+    if ctx.calib is not None:
+        original.CopyFrom(model)        # the error on calibration data compares with it
+    else:                               # model-level fields only: a copy costs the model's bytes
+        copy_model_fields(model, original)
     out, figures = dynamic_quantize(model, per_channel=per_channel, embeddings=embeddings,
                                     min_weight=min_weight, exclude_nodes=exclude_nodes)
     copy_model_fields(original, out)
