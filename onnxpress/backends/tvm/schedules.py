@@ -5,37 +5,135 @@ PrimFunc gets MetaSchedule's own design space for the target (multi-level tiling
 auto-inline, parallelize/vectorize/unroll), and the random decisions of that space are replaced
 by fixed, shape-derived ones, dlight-style:
 
-    spatial axes  s0 .. s(k-3)   s(k-2) "w"              s(k-1) "vector" (2 SIMD registers)
-    tiles         [e,1,1,1]      [e/t, 1, t, 1]           [e/v, 1, 1, v]
+    spatial axes  s0 .. s(k-3)   s(k-2) "rows" (width / M)  s(k-1) "columns" (channels / N)
+    tiles         [e,1,1,1]      [e/r, 1, r, 1]             [e/(V*L), 1, 1, V*L]
                   (h-like axis <= 16: [1, e, 1, 1] keeps a weight slice hot in L2)
     reductions    [e, 1]         (all outside the register tile)
 
-so the innermost body is a t x v register block of FMAs (t <= 8 rows, v = SIMD lanes), the outer
-spatial loops run in parallel, padding is materialised once, and unrolling is moderate.
-Convolutions are first converted to NHWC/HWIO so the vector axis is output channels
-(contiguous in both the weights and the output). The result is marked scheduled; tuning
-records, where present, win over these defaults.
+so the innermost body is an r x V register block of vector FMAs, the outer spatial loops run in
+parallel, padding is materialised once, and unrolling is moderate. Convolutions are first
+converted to NHWC/HWIO so the vector axis is output channels (contiguous in both the weights and
+the output). The result is marked scheduled; tuning records, where present, win over these
+defaults.
+
+The register block comes from the target's ISA (`vector_isa`), read from the TVM target's
+features (`codegen.target_has_features`), never from the build machine, so cross targets get
+their own: L float32 lanes and N architectural vector registers,
+
+    AVX-512 (avx512f)           L = 16, N = 32 zmm
+    AVX / AVX2 (x86, no 512)    L =  8, N = 16 ymm
+    SSE (older x86)             L =  4, N = 16 xmm
+    aarch64 NEON                L =  4, N = 32 v
+    anything else               L =  4, N = 16 (conservative)
+
+(`llvm_get_vector_width` is not used: TVM 0.27 answers 512 bits for every x86 CPU, AVX2 ones
+included, which made 8 rows x 4 ymm = 32 accumulators on 16 registers.) `register_tile` then
+picks, like the micro-kernels of BLIS and oneDNN:
+
+- V vectors of output channels per row, V <= MAX_VECTORS (2: on AVX-512, 2 x 16 lanes beat 1 by
+  1.5x and 4 by 1.4x on resnet18; 3 on AVX2 was 10x slower on MiniLM's matmuls, LLVM splitting
+  the 24-float vectors badly), only where V * L divides the channels; otherwise one vector, or
+  the largest divisor of the channels below L (a partial vector). Depthwise convs, which
+  broadcast no input (`broadcasts_an_input`), get one vector;
+- r rows (output pixels along the width, or matrix rows), a divisor of the width, with the
+  accumulators, the V weight vectors and one broadcast register all in registers:
+  r * V <= N - V - 1, and r <= MAX_ROWS (8: what AVX-512 was measured with; more rows only
+  lower the loads per FMA from 0.63 towards 0.5). AVX2: 6 x 2 at most (12 ymm accumulators);
+  AVX-512 and NEON: 8 x 2;
+- among the (r, V) that fit, the one with the most accumulators (independent FMA chains: an FMA
+  has 4-5 cycles of latency and most cores issue two a cycle, so fewer than 8 leave the FMA units
+  idle), then the fewest loads per FMA, (r + V) / (r * V). On AVX2 a 56-wide output gets 4 x 2,
+  a 7-wide one 7 x 1, not 1 x 2. (7 x 2 there needs 17 registers: the spilled accumulator's
+  store-to-load round trip on every iteration made it 2.5x slower at 56 wide.)
+
+Threads: the outer spatial tiles are fused into one parallel loop, which TVM's thread pool runs
+on the target's `num-cores` (physical cores: onnxpress sets TVM_NUM_THREADS from them), with
+MetaSchedule's ParallelizeVectorizeUnroll bounding the loop to 16 jobs per core.
+
+Weights: constant inputs of a kernel (weights, biases) are prepacked at build time into the
+order its register block reads them (`apply_default_schedules`, `_attach_layout_free_buffers`):
+read in HWIO order, a task's weight slice strides through memory and never stays in cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 log = logging.getLogger(__name__)
 
-REGISTER_ROWS = 8
+MAX_ROWS = 8
+MAX_VECTORS = 2
+REGISTER_ROWS = MAX_ROWS          # kept for callers of the old name
 
 
-def simd_lanes(target) -> int:
-    """float32 lanes of the target's vector unit (16 for AVX-512, 8 for AVX2, 4 for NEON)."""
+@dataclasses.dataclass(frozen=True)
+class VectorISA:
+    """The vector unit a target compiles for: what the register block is sized from."""
+    name: str          # avx512, avx2, avx, sse, neon, generic
+    lanes: int         # float32 lanes per vector register
+    registers: int     # architectural vector registers
+
+
+def _has(feature: str, target) -> bool:
     from tvm.target import codegen
 
     try:
-        bits = int(codegen.llvm_get_vector_width(target))
+        return bool(codegen.target_has_features(feature, target))
     except Exception:
-        bits = 128
-    return max(4, bits // 32)
+        return False
+
+
+def vector_isa(target) -> VectorISA:
+    """The target's vector ISA from its LLVM features (mcpu / mattr / mtriple), never the host's."""
+    if target is None:
+        return VectorISA("generic", 4, 16)
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith(("aarch64", "arm64")) or target.attrs.get("feature.is_aarch64", False) \
+            or _has("neon", target):
+        return VectorISA("neon", 4, 32)
+    if _has("avx512f", target):
+        return VectorISA("avx512", 16, 32)
+    if _has("avx", target):
+        return VectorISA("avx2" if _has("avx2", target) else "avx", 8, 16)
+    if _has("sse2", target):
+        return VectorISA("sse", 4, 16)
+    return VectorISA("generic", 4, 16)
+
+
+def simd_lanes(target) -> int:
+    """float32 lanes of the target's vector unit (16 for AVX-512, 8 for AVX/AVX2, 4 for SSE and NEON)."""
+    return vector_isa(target).lanes
+
+
+def register_tile(isa: VectorISA, rows_extent: int | None, cols_extent: int | None, *,
+                  max_vectors: int = MAX_VECTORS, max_rows: int = MAX_ROWS) -> tuple[int, int]:
+    """(r, c): the register block of an output of rows_extent x cols_extent (width x channels,
+    M x N), c = V * lanes columns, by the rules in the module docstring. Unknown extents (None)
+    count as divisible by anything."""
+    lanes, regs = isa.lanes, isa.registers
+
+    def divisor(extent, cap):
+        return cap if extent is None else _largest_divisor(extent, cap)
+
+    if cols_extent is not None and cols_extent % lanes != 0:
+        # a partial vector: one register, as many rows as fit beside it
+        return divisor(rows_extent, min(max_rows, regs - 2)), _largest_divisor(cols_extent, lanes)
+    best = None
+    for v in range(1, max(1, max_vectors) + 1):
+        if cols_extent is not None and cols_extent % (v * lanes) != 0:
+            continue
+        cap = min(max_rows, (regs - v - 1) // v)
+        if cap < 1:
+            continue
+        r = divisor(rows_extent, cap)
+        key = (r * v, -(r + v) / (r * v))
+        if best is None or key > best[0]:
+            best = (key, r, v)
+    if best is None:
+        return 1, lanes
+    return best[1], best[2] * lanes
 
 
 def cpu_space_generator():
@@ -96,9 +194,9 @@ def tune_context(mod, target, space_generator, *, search_strategy="evolutionary"
 
 
 def vector_tile(target) -> int:
-    """Output channels per register-tile row: two SIMD registers (measured on resnet18 with
-    AVX-512: 2 x 16 lanes x 7 rows beat 1 x 16 by 1.5x and 4 x 16 by 1.4x)."""
-    return 2 * simd_lanes(target)
+    """The widest channel tile of a register-block row: MAX_VECTORS SIMD registers (measured on
+    resnet18 with AVX-512: 2 x 16 lanes x 7 rows beat 1 x 16 by 1.5x and 4 x 16 by 1.4x)."""
+    return MAX_VECTORS * simd_lanes(target)
 
 
 def max_reduction_extent(mod) -> int:
@@ -118,6 +216,43 @@ def max_reduction_extent(mod) -> int:
     except Exception:
         return 1
     return best
+
+
+def broadcasts_an_input(mod) -> bool:
+    """Whether the heaviest reduction of mod["main"] reads some input without its innermost
+    spatial axis (the vectorised channels / N), so one broadcast value feeds a whole vector: a
+    conv's input pixel, a matmul's row. A depthwise conv reads input and weights by the same
+    channel, so a wider row of vectors adds no reuse, only registers. True when unsure."""
+    from tvm import s_tir
+    from tvm.tirx.analysis import undefined_vars
+
+    try:
+        sch = s_tir.Schedule(mod)
+        best, best_extent = None, 0
+        for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
+            block = sch.get(block_rv)
+            extent = 1
+            for iv in block.iter_vars:
+                if int(iv.iter_type) == 2:
+                    extent *= int(iv.dom.extent)
+            if extent > best_extent and extent > 1:
+                best, best_extent = block, extent
+        if best is None:
+            return True
+        spatial = [iv.var for iv in best.iter_vars if int(iv.iter_type) == 0]
+        if not spatial:
+            return True
+        channel = spatial[-1]
+        written = {_region_tensor(w).name for w in best.writes}
+        for region in best.reads:
+            if _region_tensor(region).name in written:
+                continue
+            used = [v for r in region.region for v in undefined_vars(r.min)]
+            if not any(v.same_as(channel) for v in used):
+                return True
+        return False
+    except Exception:
+        return True
 
 
 def _largest_divisor(extent: int, cap: int) -> int:
@@ -176,7 +311,7 @@ def _pick_space(spaces):
     return spaces[0]
 
 
-def schedule_primfunc(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
+def schedule_primfunc(func, target, *, lanes: int | None = None, rows: int | None = None):
     """Return `func` scheduled with fixed decisions (attr tirx.is_scheduled), or None on failure."""
     sch = default_schedule(func, target, lanes=lanes, rows=rows)
     if sch is None:
@@ -184,9 +319,11 @@ def schedule_primfunc(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def default_schedule(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
+def default_schedule(func, target, *, lanes: int | None = None, rows: int | None = None):
     """The fixed-decision schedule of `func` as a traced s_tir.Schedule (None when no rule fits);
-    its trace is what tuning starts from."""
+    its trace is what tuning starts from. `lanes` caps the channels of a register-block row
+    (default `vector_tile(target)`), `rows` its rows (default: what the target's registers hold,
+    see `register_tile`)."""
     import tvm
     from tvm import s_tir
 
@@ -196,11 +333,14 @@ def default_schedule(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
     if has_int8_conv(mod):
         # u8 x i8 dot-product convolutions: their own tiling around a tensor intrinsic
         return schedule_int8_conv(func, target)
-    if max_reduction_extent(mod) < 64:
-        # depthwise convs, pooling, norms: one register of channels per row (two measured
-        # 6x slower on mobilenetv3's depthwise layers)
-        lanes = max(4, lanes // 2) if lanes > simd_lanes(target) else lanes
-    base = simd_lanes(target)
+    isa = vector_isa(target)
+    max_vectors = max(1, (lanes or vector_tile(target)) // isa.lanes)
+    if not broadcasts_an_input(mod):
+        # depthwise convs: every multiply-add needs its own input vector, a second vector per
+        # row only takes registers (measured 1.5-2.5x slower on mobilenetv3's 5x5 depthwise
+        # layers); 1x1 convs on few channels broadcast their input and keep two
+        max_vectors = 1
+    max_rows = rows or MAX_ROWS
     ctx = tune_context(mod, target, cpu_space_generator(), rand_state=1)
     spaces = ctx.generate_design_space()
     if not spaces:
@@ -210,13 +350,14 @@ def default_schedule(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
     if not any(kind == "spatial" for _inst, kind, _pos in roles):
         # no multi-level tiling applies (pooling, global means): MetaSchedule's space would
         # rfactor a 3x3 window into scalar code (resnet18's max pool: 3.5 ms, 8% of the model)
-        reduce_outer = reduce_outer_schedule(mod, simd_lanes(target))
+        reduce_outer = reduce_outer_schedule(mod, isa.lanes)
         if reduce_outer is not None:
             return reduce_outer
-        rowwise = rowwise_schedule(mod, simd_lanes(target))
+        rowwise = rowwise_schedule(mod, isa.lanes)
         if rowwise is not None:
             return rowwise
     sch = s_tir.Schedule(mod)
+    planned_cols: list = []         # [channels seen by the rows decision, channel tile chosen]
 
     def decide(inst, inputs, attrs, decision):
         kind = inst.kind.name
@@ -234,14 +375,21 @@ def default_schedule(func, target, *, lanes: int, rows: int = REGISTER_ROWS):
             pos = role[1]
             if n != 4:
                 return [extent] + [1] * (n - 1)
-            if pos == 0:
-                # the wide tile only where it divides evenly; partial vectors cost more than
-                # they save (mobilenet's 24/40/72-channel layers)
-                v = lanes if extent % lanes == 0 else _largest_divisor(extent, base)
-                return [extent // v, 1, 1, v]
             if pos == 1:
-                t = _largest_divisor(extent, rows)
-                return [extent // t, 1, t, 1]
+                # the rows of the register block, chosen with the channels (the next loop) in view
+                body = sch.get(inputs[0]).body
+                cols = int(body.extent) if isinstance(body, tvm.tirx.For) and \
+                    isinstance(body.extent, tvm.tirx.IntImm) else None
+                r, c = register_tile(isa, extent, cols, max_vectors=max_vectors, max_rows=max_rows)
+                planned_cols[:] = [cols, c]
+                return [extent // r, 1, r, 1]
+            if pos == 0:
+                if planned_cols and planned_cols[0] == extent:
+                    c = planned_cols[1]
+                else:
+                    c = register_tile(isa, None, extent, max_vectors=max_vectors)[1]
+                planned_cols.clear()
+                return [extent // c, 1, 1, c]
             if pos == 2 and extent <= 16:
                 return [1, extent, 1, 1]
             return [extent, 1, 1, 1]
@@ -424,12 +572,112 @@ def rowwise_schedule(mod, lanes: int):
     return sch
 
 
-def apply_default_schedules(mod, target):
-    """Schedule every PrimFunc of `mod` not yet scheduled (by the tuning database); returns mod."""
+def apply_default_schedules(mod, target, *, prepack_weights: bool = True):
+    """Schedule every PrimFunc of `mod` not yet scheduled (by the tuning database); returns
+    (mod, counts). prepack_weights: constant weights are stored in the order the register block
+    reads them (see `_attach_layout_free_buffers`)."""
+    if prepack_weights:
+        try:
+            packed, info = _apply(_attach_layout_free_buffers(mod), target)
+            return _prepack(packed), {**info, "prepacked_weights": _count_prepacked(packed)}
+        except Exception as exc:   # the kernels stay correct without it, only slower
+            log.debug("weight prepacking failed, kernels read the weights as they are: %s", exc)
+    return _apply(mod, target)
+
+
+def _attach_layout_free_buffers(mod):
+    """Mark the PrimFunc parameters that every call passes a constant (weights, biases) as
+    layout-free (attr `layout_free_buffers`), so MetaSchedule's RewriteLayout postproc stores
+    them in the order the schedule reads them: a conv's [kh, kw, ic, oc] weights become
+    [oc / c, kh, kw, ic, c] for a register block c channels wide, one contiguous stream per
+    parallel task. Read as [kh, kw, ic, oc] a 7x7x512 layer's task strides 2 KiB per input
+    channel, which maps every line to 1 in 32 cache sets: the weights came from L3 on every
+    output row (resnet18 conv kernels 1.5x slower, the 7x7 ones 2.5x). Unlike relax's
+    AttachAttrLayoutFreeBuffers this keeps the kernels' names (the profile and isa-mix match
+    them), and leaves functions alone whose call sites disagree."""
+    import tvm
+    from tvm import relax
+
+    seen: dict = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
+            gv, args = expr.args[0], expr.args[1]
+            fields = list(args.fields) if isinstance(args, relax.Tuple) else [args]
+            consts = tuple(i for i, a in enumerate(fields) if isinstance(a, tvm.ir.expr.Constant))
+            seen.setdefault(gv.name_hint, set()).add(consts)
+
+    for _gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    out = mod
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or len(seen.get(gv.name_hint, ())) != 1:
+            continue
+        if func.attrs is not None and (func.attrs.get("tirx.is_scheduled", False)
+                                       or "layout_free_buffers" in func.attrs):
+            continue
+        (consts,) = seen[gv.name_hint]
+        if consts:
+            out = out if out is not mod else tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+            out[gv] = func.with_attr("layout_free_buffers", list(consts))
+    return out
+
+
+def _has_prepack(func) -> bool:
+    """Whether a kernel still rewrites a weight's layout itself (a block RewriteLayout added)."""
+    import tvm
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:
+        return False
+    return any("meta_schedule.layout_rewrite_preproc" in sch.get(b).annotations for b in blocks)
+
+
+def _count_prepacked(mod) -> int:
+    import tvm
+
+    return sum(1 for _gv, f in mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and _has_prepack(f))
+
+
+def _prepack(mod):
+    """Move each kernel's weight-layout rewrite into a function of its own, run it on the
+    constant weights now (at build time), so the kernel reads prepacked weights, and give the
+    kernels back their names (SplitLayoutRewritePreproc appends `_prepacked`)."""
+    import tvm
+    from tvm import relax
+
+    if not _count_prepacked(mod):
+        return mod
+    names = {gv.name_hint for gv, _f in mod.functions_items()}
+    mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+    mod = relax.transform.FoldConstant()(mod)
+    # rename X_prepacked to X: NormalizeGlobalVar names a function after its global_symbol
+    renamed = []
+    for gv, func in list(mod.functions_items()):
+        name = gv.name_hint
+        if isinstance(func, tvm.tirx.PrimFunc) and name.endswith("_prepacked") and name[:-10] in names:
+            mod[gv] = func.with_attr("global_symbol", name[:-10])
+            renamed.append(name[:-10])
+    mod = relax.transform.NormalizeGlobalVar()(mod)
+    for gv, func in list(mod.functions_items()):
+        if gv.name_hint in renamed:
+            mod[gv] = func.without_attr("global_symbol")
+    mod = relax.transform.CanonicalizeBindings()(mod)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    if _count_prepacked(mod):
+        raise RuntimeError("a layout rewrite was left inside a kernel")
+    return mod
+
+
+def _apply(mod, target):
     import tvm
     import tvm_ffi
 
-    lanes = vector_tile(target)
     cache: dict = {}
     done = failed = 0
     for gv, func in list(mod.functions.items()):
@@ -440,7 +688,7 @@ def apply_default_schedules(mod, target):
         key = tvm_ffi.structural_hash(func)
         if key not in cache:
             try:
-                cache[key] = schedule_primfunc(func, target, lanes=lanes)
+                cache[key] = schedule_primfunc(func, target)
             except Exception as exc:  # an op MetaSchedule's rules reject keeps TVM's default lowering
                 log.debug("no default schedule for %s: %s", gv.name_hint, exc)
                 cache[key] = None

@@ -1,0 +1,165 @@
+"""The default schedules' register block is sized from the target's ISA (schedules.vector_isa /
+register_tile): lanes and vector registers read from the TVM target's features, never from the
+build machine, and the accumulators, the weight vectors and the broadcast register all fit in
+the register file. A rule that regressed to one block for every CPU (8 rows x 2 vectors: 16 ymm
+accumulators, every register AVX2 has, which spilled) fails here. Then the weight prepacking:
+constant weights stored in the order the register block reads them, kernel names unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("tvm")
+
+from onnxpress.backends.tvm import schedules as S  # noqa: E402
+from onnxpress.backends.tvm.targets import resolve_target  # noqa: E402
+
+
+def _target(spec):
+    from tvm.target import Target
+
+    return resolve_target(spec).tvm_target() if isinstance(spec, str) else Target(spec)
+
+
+@pytest.mark.parametrize("spec, name, lanes, registers", [
+    ({"kind": "llvm", "mcpu": "haswell"}, "avx2", 8, 16),
+    ({"kind": "llvm", "mcpu": "znver3"}, "avx2", 8, 16),            # the AMD EPYC measured here
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, "avx512", 16, 32),
+    ({"kind": "llvm", "mcpu": "znver4"}, "avx512", 16, 32),
+    ({"kind": "llvm", "mcpu": "sapphirerapids"}, "avx512", 16, 32),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}, "sse", 4, 16),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sandybridge"}, "avx", 8, 16),
+    ("arm", "neon", 4, 32),
+])
+def test_vector_isa_comes_from_the_target(spec, name, lanes, registers):
+    isa = S.vector_isa(_target(spec))
+    assert (isa.name, isa.lanes, isa.registers) == (name, lanes, registers)
+    assert S.simd_lanes(_target(spec)) == lanes
+
+
+def test_vector_isa_ignores_llvm_vector_width():
+    """TVM 0.27's llvm_get_vector_width says 512 bits for every x86 CPU, AVX2 ones too (it was
+    where the lanes came from: 2 x 16 floats = 4 ymm per row x 8 rows on this AVX2 host)."""
+    assert S.simd_lanes(_target({"kind": "llvm", "mcpu": "haswell"})) == 8
+    assert S.vector_tile(_target({"kind": "llvm", "mcpu": "haswell"})) == 16
+
+
+ISAS = [S.VectorISA("avx2", 8, 16), S.VectorISA("avx512", 16, 32), S.VectorISA("neon", 4, 32),
+        S.VectorISA("sse", 4, 16)]
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: i.name)
+@pytest.mark.parametrize("max_vectors", [1, 2])
+def test_register_block_fits_the_register_file(isa, max_vectors):
+    """accumulators r x V + V weight vectors + 1 broadcast <= vector registers, for every output
+    width and channel count a model has; r divides the width, the tile divides the channels."""
+    for width in list(range(1, 130)) + [196, 3136]:
+        for channels in (3, 4, 8, 10, 16, 24, 32, 40, 64, 72, 96, 128, 384, 512, 1000, 1536):
+            r, c = S.register_tile(isa, width, channels, max_vectors=max_vectors)
+            vectors = max(1, c // isa.lanes)
+            assert width % r == 0 and channels % c == 0, (width, channels, r, c)
+            assert 1 <= r <= S.MAX_ROWS and vectors <= max_vectors
+            assert r * vectors + vectors + 1 <= isa.registers, (isa, width, channels, r, c)
+
+
+@pytest.mark.parametrize("isa, width, channels, tile", [
+    # AVX2, 16 ymm: 12 accumulators at most; resnet18's layers
+    (ISAS[0], 56, 64, (4, 16)),      # 4 x 2 ymm (6 x 2 does not divide 56)
+    (ISAS[0], 28, 128, (4, 16)),
+    (ISAS[0], 14, 256, (7, 8)),      # 7 x 1 ymm: seven accumulators, not 2 x 2 = four
+    (ISAS[0], 7, 512, (7, 8)),
+    (ISAS[0], 128, 384, (4, 16)),    # MiniLM's projections (M = 128)
+    (ISAS[0], 12, 48, (6, 16)),      # the full 6 x 2 block where 6 divides
+    # AVX-512 and NEON, 32 registers: 8 x 2 as measured on AVX-512 (capped at MAX_ROWS)
+    (ISAS[1], 56, 64, (8, 32)),
+    (ISAS[1], 7, 512, (7, 32)),
+    (ISAS[2], 56, 64, (8, 8)),
+    (ISAS[2], 7, 512, (7, 8)),
+    # channels that do not fill a vector: one partial register
+    (ISAS[0], 56, 4, (8, 4)),
+    (ISAS[0], 56, 40, (8, 8)),       # 40 = 5 ymm: one vector per row, 8 rows
+    (ISAS[1], 56, 40, (8, 10)),
+])
+def test_register_tile_choices(isa, width, channels, tile):
+    assert S.register_tile(isa, width, channels) == tile
+
+
+def test_avx2_block_is_not_the_avx512_one():
+    """The defaults were fitted on AVX-512 (8 rows x 2 zmm = 16 of 32 registers); on AVX2 the
+    same 8 x 2 block is every ymm register before weights and broadcast, and spilled."""
+    avx2, avx512 = ISAS[0], ISAS[1]
+    r2, c2 = S.register_tile(avx2, 56, 64)
+    r5, c5 = S.register_tile(avx512, 56, 64)
+    assert r2 * (c2 // 8) <= 16 - 3 < 8 * 2
+    assert r5 * (c5 // 16) == 16
+
+
+@pytest.fixture(scope="module")
+def digits_x86(digits_cnn_path, tmp_path_factory):
+    from onnxpress.backends import tvm as ox_tvm
+
+    out = tmp_path_factory.mktemp("sched") / "digits-x86"
+    return ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, output_dir=out,
+                          progress=False)
+
+
+def test_weights_are_prepacked_and_kernels_keep_their_names(digits_x86, digits_cnn_path, digits):
+    sched = digits_x86.manifest["schedules"]
+    assert sched["prepacked_weights"] >= 3, sched         # two convs and the dense layers
+    assert sched["left_unscheduled"] == 0
+    names = {k.name for k in digits_x86.profile({"input": digits.test[0][:8]}, runs=2).kernels}
+    assert "fused_conv2d1_add1_relu1" in names and not any("prepacked" in n for n in names), names
+    assert digits_x86.verify(digits_cnn_path, {"input": digits.test[0][:8]}).ok
+
+
+def test_prepacking_can_be_switched_off(digits_cnn_path):
+    """Without prepacking the same kernels are scheduled and nothing is folded."""
+    from onnxpress.backends.tvm.compiler import lower_to_fused
+    from onnxpress.backends.tvm.frontend import bind_shapes, to_relax
+    from onnxpress.io import load
+
+    proto = load(digits_cnn_path, check=False)
+    resolved = resolve_target("x86")
+    target = resolved.tvm_target()
+    fused = lower_to_fused(to_relax(proto, bind_shapes(proto, {"input": [8, 1, 8, 8]}), target=target),
+                           resolved, target, {})
+    plain, info = S.apply_default_schedules(fused, target, prepack_weights=False)
+    assert "prepacked_weights" not in info and info["left_unscheduled"] == 0
+    fused = lower_to_fused(to_relax(proto, bind_shapes(proto, {"input": [8, 1, 8, 8]}), target=target),
+                           resolved, target, {})
+    packed, info = S.apply_default_schedules(fused, target)
+    assert info["prepacked_weights"] >= 3
+    names = lambda m: sorted(gv.name_hint for gv, _f in m.functions_items())  # noqa: E731
+    assert names(plain) == names(packed)
+
+
+def _conv_model(group: int):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = 32
+    w = np.random.default_rng(0).standard_normal((c, c // group, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=group)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 14, 14])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 14, 14])],
+                              [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("group, broadcasts", [(1, True), (32, False)])
+def test_depthwise_convs_broadcast_nothing(group, broadcasts):
+    """A dense conv broadcasts each input pixel over a vector of output channels; a depthwise
+    conv reads input and weights by the output channel, and gets one vector per row."""
+    import tvm
+
+    from onnxpress.backends.tvm.compiler import lower_to_fused
+    from onnxpress.backends.tvm.frontend import bind_shapes, to_relax
+
+    model = _conv_model(group)
+    resolved = resolve_target("x86")
+    target = resolved.tvm_target()
+    fused = lower_to_fused(to_relax(model, bind_shapes(model, {"x": [1, 32, 14, 14]}), target=target),
+                           resolved, target, {})
+    convs = [f for gv, f in fused.functions_items() if "conv" in gv.name_hint]
+    assert len(convs) == 1
+    assert S.broadcasts_an_input(tvm.IRModule({"main": convs[0]})) is broadcasts
