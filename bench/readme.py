@@ -184,9 +184,22 @@ def cuda() -> list[str]:
                                       "then `run DIR` on the GPU_"]
 
 
+def scale() -> list[str]:
+    """docs/memory.md: the pipeline on generated encoders of growing depth (bench/bench_scale.py)."""
+    data = _load("scale")
+    out = []
+    for r in data["rows"]:
+        out.append([str(r["layers"]), f"{r['params'] / 1e6:.0f}M", f"{r['model_bytes'] / 1e9:.2f} GB",
+                    f"{r['nodes']} -> {r['nodes_out']}", _num(r["passes_s"], "{:.0f}"),
+                    _num(r["ms_per_node"], "{:.0f}"), f"{r['peak_rss'] / 1e9:.1f} GB",
+                    _num(r["rss_per_model_byte"], "{:.1f}x")])
+    return _table(["layers", "params", "model", "nodes", "passes s", "ms / node", "peak RSS",
+                   "RSS / model bytes"], out) + ["", _stamp(data, "scale")]
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
-    "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda,
+    "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
 }
 
 
