@@ -155,6 +155,26 @@ def tvm_int8() -> list[str]:
                    "dot instructions"], out) + ["", _stamp(data, "tvm_int8")]
 
 
+def tvm_schedules() -> list[str]:
+    """docs/tvm.md: untuned TVM before and after the register block from the ISA and prepacked
+    weights, against onnxruntime fp32 (bench/bench_tvm_schedules.py)."""
+    data = _load("tvm_schedules")
+
+    def cell(r, key):
+        return f"{_num(r.get(key + '_ms'), '{:.3g}')} ({_x(r.get(key + '_vs_ort'))})" if r.get(key + "_ms") else ""
+
+    out = [[r["model"], str(r.get("threads", "")), _num(r.get("ort_fp32_ms"), "{:.3g}"),
+            cell(r, "previous"), cell(r, "register_block"), cell(r, "current"),
+            _num(r.get("load_avg"), "{:.1f}")] for r in data["rows"] if "error" not in r]
+    notes = data.get("notes", "")
+    machine = notes.split(" (per row")[0] if "CPU:" in notes else ""
+    hot = [f"{k[len('hot_conv_'):]}: {v}" for r in data["rows"] for k, v in r.items() if k.startswith("hot_conv_")]
+    return _table(["model", "threads", "onnxruntime fp32 ms", "previous ms (/ ort)",
+                   "register block ms (/ ort)", "current ms (/ ort)", "load avg"], out) + \
+        ["", f"_{machine}_" if machine else "", *(["", "resnet18's hottest conv, inner loop: " + "; ".join(hot)]
+                                                 if hot else []), "", _stamp(data, "tvm_schedules")]
+
+
 def cuda() -> list[str]:
     """docs/tvm.md: CUDA artifacts built here and run on a GPU (bench/bench_cuda.py)."""
     data = _load("cuda")
@@ -200,6 +220,7 @@ def scale() -> list[str]:
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
+    "tvm-schedules": tvm_schedules,
 }
 
 
