@@ -235,16 +235,11 @@ def _thread_per_output(func):
 def apply_gpu_schedules(mod, target):
     """Schedule every PrimFunc of `mod` for the GPU: integer ones around dp4a, the rest with
     TVM's default GPU schedules; returns (mod, manifest info)."""
-    import tvm
-
     from .int8_kernels import has_int8_conv
+    from .schedules import unscheduled_primfuncs, with_attrs_of
 
     done = failed = 0
-    for gv, func in list(mod.functions.items()):
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-            continue
+    for gv, func in unscheduled_primfuncs(mod):
         if not has_int8_conv(func):
             scheduled = _dlight(func, target)
             if scheduled is None:
@@ -259,9 +254,6 @@ def apply_gpu_schedules(mod, target):
         if scheduled is None:
             failed += 1
             continue
-        for k, v in (dict(func.attrs) if func.attrs is not None else {}).items():
-            if k != "tirx.is_scheduled":
-                scheduled = scheduled.with_attr(k, v)
-        mod[gv] = scheduled
+        mod[gv] = with_attrs_of(scheduled, func)
         done += 1
     return mod, {"dp4a_scheduled": done, "dp4a_failed": failed}

@@ -674,17 +674,31 @@ def _prepack(mod):
     return mod
 
 
-def _apply(mod, target):
+def unscheduled_primfuncs(mod):
+    """(GlobalVar, PrimFunc) of every PrimFunc of `mod` nothing has scheduled yet (neither the
+    tuning database nor a default rule)."""
     import tvm
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and not (
+                func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)):
+            yield gv, func
+
+
+def with_attrs_of(scheduled, func):
+    """`scheduled` carrying the function attributes of the `func` it was made from."""
+    for k, v in (dict(func.attrs) if func.attrs is not None else {}).items():
+        if k != "tirx.is_scheduled":
+            scheduled = scheduled.with_attr(k, v)
+    return scheduled
+
+
+def _apply(mod, target):
     import tvm_ffi
 
     cache: dict = {}
     done = failed = 0
-    for gv, func in list(mod.functions.items()):
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-            continue
+    for gv, func in unscheduled_primfuncs(mod):
         key = tvm_ffi.structural_hash(func)
         if key not in cache:
             try:
@@ -696,10 +710,6 @@ def _apply(mod, target):
         if scheduled is None:
             failed += 1
             continue
-        attrs = dict(func.attrs) if func.attrs is not None else {}
-        for k, v in attrs.items():
-            if k not in ("tirx.is_scheduled",):
-                scheduled = scheduled.with_attr(k, v)
-        mod[gv] = scheduled
+        mod[gv] = with_attrs_of(scheduled, func)
         done += 1
     return mod, {"default_scheduled": done, "left_unscheduled": failed}
