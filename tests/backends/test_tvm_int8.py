@@ -447,13 +447,17 @@ ARM_DOTPROD = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"
 arm_cc = shutil.which("aarch64-linux-gnu-gcc") and shutil.which("aarch64-linux-gnu-objdump")
 
 
-@pytest.fixture(scope="module")
-def arm_cnn(tmp_path_factory):
+def _arm_build(tmp_path_factory, model, name: str):
+    """(model, its aarch64 +dotprod artifact), cross-compiled."""
     if not arm_cc:
         pytest.skip("aarch64-linux-gnu-gcc / objdump not found")
-    model = cnn_model()
-    return model, ox_tvm.compile(model, ARM_DOTPROD, output_dir=tmp_path_factory.mktemp("arm") / "cnn",
+    return model, ox_tvm.compile(model, ARM_DOTPROD, output_dir=tmp_path_factory.mktemp("arm") / name,
                                  progress=False)
+
+
+@pytest.fixture(scope="module")
+def arm_cnn(tmp_path_factory):
+    return _arm_build(tmp_path_factory, cnn_model(), "cnn")
 
 
 def test_arm_dotprod_convs_disassemble_to_sdot(arm_cnn):
@@ -475,11 +479,7 @@ def test_arm_dotprod_build_matches_onnxruntime_under_qemu(arm_cnn):
 
 @pytest.fixture(scope="module")
 def arm_encoder(tmp_path_factory):
-    if not arm_cc:
-        pytest.skip("aarch64-linux-gnu-gcc / objdump not found")
-    model = encoder_block_model()
-    return model, ox_tvm.compile(model, ARM_DOTPROD, output_dir=tmp_path_factory.mktemp("arm") / "enc",
-                                 progress=False)
+    return _arm_build(tmp_path_factory, encoder_block_model(), "enc")
 
 
 def test_arm_dotprod_matmuls_disassemble_to_sdot(arm_encoder):

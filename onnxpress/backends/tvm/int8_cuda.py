@@ -79,12 +79,13 @@ def register_dp4a() -> str:
     return INTRIN
 
 
-def _bind_flat(sch, block, threads: int = 256) -> None:
-    """An elementwise block left at the root: one element per thread."""
-    loops = sch.get_loops(block)
+def _bind_flat(sch, block, threads: int = 256, spatial: int | None = None) -> None:
+    """A block left at the root: one element per thread over its first `spatial` loops (all of
+    them by default; a reduction's spatial loops, its reduction loops staying serial inside)."""
+    loops = sch.get_loops(block)[:spatial]
     if not loops:
         return
-    fused = sch.fuse(*loops)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     extent = int(sch.get(fused).extent)
     bx, tx = sch.split(fused, [None, min(threads, extent)])
     sch.bind(bx, "blockIdx.x")
@@ -222,13 +223,8 @@ def _thread_per_output(func):
                 pass
     for b in sch.get_child_blocks(sch.get_sblock("root")):
         spatial = sum(1 for iv in sch.get(b).iter_vars if int(iv.iter_type) == 0)
-        loops = sch.get_loops(b)
-        if not loops or spatial == 0:
-            continue
-        fused = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
-        bx, tx = sch.split(fused, [None, min(256, int(sch.get(fused).extent))])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
+        if spatial:
+            _bind_flat(sch, b, spatial=spatial)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
