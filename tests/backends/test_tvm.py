@@ -76,8 +76,10 @@ def test_profile_says_where_the_time_goes(x86_artifact, digits_feeds):
     other_share = 100 * prof.other_ms / prof.total_ms
     assert sum(k.share for k in prof.kernels) + other_share == pytest.approx(100)
     assert prof.total_ms == pytest.approx(max(prof.latency_ms, prof.kernel_ms))
-    # at batch 8 the 16->32 channel 3x3 conv is most of the work (2.4 of 2.7 M MACs)
-    assert "conv2d" in names[0] and prof.kernels[0].share > 40
+    # at batch 8 the 16->32 channel 3x3 conv is most of the MACs (2.4 of 2.7 M): it is the slowest
+    # kernel. Its share of the whole inference depends on the CPU (the VM's fixed cost between
+    # kernels is 40-65 % of this 0.2 ms model), so only a floor is asserted: 34.6 % seen on CI
+    assert "conv2d" in names[0] and prof.kernels[0].share > 20, prof.slowest(3)
     # kernels timed one by one account for a whole inference, within a sane factor
     assert 0.2 < prof.kernel_ms / prof.latency_ms < 5
     assert prof.slowest(2).startswith(f"{names[0]} ") and prof.slowest(2).count("%") == 2
