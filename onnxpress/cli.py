@@ -64,7 +64,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{
             "name": p.name, "summary": p.summary, "lossy": p.lossy, "source": p.source,
-            "requires": list(p.requires),
+            "requires": list(p.requires), "uses": list(p.uses),
             "options": {k: {"type": o.type_name, "default": o.default} for k, o in p.options.items()},
         } for p in infos], indent=2, default=str))
         return 0
@@ -79,6 +79,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
             tags.append("lossy")
         if p.requires:
             tags.append("needs " + ", ".join(p.requires))
+        if p.uses:
+            tags.append("uses " + ", ".join(p.uses) + " when given")
         if p.source != "builtin":
             tags.append(f"from {p.source}")
         table.add_row(p.name, opts, p.summary + (f" [dim]({'; '.join(tags)})[/dim]" if tags else ""))

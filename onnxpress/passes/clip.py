@@ -38,7 +38,7 @@ def clip_bounds(w: np.ndarray, reduce_axes: tuple[int, ...], *, method: str, per
     return -t, t
 
 
-@register("clip", lossy=True)
+@register("clip", lossy=True, uses=("calib",))
 def clip(model: onnx.ModelProto, ctx: PassContext, *,
          percentile: Annotated[float, Range(50, 100)] = 99.9,
          method: Literal["percentile", "std", "range"] = "percentile",

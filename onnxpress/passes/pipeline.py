@@ -473,7 +473,7 @@ def run(
     if not ctx.keep_initializer_inputs and initializer_inputs(working) and \
             not any(s.name == "constant_initializers" for s in steps):
         steps = parse_pipeline(["constant_initializers"]) + steps
-    if ctx.calib is not None and any("calib" in s.info.requires for s in steps):
+    if ctx.calib is not None and any(s.info.reads("calib") for s in steps):
         ctx.require_calib(working)  # bad calibration data fails before the first pass runs
     instruments = list(instruments)
     if verify:
@@ -577,4 +577,12 @@ def register_pipeline(name: str, pipeline: Any, doc: str | None = None) -> None:
     _pipeline_pass.__doc__ = doc or f"The pipeline {steps_spec}."
     _pipeline_pass.__name__ = name
     _pipeline_pass.__module__ = "onnxpress.passes.pipelines"
-    registry.register(name, replace=True)(_pipeline_pass)
+    try:  # the contract is the union of its passes' (none known if they register later)
+        inner = [s.info for s in parse_pipeline(steps_spec)]
+    except OnnxPressError:
+        inner = []
+    requires = tuple(dict.fromkeys(r for i in inner for r in i.requires))
+    registry.register(name, replace=True, lossy=any(i.lossy for i in inner),
+                      changes_io=any(i.changes_io for i in inner), requires=requires,
+                      uses=tuple(dict.fromkeys(u for i in inner for u in i.uses if u not in requires))
+                      )(_pipeline_pass)

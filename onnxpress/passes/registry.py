@@ -152,7 +152,12 @@ class PassInfo:
     lossy: bool = False
     changes_io: bool = False
     requires: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
     source: str = "builtin"
+
+    def reads(self, what: str) -> bool:
+        """Whether the pass reads `what` ("calib") from the context, needed or when given."""
+        return what in self.requires or what in self.uses
 
     @property
     def summary(self) -> str:
@@ -249,13 +254,17 @@ def register(
     lossy: bool = False,
     changes_io: bool = False,
     requires: tuple[str, ...] | list[str] = (),
+    uses: tuple[str, ...] | list[str] = (),
     replace: bool = False,
 ) -> Callable:
     """Register a pass function under `name` (default: the function's name).
 
     `lossy` passes may change outputs beyond round-off (their error is reported, not enforced);
     `changes_io` passes may change graph input/output types or shapes; `requires` lists what the
-    pass needs from the context ("calib", "target").
+    pass needs from the context ("calib", "target"), `uses` what it reads when given (a pass that
+    measures its error on calibration data when there is some). A pass that reads calibration
+    data declares it in one or the other: the pipeline then validates the data before the first
+    pass runs.
     """
 
     def decorate(func: Callable) -> Callable:
@@ -274,6 +283,7 @@ def register(
             lossy=lossy,
             changes_io=changes_io,
             requires=tuple(requires),
+            uses=tuple(uses),
             source="builtin" if module.startswith("onnxpress.") else module or "user",
         )
         func.pass_info = _REGISTRY[pass_name]

@@ -337,3 +337,66 @@ def test_the_pipeline_keeps_model_fields_a_custom_pass_drops(digits_cnn):
         assert meta["test.rebuilt"] == "yes" and out.producer_name == "pytorch"
     finally:
         passes.unregister("test_rebuilding_pass")
+
+
+def _reads_calibration(info, model) -> tuple[bool, BaseException | None]:
+    """Run one pass with no calibration data on a context that notes every read of ctx.calib."""
+    import copy
+    import warnings
+
+    from onnxpress.passes.context import PassContext
+
+    class Watched(PassContext):
+        def __getattribute__(self, name):
+            if name == "calib":
+                object.__setattr__(self, "calib_read", True)
+            return super().__getattribute__(name)
+
+    ctx = Watched()
+    object.__setattr__(ctx, "calib_read", False)
+    ctx._current_pass = info.name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info.func(copy.deepcopy(model), ctx, **info.bind({}))
+        raised = None
+    except Exception as exc:  # noqa: BLE001 - what it raised is checked by the caller
+        raised = exc
+    return ctx.calib_read, raised
+
+
+def test_every_pass_that_reads_calibration_declares_it(digits_cnn):
+    """Each built-in pass is run without calibration data on a context that watches ctx.calib:
+    one that reads it declares requires=("calib",) (and then fails without it, naming itself)
+    or uses=("calib",); one that declares it reads it."""
+    from onnxpress.errors import CalibrationError
+
+    builtin = [p for p in passes.list_passes()
+               if p.source == "builtin" and p.func.__module__ != "onnxpress.passes.pipelines"]
+    assert {"prune", "quant_int8", "quant_auto", "clip", "fp16", "distill"} <= {p.name for p in builtin}
+    for info in builtin:
+        read, raised = _reads_calibration(info, digits_cnn)
+        assert read == info.reads("calib"), (info.name, read, info.requires, info.uses, raised)
+        if "calib" in info.requires:
+            assert isinstance(raised, CalibrationError) and f"'{info.name}'" in str(raised), \
+                (info.name, raised)
+        else:
+            assert not isinstance(raised, CalibrationError), (info.name, raised)
+
+
+def test_a_named_pipeline_declares_what_its_passes_do(digits_cnn):
+    """A named pipeline is lossy, needs and uses calibration data as its passes do, so verify
+    and the early calibration check treat it like its passes."""
+    passes.register_pipeline("test_lossy_pipeline", ["cleanup", "prune:0.5", "quant_int8"])
+    try:
+        info = passes.get("test_lossy_pipeline")
+        assert info.lossy and info.requires == ("calib",) and info.uses == ()
+        assert not passes.get("cleanup").lossy and not passes.get("cleanup").reads("calib")
+        from onnxpress.errors import CalibrationError
+
+        # bad calibration data fails before the first pass runs, whichever pass reads it
+        with pytest.raises(CalibrationError, match="unknown name"):
+            passes.run(digits_cnn, ["fuse", "prune:0.5"],
+                       calib=[{"pixels": np.zeros((1, 1, 8, 8), np.float32)}])
+    finally:
+        passes.unregister("test_lossy_pipeline")

@@ -70,7 +70,7 @@ def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContex
     return output_error(before, after, calibration_sample(ctx.calib, max_samples))
 
 
-@register("prune", lossy=True)
+@register("prune", lossy=True, uses=("calib",))
 def prune(model: onnx.ModelProto, ctx: PassContext, *,
           sparsity: Annotated[float, Range(0, 1, hi_inclusive=False)] = 0.5,
           structured: bool = False,

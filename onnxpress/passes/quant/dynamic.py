@@ -124,7 +124,7 @@ def dynamic_quantize(model: onnx.ModelProto, *, per_channel: bool = True,
                    "constants_lifted": lifted, "opset_raised": raised}
 
 
-@register("quant_dynamic", lossy=True)
+@register("quant_dynamic", lossy=True, uses=("calib",))
 def quant_dynamic(model: onnx.ModelProto, ctx: PassContext, *, per_channel: bool = True,
                   embeddings: bool = True,
                   min_weight: Annotated[int, Range(0)] = 1024,

@@ -271,7 +271,7 @@ def _run(model, ctx, dtype, mode, keep_io_types, op_block_list, node_block_list)
     return out
 
 
-@register("fp16", lossy=True, changes_io=True)
+@register("fp16", lossy=True, changes_io=True, uses=("calib",))
 def fp16(model: onnx.ModelProto, ctx: PassContext, *, keep_io_types: bool = True,
          mode: Literal["compute", "weights"] = "compute",
          op_block_list: list[str] | None = None,
@@ -287,7 +287,7 @@ def fp16(model: onnx.ModelProto, ctx: PassContext, *, keep_io_types: bool = True
     return _run(model, ctx, FLOAT16, mode, keep_io_types, op_block_list, node_block_list)
 
 
-@register("bf16", lossy=True, changes_io=True)
+@register("bf16", lossy=True, changes_io=True, uses=("calib",))
 def bf16(model: onnx.ModelProto, ctx: PassContext, *, keep_io_types: bool = True,
          mode: Literal["auto", "compute", "weights"] = "auto",
          op_block_list: list[str] | None = None,

@@ -157,7 +157,7 @@ def int4_quantize(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bo
                    "format": "MatMulNBits" if use_nbits else "DequantizeLinear(int4, block_size)"}
 
 
-@register("quant_int4", lossy=True)
+@register("quant_int4", lossy=True, uses=("calib",))
 def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
                block_size: Literal[16, 32, 64, 128, 256] = 32,
                symmetric: bool = False,
