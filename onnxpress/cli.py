@@ -138,7 +138,11 @@ def cmd_inspect(args: argparse.Namespace, extensions: list) -> int:
     shapes = parse_shapes(args.shape)
     st = ox.model_stats(bind_input_shapes(model, shapes) if shapes else model, batch=args.batch)
     if args.json:
-        print(json.dumps(st.to_dict(), indent=2, default=str))
+        out = st.to_dict()
+        for ext in extensions:  # e.g. --memory adds the activation plan's figures
+            if hasattr(ext, "inspect_json"):
+                out.update(ext.inspect_json(model, args))
+        print(json.dumps(out, indent=2, default=str))
         return 0
     con = _console()
     con.print(f"[bold]{args.model}[/bold]  opset {st.opset}  ir {model.ir_version}"
@@ -200,6 +204,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         apply_recipe_args,
         import_model,
         keep_before,
+        report_instruments,
         write_optimize_report,
     )
     from onnxpress.errors import ModelSaveError
@@ -224,6 +229,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         result = passes.run(model, steps, calib=args.calib, target=args.target or "ort",
                             seed=args.seed, shapes=shapes, verify=args.verify,
                             progress=not args.quiet, inplace=True,
+                            instruments=report_instruments(args),
                             keep_initializer_inputs=args.keep_initializer_inputs)
     ox.save(result.model, out, external_data=True if args.external_data else None)
     if args.report_json:

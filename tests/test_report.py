@@ -18,6 +18,7 @@ import pytest
 
 from onnxpress import passes, zoo
 from onnxpress.report import build, write_report
+from onnxpress.passes.error import InputError, outputs_error
 from onnxpress.report.figures import collect
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -37,13 +38,14 @@ def _pipeline() -> list[str]:
 @pytest.fixture(scope="module")
 def digits_report(digits_cnn_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "digits.html"
-    result = passes.run(digits_cnn_path, _pipeline(), calib=zoo.digits_calib())
+    result = passes.run(digits_cnn_path, _pipeline(), calib=zoo.digits_calib(),
+                        instruments=[InputError()])
     write_report(out, before=digits_cnn_path, after=result.model, pipeline_result=result,
                  measure_latency=True, title="digits CNN")
     return out, result
 
 
-def test_report_figures_and_json_twin(digits_report):
+def test_report_figures_and_json_twin(digits_report, digits_cnn_path):
     html_path, result = digits_report
     data = json.loads(html_path.with_suffix(".json").read_text())
     before, after = data["models"]["before"], data["models"]["after"]
@@ -65,6 +67,19 @@ def test_report_figures_and_json_twin(digits_report):
     sens = data["sensitivity"]
     assert sens["pass"] == "quant_auto" and len(sens["layers"]) == 4
     assert set(sens["series"]) >= {"int8", "int4"} and all(v > 0 for v in sens["values"])
+    # quality: each lossy pass against the input model on the verification inputs (the first
+    # calibration batch); quant_auto's row is the end-to-end error, reuse being lossless
+    quality = data["quality"]["rows"]
+    assert [r["pass"] for r in quality] == ["prune", "quant_auto"]
+    from onnxpress.backends import ort
+
+    feeds = zoo.digits_calib()[0]
+    ref, got = ort.run(digits_cnn_path, feeds), ort.run(result.model, feeds)
+    end_to_end = outputs_error(list(ref.values()), [got[n] for n in ref])
+    assert {k: v for k, v in quality[-1].items() if k != "pass"} == \
+        pytest.approx(end_to_end, rel=1e-3, abs=1e-6)
+    assert 0 < quality[0]["rel_l2"] and quality[-1]["min_cosine"] > 0.9
+    assert quality[-1]["top1_agreement"] >= 0.9
     # the same figures are embedded in the page
     html = html_path.read_text()
     embedded = re.search(r'<script type="application/json" id="onnxpress-report-data">(.*?)</script>',
@@ -96,6 +111,9 @@ def test_sections_only_for_existing_data(digits_cnn_path):
     assert data["sensitivity"]["layers"] == ["conv1", "fc"]
     assert data["sparsity"] == {"pass": "prune", "kind": "pruned channels", "layers": ["g0"],
                                 "values": [0.25]}
+    # a lossy pass ran but nothing measured it against the input: the whole pipeline is
+    assert [r["pass"] for r in data["quality"]["rows"]] == ["whole pipeline"]
+    assert data["quality"]["rows"][0]["rel_l2"] == 0 and data["quality"]["rows"][0]["min_cosine"] == 1
 
 
 def _cdp_session(html_path: Path, tmp_path: Path, width: int = 1100, height: int = 900):
@@ -188,7 +206,7 @@ def test_report_opens_in_headless_chromium(digits_report, tmp_path):
     assert requests and all(u.startswith(("file:", "data:")) for u in requests), requests
 
     expected = {"chart-size-by-op", "chart-latency", "chart-memory", "chart-sparsity",
-                "chart-sensitivity"}
+                "chart-sensitivity", "chart-quality"}
     assert expected <= set(dom["sections"]), dom["sections"]
     assert int(dom["rendered"]) == int(dom["expected"]) >= len(expected)
     for chart in dom["charts"]:
@@ -284,13 +302,23 @@ def test_report_of_a_dynamic_shape_model_agrees_with_inspect(tmp_path, monkeypat
     assert main(["optimize", "crnn.onnx", "-p", "cleanup,fuse,quant_int8:latency_aware=false,reuse", "--shape",
                  "x=1,3,48,320", "--calib", "calib.npz", "-o", "out.onnx", "--report", "rep.html",
                  "--no-latency", "-q"]) == 0
-    models = json.loads((tmp_path / "rep.json").read_text())["models"]
+    data = json.loads((tmp_path / "rep.json").read_text())
+    models = data["models"]
+    # optimize --report measures the lossy pass against the input model on the calibration batch
+    (row,) = data["quality"]["rows"]
+    assert row["pass"] == "quant_int8" and 0 < row["rel_l2"] < 0.2 and row["min_cosine"] > 0.98
+    assert 'id="chart-quality"' in (tmp_path / "rep.html").read_text()
     for key, path in (("before", "crnn.onnx"), ("after", "out.onnx")):
         out = subprocess.run([sys.executable, "-m", "onnxpress", "inspect", path, "--shape",
-                              "x=1,3,48,320", "--json"], capture_output=True, text=True, check=True)
+                              "x=1,3,48,320", "--memory", "--json"], capture_output=True, text=True,
+                             check=True)
         seen = json.loads(out.stdout)
         assert models[key]["weight_bytes"] == seen["weight_bytes"] > 0, key
         assert models[key]["macs"] == seen["macs"] > 20_000_000, key
+        # peak memory: the arena inspect plans (before) or reads back and verifies (after)
+        assert models[key]["peak_memory_bytes"] == seen["memory"]["arena_bytes"] > 0, (key, seen["memory"])
+        assert models[key]["peak_lower_bound_bytes"] == seen["memory"]["lower_bound_bytes"], key
+    assert "stored in metadata" in seen["memory"]["source"]  # out.onnx carries reuse's plan
     # weights in Constant nodes count: int8 is about a quarter of the float weights (the
     # latency choice is off: on a loaded machine it may keep this small model float)
     assert models["after"]["weight_bytes"] < 0.35 * models["before"]["weight_bytes"]

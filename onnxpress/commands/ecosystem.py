@@ -106,6 +106,16 @@ def keep_before(args: argparse.Namespace, model: Any) -> Any:
     return copy.deepcopy(model) if getattr(args, "report", None) else None
 
 
+def report_instruments(args: argparse.Namespace) -> list:
+    """With --report: measure each lossy pass's output error against the input model (the
+    report's quality panel)."""
+    if not getattr(args, "report", None):
+        return []
+    from onnxpress.passes.error import InputError
+
+    return [InputError()]
+
+
 def write_optimize_report(args: argparse.Namespace, before: Any, result: Any) -> Path | None:
     """Write --report HTML (and its .json twin) after optimize; returns the HTML path."""
     if not getattr(args, "report", None) or before is None:

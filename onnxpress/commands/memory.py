@@ -58,6 +58,22 @@ def memory_summary(model: onnx.ModelProto, shapes: dict[str, Any] | None = None,
     return plan, note
 
 
+def inspect_json(model: onnx.ModelProto, args: argparse.Namespace) -> dict[str, Any]:
+    """`inspect --memory --json`: {"memory": weights, naive, lower bound, arena, unplanned, where
+    the plan came from} (the same plan the table shows; nothing without --memory)."""
+    if not getattr(args, "memory", False):
+        return {}
+    from onnxpress.cli import parse_shapes
+    from onnxpress.stats import weight_bytes
+
+    plan, source = memory_summary(model, parse_shapes(getattr(args, "shape", None)),
+                                  getattr(args, "batch", None))
+    keys = ("arena_bytes", "lower_bound_bytes", "naive_bytes", "tensors_unplanned", "algorithm",
+            "bindings")
+    return {"memory": {"weights_bytes": plan.get("weights_bytes", weight_bytes(model)),
+                       **{k: plan.get(k) for k in keys if k in plan}, "source": source}}
+
+
 def inspect_sections(model: onnx.ModelProto, args: argparse.Namespace, console) -> None:
     if not getattr(args, "memory", False):
         return

@@ -376,6 +376,16 @@ class Instrument:
         pass
 
 
+def verification_inputs(model: onnx.ModelProto, ctx: PassContext) -> dict[str, np.ndarray]:
+    """What verification feeds: the first calibration batch, else inputs generated at the bound
+    shapes with the pipeline's seed."""
+    if ctx.calib is not None:
+        return ctx.require_calib(model).first()
+    from onnxpress.data import make_inputs
+
+    return make_inputs(model, shapes=ctx.shapes, seed=ctx.seed)
+
+
 class _Verifier(Instrument):
     """Checker plus onnxruntime comparison after every pass; names the pass that broke it."""
 
@@ -387,12 +397,8 @@ class _Verifier(Instrument):
 
     def start(self, model: onnx.ModelProto) -> None:
         from onnxpress.backends import ort
-        from onnxpress.data import make_inputs
 
-        if self.ctx.calib is not None:
-            self.feeds = self.ctx.require_calib(model).first()
-        else:
-            self.feeds = make_inputs(model, shapes=self.ctx.shapes, seed=self.ctx.seed)
+        self.feeds = verification_inputs(model, self.ctx)
         try:
             self.expected = ort.run(model, self.feeds)
         except OnnxPressError as exc:

@@ -6,6 +6,10 @@ Each section is present only when its data exists:
                   peak memory (when metadata_props["onnxpress.memory_plan"] holds a plan)
     passes        one row per pass (PassReport.to_dict()), when a PipelineResult is given
     size_by_op    weight bytes per layer type, before and after
+    quality       output error of each lossy pass's model against the input model on the
+                  verification inputs (figures["vs_input"], written by passes.error.InputError,
+                  which `optimize --report` runs); without those, of the whole pipeline on
+                  generated inputs at the bound shapes, when a lossy pass ran
     sensitivity   per-layer quantization sensitivity, from a pass figure named sensitivity,
                   layer_sensitivity or per_layer_sensitivity ({layer: number})
     sparsity      fraction of zero weights per layer (prune's per_layer) or of pruned channels per
@@ -237,6 +241,39 @@ def sensitivity(passes: list[dict[str, Any]]) -> dict[str, Any] | None:
     return found
 
 
+def quality(passes: list[dict[str, Any]], before: onnx.ModelProto, after: onnx.ModelProto,
+            shapes: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """{rows: [{pass, min_cosine, rel_l2, max_abs[, top1_agreement]}], inputs}: each lossy
+    pass's output error against the input model (see the module docstring)."""
+    from onnxpress.passes.error import ERROR_KEYS, InputError, is_lossy, outputs_error
+
+    rows = []
+    for p in passes:
+        v = (p.get("figures") or {}).get(InputError.KEY)
+        if isinstance(v, Mapping) and any(k in v for k in ERROR_KEYS):
+            rows.append({"pass": str(p.get("name")), **{k: v[k] for k in ERROR_KEYS if k in v}})
+    if rows:
+        return {"rows": rows, "inputs": "the verification inputs (first calibration batch, "
+                "else generated at the bound shapes)"}
+    if not any(is_lossy(str(p.get("name"))) or any(is_lossy(str(c.get("name")))
+                                                  for c in p.get("children") or [])
+               for p in passes):
+        return None
+    from onnxpress.backends import ort
+    from onnxpress.data import make_inputs
+    from onnxpress.errors import OnnxPressError
+
+    try:
+        feeds = make_inputs(before, shapes=shapes, seed=0)
+        ref, got = ort.run(before, feeds), ort.run(after, feeds)
+    except OnnxPressError:  # a model onnxruntime cannot run still gets its report
+        return None
+    names = list(ref)
+    return {"rows": [{"pass": "whole pipeline",
+                      **outputs_error([ref[n] for n in names], [got.get(n) for n in names])}],
+            "inputs": "generated inputs at the bound shapes (no per-pass figures were recorded)"}
+
+
 def sparsity(passes: list[dict[str, Any]]) -> dict[str, Any] | None:
     """{pass, kind, layers, values}: zero-weight fraction per layer, or pruned-channel fraction."""
     found = None
@@ -363,6 +400,7 @@ def collect(
                                             if k != "memory_plan"}} for p in passes]
     sections = {
         "size_by_op": size_by_op(before, after),
+        "quality": quality(passes, before, after, shapes),
         "sensitivity": sensitivity(passes),
         "sparsity": sparsity(passes),
         "memory": memory_timeline(plan),
@@ -377,5 +415,6 @@ def collect(
     return _jsonable(data)
 
 
-__all__ = ["collect", "model_summary", "weight_bytes_by_op", "size_by_op", "sensitivity", "sparsity",
+__all__ = ["collect", "model_summary", "weight_bytes_by_op", "size_by_op", "quality", "sensitivity",
+           "sparsity",
            "memory_timeline", "latency", "read_memory_plan", "PLAN_KEY"]

@@ -175,6 +175,23 @@ def render(data: Mapping[str, Any]) -> str:
         parts.append(_section("chart-size-by-op", "Weight size by layer type", charts.size_by_op(sec),
                               chart=True, note="weights counted at the layer that uses them "
                               "(through DequantizeLinear, Transpose, Reshape, Cast)"))
+    sec = data.get("quality")
+    if sec:
+        keys = [k for k in ("min_cosine", "rel_l2", "max_abs", "top1_agreement")
+                if any(k in r for r in sec["rows"])]
+        rows_q = "".join(
+            f'<tr><td class="l">{escape(r["pass"])}</td>'
+            + "".join(f'<td data-v="{r.get(k, "")}">{"–" if r.get(k) is None else f"{r[k]:.4g}"}</td>'
+                      for k in keys) + "</tr>" for r in sec["rows"])
+        table = (f'<table class="sortable" id="quality-table"><thead><tr><th>after pass</th>'
+                 + "".join(f"<th>{k}</th>" for k in keys) + f"</tr></thead><tbody>{rows_q}</tbody></table>")
+        body = charts.per_layer_bars([r["pass"] for r in sec["rows"]],
+                                     [float(r.get("rel_l2") or 0.0) for r in sec["rows"]],
+                                     xlabel="relative L2 error of the outputs vs the input model",
+                                     color="#c2703b") + table
+        parts.append(_section("chart-quality", "Quality: output error against the input model", body,
+                              chart=True, note=f"each lossy pass's model against the model given, on "
+                              f"{sec['inputs']}" + ("; per-layer sensitivity below" if data.get("sensitivity") else "")))
     sec = data.get("sensitivity")
     if sec:
         series = sec.get("series") or {sec["key"]: sec["values"]}
