@@ -88,6 +88,25 @@ def quant_minilm() -> list[str]:
                   out) + ["", _stamp(data, "quant")]
 
 
+def quant_digits() -> list[str]:
+    data = _load("quant")
+    rows = [r for r in data["rows"] if r["model"] == "digits CNN"]
+    out = [[r["variant"], f"{r['accuracy']:.4f}", _num(r.get("drop_points"), "{:.2f}"),
+            _num(r.get("size_KB"), "{:.1f} KB"), _x(r.get("size_x"), 3)] for r in rows]
+    return _table(["digits CNN (450 test images)", "accuracy", "drop (points)", "size", "size x"],
+                  out) + ["", _stamp(data, "quant")]
+
+
+def quant_calibration() -> list[str]:
+    data = _load("quant")
+    rows = [r for r in data["rows"] if str(r["variant"]).startswith("calibration")]
+    out = [[r["variant"], str(r["tensors"]), _num(r["rss_at_batch_10_MB"], "{:.1f} MB"),
+            _num(r["rss_at_last_batch_MB"], "{:.1f} MB"), _num(r["growth_MB"], "+{:.1f} MB"),
+            _num(r["seconds"], "{:.1f} s")] for r in rows]
+    return _table(["MiniLM calibration", "activations histogrammed", "RSS at batch 10",
+                   "RSS at the last batch", "growth", "time"], out) + ["", _stamp(data, "quant")]
+
+
 def fuse() -> list[str]:
     data = _load("fuse")
     out = [[r["model"], str(r["nodes original"]), f"**{r['nodes onnxpress']}**", str(r["nodes onnxslim"]),
@@ -95,6 +114,22 @@ def fuse() -> list[str]:
            for r in data["rows"]]
     return _table(["model", "nodes: original", "onnxpress", "onnxslim", "speed-up, ORT opts off",
                    "speed-up, ORT_ENABLE_ALL"], out) + ["", _stamp(data, "fuse")]
+
+
+def fuse_detail() -> list[str]:
+    """docs/fuse.md: wall and CPU-time speed-ups with onnxruntime's optimizations off and at ALL."""
+    data = _load("fuse")
+    out = [[r["model"], str(r["nodes original"]), str(r["nodes onnxpress"]), str(r["nodes onnxslim"]),
+            f"{_num(r.get('(a) speedup'), '{:.2f}')} / {_num(r.get('(a) cpu-time speedup'), '{:.2f}')}",
+            f"{_num(r.get('(b) speedup'), '{:.2f}')} / {_num(r.get('(b) cpu-time speedup'), '{:.2f}')}",
+            str(r.get("(c) slim speedup no-opt / ALL", "")), str(r.get("max abs err", ""))]
+           for r in data["rows"]]
+    secs = data.get("fuse_seconds_minilm")
+    return _table(["model", "nodes original", "onnxpress", "onnxslim",
+                   "(a) ORT opt off: speed-up wall / cpu", "(b) ORT_ENABLE_ALL: speed-up wall / cpu",
+                   "(c) onnxslim, opt off / ALL: wall", "max abs err"], out) + [
+        "", (f"`fuse` itself on MiniLM (after `fold_constants,dce,simplify`): {secs:.2f} s. "
+             if secs else "") + _stamp(data, "fuse")]
 
 
 def prune() -> list[str]:
@@ -219,6 +254,7 @@ def scale() -> list[str]:
 
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
+    "quant-digits": quant_digits, "quant-calibration": quant_calibration, "fuse-detail": fuse_detail,
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
     "tvm-schedules": tvm_schedules,
 }

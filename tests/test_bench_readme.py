@@ -4,6 +4,7 @@ a figure is written by hand where a generated block belongs."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -31,3 +32,56 @@ def test_benchmark_section_has_no_hand_written_figures():
     section = text[text.index("## Benchmarks"):text.index("## Layout")]
     prose = readme.BLOCK.sub("", section)
     assert not re.findall(r"\b\d+(?:\.\d+)?x\b|\b0\.\d{2,}\b|\b\d+(?:\.\d+)? ms\b", prose), prose
+
+
+# A measured figure in prose: a ratio (1.24x), a time (19.6 ms, 24 s), a share (39 %) or a
+# decimal such as an accuracy or a cosine (0.9911). Byte sizes in prose are cache sizes and
+# limits, and `code`, fenced snippets (asserted by test_docs) and generated blocks are left out.
+_FIGURE = re.compile(r"(?<![\w.\-])(\d+(?:,\d{3})*(?:\.\d+)?)(?:(x)|\s?(ms|s|%))(?![\w])"
+                     r"|(?<![\w.\-])(0\.\d{2,})(?![\w.])")
+
+
+def _committed_numbers() -> set[float]:
+    out: set[float] = set()
+
+    def walk(obj):
+        if isinstance(obj, bool):
+            return
+        if isinstance(obj, (int, float)):
+            out.add(float(obj))
+        elif isinstance(obj, str):
+            out.update(float(m) for m in re.findall(r"\d+(?:\.\d+)?", obj))
+        elif isinstance(obj, dict):
+            walk(list(obj.values()))
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    for path in sorted(readme.RESULTS.glob("*.json")):
+        walk(json.loads(path.read_text()))
+    return out
+
+
+def _in_results(token: str, unit: str | None, committed: set[float]) -> bool:
+    value = float(token.replace(",", ""))
+    digits = len(token.split(".")[1]) if "." in token else 0
+    scales = {"ms": (1, 1e3), "s": (1, 1e-3), "%": (1, 100)}.get(unit or "", (1,))
+    return any(round(x * k, digits) == round(value, digits) for x in committed for k in scales)
+
+
+def test_every_figure_in_the_docs_prose_is_a_committed_result():
+    """README.md and docs/*.md: a figure outside the generated blocks must be one of the numbers
+    in bench/results/*.json at the precision it is written with; a measurement that no committed
+    result holds fails here (rephrase it, or render it from the results)."""
+    committed = _committed_numbers()
+    missing = []
+    for path in readme.files():
+        text = readme.BLOCK.sub("", path.read_text())
+        text = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for n, line in enumerate(text.splitlines(), 1):
+            for m in _FIGURE.finditer(line):
+                token, unit = m.group(1) or m.group(4), m.group(2) or m.group(3)
+                if not _in_results(token, unit, committed):
+                    missing.append(f"{path.name}:{n}: {m.group(0)}")
+    assert not missing, "figures not in bench/results:\n" + "\n".join(missing)
