@@ -59,6 +59,25 @@ def test_manifest_describes_the_artifact(x86_artifact):
     assert not [p for p in x86_artifact.path.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_an_artifact_for_another_cpu_is_refused_by_name_not_by_a_crash(digits_cnn_path, digits_feeds,
+                                                                       x86_artifact, tmp_path, monkeypatch):
+    from onnxpress.backends.tvm import run_artifact
+
+    # the host build records what it uses; every x86-64 machine this runs on has AVX2
+    assert "avx2" in x86_artifact.manifest["target"]["cpu_features"]
+    assert run_artifact.missing_cpu_features(x86_artifact.manifest) == []      # this CPU has them
+    art = ox_tvm.compile(digits_cnn_path, {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2},
+                         shapes={"input": [8, 1, 8, 8]}, output_dir=tmp_path / "clx", progress=False)
+    assert {"avx2", "avx512f", "avx512bw", "avx512vnni"} <= set(art.manifest["target"]["cpu_features"])
+    cpuinfo = tmp_path / "cpuinfo"          # an AVX2 CPU, as this one or a Zen 3 is
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma f16c\n")
+    monkeypatch.setattr(run_artifact, "CPUINFO", str(cpuinfo))
+    with pytest.raises(BackendError, match="'cascadelake' and uses avx512f, avx512bw.*avx512vnni, which this CPU lacks"):
+        ox_tvm.load_artifact(art.path).run(digits_feeds)
+    with pytest.raises(RuntimeError, match="illegal instruction"):      # run.py, on a board
+        run_artifact.load(str(art.path))
+
+
 def test_profile_says_where_the_time_goes(x86_artifact, digits_feeds):
     art = ox_tvm.load_artifact(x86_artifact.path)
     before = art.run(digits_feeds)["logits"]

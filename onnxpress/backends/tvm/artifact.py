@@ -148,6 +148,12 @@ class Artifact:
         if self._lib is None:
             import tvm
 
+            from .run_artifact import check_cpu
+
+            try:
+                check_cpu(self.manifest)
+            except RuntimeError as exc:
+                raise BackendError(f"{self.path}: {exc}") from None
             try:
                 dev = tvm.cpu(0)
                 if self.manifest["target"]["family"] == "gpu":

@@ -28,7 +28,7 @@ from .artifact import LIBRARY, MANIFEST, RUNNER, Artifact, random_inputs, write_
 from .frontend import bind_shapes, to_relax
 from .int8_cuda import apply_gpu_schedules
 from .schedules import apply_default_schedules
-from .targets import ARM_TRIPLE, ResolvedTarget, _first_line, db_key, resolve_target
+from .targets import ARM_TRIPLE, ResolvedTarget, _first_line, cpu_features, db_key, resolve_target
 from .tuning import TuneSummary, open_database, tune
 
 ARM_CC = "aarch64-linux-gnu-gcc"
@@ -483,7 +483,7 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
             "target": {"name": resolved.name, "family": resolved.family, "spec": resolved.spec,
                        "host": resolved.host, "cross": resolved.cross,
                        "triple": resolved.spec.get("mtriple") or (ARM_TRIPLE if resolved.name == "arm" else None),
-                       "tvm": str(tvm_target)},
+                       "tvm": str(tvm_target), "cpu_features": cpu_features(tvm_target)},
             "versions": versions,
             "passes": passes,
             "model_metadata": meta,

@@ -58,6 +58,43 @@ def ensure_cuda_runtime() -> None:
         pass
 
 
+# LLVM feature name -> the flag Linux prints in /proc/cpuinfo
+CPU_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+             "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq",
+             "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni",
+             "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "amx-int8": "amx_int8"}
+
+
+CPUINFO = "/proc/cpuinfo"
+
+
+def missing_cpu_features(manifest, cpuinfo=None):
+    """The instruction-set features an x86 artifact was compiled to use that this CPU lacks
+    ([] where it has them all, or where the artifact or the host is not x86 Linux): loading
+    such a library would stop the process with an illegal instruction, not an error."""
+    wanted = (manifest.get("target") or {}).get("cpu_features") or []
+    if not wanted:
+        return []
+    try:
+        with open(cpuinfo or CPUINFO) as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        return []
+    if flags is None:
+        return []
+    return [feat for feat in wanted if CPU_FLAGS.get(feat, feat) not in flags]
+
+
+def check_cpu(manifest) -> None:
+    missing = missing_cpu_features(manifest)
+    if missing:
+        spec = manifest["target"].get("spec") or {}
+        raise RuntimeError(
+            f"this artifact was compiled for the CPU '{spec.get('mcpu', '?')}' and uses {', '.join(missing)}, "
+            "which this CPU lacks (it would stop with an illegal instruction): compile it for this "
+            "machine (target x86) or run it on a CPU that has them")
+
+
 def load(artifact_dir, device=None):
     with open(os.path.join(artifact_dir, "manifest.json")) as f:
         manifest = json.load(f)
@@ -69,6 +106,7 @@ def load(artifact_dir, device=None):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
+    check_cpu(manifest)
     if manifest["target"]["family"] == "gpu":
         ensure_cuda_runtime()
         use_stored_ptx(artifact_dir, manifest)

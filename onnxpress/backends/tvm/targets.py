@@ -122,6 +122,28 @@ def db_key(resolved: ResolvedTarget) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")[:120]
 
 
+def cpu_features(target) -> list[str]:
+    """The x86 instruction-set features (LLVM names, those that run.py's CPU_FLAGS maps to
+    /proc/cpuinfo flags) that an llvm target for x86 may use; [] for other targets. Written
+    into the manifest, so that running on a CPU without them is refused by name instead of
+    dying of an illegal instruction."""
+    from tvm.target import codegen
+
+    from .run_artifact import CPU_FLAGS
+
+    if str(target.kind.name) != "llvm" or str(target.attrs.get("mtriple", "") or "").split("-")[0] \
+            not in ("", "x86_64"):
+        return []
+    found = []
+    for feature in CPU_FLAGS:
+        try:
+            if codegen.target_has_features(feature, target):
+                found.append(feature)
+        except Exception:       # a feature this LLVM does not know
+            continue
+    return found
+
+
 def host_is_aarch64() -> bool:
     return platform.machine().lower() in ("aarch64", "arm64")
 
