@@ -25,17 +25,30 @@ ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto, onnx.GraphProto]
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 
 
-def _check(model: onnx.ModelProto, where: str, path: Path | None = None) -> None:
+def checker_problem(model: onnx.ModelProto) -> str | None:
+    """What the ONNX checker finds wrong with `model` (its first line), or None.
+
+    It runs on a copy without the big weights (`weights.light_copy`: serializing them for the
+    checker's C++ side cost twice the model's bytes) plus the checks of those weights the
+    checker would have made (`weights.check_weights`), so models of any size are checked the
+    same way, in memory."""
+    from onnxpress.weights import check_weights, is_weight, light_copy
+
     try:
-        if path is not None and _approx_size(model) > EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
+        check_weights(model)
+        onnx.checker.check_model(light_copy(model, keep=lambda t: not is_weight(t)))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise InvalidModelError(f"{where} is not a valid ONNX model: {first}") from None
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
     except Exception as exc:  # the checker raises odd things on odd inputs
-        raise InvalidModelError(f"{where} failed the ONNX checker: {exc}") from None
+        return f"the checker failed: {exc}"
+    return None
+
+
+def check_model(model: onnx.ModelProto, where: str = "the model") -> None:
+    """Raise InvalidModelError, saying `where` the model came from, when the checker rejects it."""
+    problem = checker_problem(model)
+    if problem is not None:
+        raise InvalidModelError(f"{where} is not a valid ONNX model: {problem}")
 
 
 def _parse_bytes(data: bytes, where: str) -> onnx.ModelProto:
@@ -66,12 +79,12 @@ def load(model: ModelLike, *, check: bool = True, load_external_data: bool = Tru
     """
     if isinstance(model, onnx.ModelProto):
         if check:
-            _check(model, "the given ModelProto")
+            check_model(model, "the given ModelProto")
         return model
     if isinstance(model, (bytes, bytearray, memoryview)):
         proto = _parse_bytes(bytes(model), "the given bytes")
         if check:
-            _check(proto, "the given bytes")
+            check_model(proto, "the given bytes")
         return proto
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -100,12 +113,12 @@ def load(model: ModelLike, *, check: bool = True, load_external_data: bool = Tru
                     "beside the model"
                 ) from None
         if check:
-            _check(proto, str(path), path)
+            check_model(proto, str(path))
         return proto
     proto = graph_object_to_proto(model)
     if proto is not None:
         if check:
-            _check(proto, f"the given {type(model).__name__}")
+            check_model(proto, f"the given {type(model).__name__}")
         return proto
     raise ModelLoadError(
         f"cannot load a model from {type(model).__name__}; give a path, bytes, an "
@@ -200,7 +213,13 @@ def save(
     tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent)
     try:
         tmp_model = Path(tmpdir) / path.name
-        if external_data:
+        if external_data and not _subgraph_weights(model, size_threshold):
+            data_name = path.name + ".data"
+            with open(Path(tmpdir) / data_name, "wb") as data, open(tmp_model, "wb") as f:
+                write_serialized(model, f, emit=lambda t: _to_external(
+                    t, data, data_name, size_threshold))
+            os.replace(Path(tmpdir) / data_name, parent / data_name)
+        elif external_data:   # weights inside If/Loop bodies too: onnx's writer finds them all
             proto = onnx.ModelProto()
             proto.CopyFrom(model)
             data_name = path.name + ".data"
@@ -216,7 +235,7 @@ def save(
             os.replace(Path(tmpdir) / data_name, parent / data_name)
         else:
             with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
+                write_serialized(model, f)
         os.replace(tmp_model, path)
     except (OSError, ValueError) as exc:
         raise ModelSaveError(f"could not write {path}: {exc}") from None
@@ -225,6 +244,71 @@ def save(
             leftover.unlink()
         os.rmdir(tmpdir)
     return path
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _length_delimited(field: int, size: int) -> bytes:
+    return _varint(field << 3 | 2) + _varint(size)
+
+
+def write_serialized(model: onnx.ModelProto, f, emit=None) -> None:
+    """Write what `model.SerializeToString()` parses back to, one weight at a time: the
+    serialized model is never all in memory (that cost its bytes twice over, once in protobuf's
+    buffer and once as Python bytes). A message's bytes are its fields' bytes concatenated, so
+    the graph goes out as its other fields followed by its initializers, each the tensor
+    `emit(tensor)` returns when `emit` is given (called once per tensor, in order)."""
+    from onnxpress.weights import copy_fields
+
+    if not model.HasField("graph"):
+        f.write(model.SerializeToString())
+        return
+    head = onnx.ModelProto()
+    copy_fields(model, head, skip=("graph",))
+    graph = onnx.GraphProto()
+    copy_fields(model.graph, graph, skip=("initializer",))
+    body = graph.SerializeToString()
+    field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    tensors = list(model.graph.initializer) if emit is None else \
+        [emit(t) for t in model.graph.initializer]
+    sizes = [t.ByteSize() for t in tensors]
+    total = len(body) + sum(len(_length_delimited(field, n)) + n for n in sizes)
+    f.write(head.SerializeToString())
+    f.write(_length_delimited(onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number, total))
+    f.write(body)
+    for t, n in zip(tensors, sizes):
+        f.write(_length_delimited(field, n))
+        f.write(t.SerializeToString())
+
+
+def _to_external(t: onnx.TensorProto, data, location: str, threshold: int) -> onnx.TensorProto:
+    """`t` itself when it is small; else its bytes appended to the file `data` and a tensor
+    that points there, as onnx's external data writer makes it."""
+    if not t.HasField("raw_data") or len(t.raw_data) < threshold:
+        return t
+    from onnxpress.weights import copy_fields, set_external
+
+    offset = data.tell()
+    data.write(t.raw_data)
+    out = onnx.TensorProto()
+    copy_fields(t, out, skip=("raw_data", "external_data", "data_location"))
+    return set_external(out, {"location": location, "offset": offset,
+                              "length": data.tell() - offset})
+
+
+def _subgraph_weights(model: onnx.ModelProto, threshold: int) -> bool:
+    """Whether an If/Loop/Scan body holds an initializer that would go to external data."""
+    from onnxpress.stats import iter_graphs
+
+    return any(t.HasField("raw_data") and len(t.raw_data) >= threshold
+               for g in iter_graphs(model.graph) if g is not model.graph for t in g.initializer)
 
 
 def _approx_size(model: onnx.ModelProto) -> int:

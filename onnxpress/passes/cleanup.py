@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxpress.errors import InvalidModelError
+from onnxpress.io import checker_problem
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.graph import (
     constants,
@@ -27,7 +28,6 @@ from onnxpress.passes.graph import (
     has_subgraphs,
     infer_shapes,
     initializer_inputs,
-    model_size_ok,
     quiet_gs,
     rename_input,
     rename_inputs,
@@ -35,6 +35,7 @@ from onnxpress.passes.graph import (
     subgraph_outer_inputs,
 )
 from onnxpress.passes.registry import Range, register
+from onnxpress.weights import adopt, drop_initializers, is_weight, stub_of
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -122,7 +123,8 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
             return True
         in_bytes = 0
         for t in node.inputs:
-            v = getattr(t, "values", None)
+            # `_values`, not `values`: reading a weight's values would load it into numpy
+            v = getattr(t, "_values", None)
             if v is not None and hasattr(v, "nbytes"):
                 in_bytes += int(v.nbytes)
             elif t.name in const_bytes:
@@ -147,22 +149,36 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
             graph.fold_constants(fold_shapes=False, recurse_subgraphs=True, error_ok=True,
                                  should_exclude_node=exclude, flatten_subgraphs=False)
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
+            _stub_unfolded_weights(graph, model)
             out = gs.export_onnx(graph, do_type_check=False)
+            del graph
     except Exception as exc:  # graphsurgeon gives up on some exotic graphs: keep our shape folds
         eliminate_dead_code(model.graph)
         ctx.record(folded=shape_folds, skipped_reason=f"{type(exc).__name__}: {exc}"[:200])
         return model
     copy_model_fields(model, out)
     restore_graph_io(model, out)
-    try:
-        onnx.checker.check_model(out) if model_size_ok(out) else None
-    except Exception as exc:
+    problem = checker_problem(out)
+    if problem is not None:
         eliminate_dead_code(model.graph)
-        ctx.record(folded=shape_folds, skipped_reason=f"folded model failed the checker: {exc}"[:200])
+        ctx.record(folded=shape_folds, skipped_reason=f"folded model failed the checker: {problem}"[:200])
         return model
     n_after = sum(1 for _ in _all_nodes(out.graph))
     ctx.record(folded=n_before - n_after)
-    return out
+    return adopt(model, out)
+
+
+def _stub_unfolded_weights(graph, model: onnx.ModelProto) -> None:
+    """The weights of `model` that graphsurgeon left as they were (still lazily loaded) go out
+    as stubs, which `adopt` maps back to `model`'s own tensors: exporting them would copy them."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    own = list(model.graph.initializer)      # held: the ids below stay theirs
+    ids = {id(t) for t in own if is_weight(t)}
+    for t in graph.tensors().values():
+        values = getattr(t, "_values", None)
+        if isinstance(values, LazyValues) and id(values.tensor) in ids:
+            t._values = LazyValues(stub_of(values.tensor))
 
 
 def if_condition_cone(graph: onnx.GraphProto) -> set[str]:
@@ -271,13 +287,8 @@ def eliminate_dead_code(graph: onnx.GraphProto, roots: set[str] | None = None) -
         for a in node.attribute:
             for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                 removed += eliminate_dead_code(g)
-    used = live | {o.name for o in graph.output}
-    inits = [t for t in graph.initializer if t.name in used]
-    if len(inits) != len(graph.initializer):
-        input_names = {i.name for i in graph.input}
-        inits = [t for t in graph.initializer if t.name in used or t.name in input_names]
-        del graph.initializer[:]
-        graph.initializer.extend(inits)
+    used = live | {o.name for o in graph.output} | {i.name for i in graph.input}
+    drop_initializers(graph, lambda t: t.name in used)
     produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     vis = [v for v in graph.value_info if v.name in produced]
     if len(vis) != len(graph.value_info):

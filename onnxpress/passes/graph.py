@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from onnxpress.errors import InvalidModelError
 from onnxpress.io import EXTERNAL_DATA_THRESHOLD
+from onnxpress.weights import light_copy
 
 
 def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True,
@@ -58,38 +59,16 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: boo
     return result
 
 
-def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its big weights: they become typed graph inputs, which is all shape
-    inference needs from them (small integer constants stay, for Reshape targets and the like).
-    Subgraphs are kept as they are."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    g = light.graph
-    src = model.graph
-    g.name = src.name
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    g.sparse_initializer.extend(src.sparse_initializer)
-    inputs = {i.name for i in src.input}
-    for t in src.initializer:
-        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and \
-                int(np.prod(t.dims, dtype=np.int64)) <= 64:
-            g.initializer.append(t)
-        elif t.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light
-
-
 # Contrib ops that neither onnx's shape inference nor onnxruntime's symbolic one types (the fuse
-# pass writes the first two, quant_int8 the third). Without their output types everything
-# downstream stays untyped: calibration then sees no float activations after the first FusedConv.
-# Inference runs on a proxy graph in which each is replaced by standard ops whose output 0 has
-# the same type and shape.
+# pass writes FusedConv/FusedGemm, the GELU family, SkipLayerNormalization and Attention,
+# quant_int8 MatMulIntegerToFloat). Without their output types everything downstream stays
+# untyped: calibration then sees no float activations after the first FusedConv, and memory
+# planning has to run the model to size what follows. Inference runs on a proxy graph in which
+# each is replaced by standard ops whose outputs have the same types and shapes.
 _ACTIVATION_ATTRS = ("activation", "activation_params")
+# contrib ops whose output 0 (and SkipLayerNormalization's output 3, the sum) is shaped as input 0
+_SHAPED_AS_INPUT = {"Gelu": (0,), "FastGelu": (0,), "BiasGelu": (0,), "QuickGelu": (0,),
+                    "SkipLayerNormalization": (0, 3)}
 
 
 def _proxy_nodes(node: onnx.NodeProto, fresh) -> list[onnx.NodeProto] | None:
@@ -109,6 +88,24 @@ def _proxy_nodes(node: onnx.NodeProto, fresh) -> list[onnx.NodeProto] | None:
         return [helper.make_node("Cast", [node.input[0]], [a], to=to),
                 helper.make_node("Cast", [node.input[1]], [b], to=to),
                 helper.make_node("MatMul", [a, b], node.output[:1], name=node.name)]
+    same = _SHAPED_AS_INPUT.get(node.op_type)
+    if same is not None and node.input and node.input[0]:
+        if any(o for i, o in enumerate(node.output) if i not in same):
+            return None          # SkipLayerNormalization's mean and inv_std_var: not proxied
+        return [helper.make_node("Identity", [node.input[0]], [o])
+                for i, o in enumerate(node.output) if o]
+    if node.op_type == "Attention" and len(node.input) >= 2 and len(node.output) == 1 and \
+            not any(a.name == "qkv_hidden_sizes" for a in node.attribute):
+        # x [B, S, H_in] @ weights [H_in, 3H] -> [B, S, 3, H] -> output [B, S, H]
+        qkv, split, parts, first = (fresh(node.output[0] + s) for s in ("_qkv", "_split", "_parts",
+                                                                           "_first"))
+        return [helper.make_node("MatMul", list(node.input[:2]), [qkv]),
+                helper.make_node("Constant", [], [split], value=helper.make_tensor(
+                    split, onnx.TensorProto.INT64, [4], [0, 0, 3, -1])),
+                helper.make_node("Reshape", [qkv, split], [parts]),
+                helper.make_node("Constant", [], [first], value=helper.make_tensor(
+                    first, onnx.TensorProto.INT64, [], [0])),
+                helper.make_node("Gather", [parts, first], node.output[:1], axis=2)]
     return None
 
 
@@ -346,10 +343,6 @@ def rename_inputs(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
             for o in g.output:
                 if o.name in inner:
                     o.name = inner[o.name]  # rare: a body returning an outer value directly
-
-
-def model_size_ok(model: onnx.ModelProto) -> bool:
-    return _size(model) <= EXTERNAL_DATA_THRESHOLD
 
 
 def bind_input_shapes(model: onnx.ModelProto, shapes: dict | None) -> onnx.ModelProto:

@@ -26,13 +26,12 @@ import onnx
 
 from onnxpress import stats
 from onnxpress.errors import (
-    InvalidModelError,
     OnnxPressError,
     PassError,
     PassOptionError,
     VerificationError,
 )
-from onnxpress.io import ModelLike, load
+from onnxpress.io import ModelLike, check_model, checker_problem, load
 from onnxpress.passes import registry
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.graph import initializer_inputs
@@ -409,13 +408,10 @@ class _Verifier(Instrument):
     def after_pass(self, step, model, ctx, report) -> None:
         from onnxpress.backends import ort
 
-        try:
-            if stats.model_bytes(model) <= 2**31 - 2**24:
-                onnx.checker.check_model(model)
-        except Exception as exc:
+        problem = checker_problem(model)
+        if problem is not None:
             raise VerificationError(
-                f"pass '{step}' produced a model that fails the ONNX checker: "
-                f"{str(exc).strip().splitlines()[0]}") from None
+                f"pass '{step}' produced a model that fails the ONNX checker: {problem}")
         try:
             actual = ort.run(model, self.feeds)
         except OnnxPressError as exc:
@@ -467,12 +463,7 @@ def run(
                           shapes=dict(shapes) if shapes else None, progress=progress,
                           keep_initializer_inputs=keep_initializer_inputs)
     if isinstance(model, onnx.ModelProto):
-        try:
-            onnx.checker.check_model(model) if stats.model_bytes(model) <= 2**31 - 2**24 else None
-        except Exception as exc:
-            raise InvalidModelError(
-                f"the given model fails the ONNX checker: {str(exc).strip().splitlines()[0]}"
-            ) from None
+        check_model(model, "the given model")
         working = model if inplace else copy.deepcopy(model)
     else:
         working = load(model)

@@ -24,6 +24,7 @@ from onnxpress.passes.context import PassContext
 from onnxpress.passes.fuse import api
 from onnxpress.passes.graph import copy_model_fields, light_copy, restore_graph_io
 from onnxpress.passes.registry import Range, register
+from onnxpress.weights import adopt, is_weight, stub_of
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater",
                 "Where", "And", "Or"}
@@ -189,7 +190,9 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
         ctx.preserve("shapes")
         return model
     RemoveUnusedNodesPass()(work)
+    _stub_own_weights(work, model)
     out = ir.serde.serialize_model(work)
+    del work
 
     # keep exactly what the caller declared: value_info only for names it had, IO as given
     had = {v.name for v in model.graph.value_info}
@@ -205,4 +208,17 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
                rounds=rounds, constants_scalarized=scalarized, identities_removed=identities,
                nodes_before=nodes_before, nodes_after=len(out.graph.node),
                fuse_seconds=round(time.perf_counter() - t0, 3))
-    return out
+    return adopt(model, out)
+
+
+def _stub_own_weights(work, model: onnx.ModelProto) -> None:
+    """The initializers of `work` that are still `model`'s own tensors go out as stubs, which
+    `adopt` maps back to those tensors: serializing them would copy them."""
+    from onnxscript import ir
+
+    own = list(model.graph.initializer)      # held: the ids below stay theirs
+    ids = {id(t) for t in own if is_weight(t)}
+    for v in work.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.serde.TensorProtoTensor) and id(t.raw) in ids:
+            v.const_value = ir.serde.TensorProtoTensor(stub_of(t.raw))

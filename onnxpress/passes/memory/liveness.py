@@ -23,10 +23,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxpress.errors import InvalidModelError, PassOptionError
 from onnxpress.passes.context import PassContext, register_analysis
 from onnxpress.passes.graph import infer_shapes, subgraph_outer_inputs
+from onnxpress.weights import is_stub, stub_copy
 
 # Ops whose output element i depends only on input element i (after broadcasting the others):
 # writing the output over an input of the same shape is safe.
@@ -265,13 +267,14 @@ BIND_HINT = ("Bind them by name (reuse:batch=1,seq=128 or reuse:dims=NAME/SIZE+N
 def bind_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
                 input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                 default_dim: int | None = None, keep_output_shapes: bool = True,
-                ) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+                weights: bool = True) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
     """As `bind_static_shapes`, but dims nothing binds stay symbolic: (shape-inferred copy,
     {input: ["'x' axis 0 (batch)", ...]} for the inputs left with unbound dims).
 
     `keep_output_shapes=False` drops the graph outputs' declared shapes before inference, so
     that every static dim is one inference derived (a declared [2, 4] on NonZero's output holds
-    for the test input it was written for, not for every input)."""
+    for the test input it was written for, not for every input). `weights=False`: the copy's
+    weights are stubs (`weights.stub_copy`), for callers that only read its shapes."""
     dims = dict(dims or {})
     for alias_group in (BATCH_DIM_NAMES, SEQUENCE_DIM_NAMES):
         given = [dims[a] for a in alias_group if a in dims]
@@ -279,8 +282,11 @@ def bind_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
             for a in alias_group:
                 dims.setdefault(a, given[0])
     input_shapes = dict(input_shapes or {})
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if weights:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = stub_copy(model)
     inits = {t.name for t in out.graph.initializer}
     unbound: dict[str, list[str]] = {}
     for inp in out.graph.input:
@@ -480,12 +486,13 @@ def _kinds(graph: onnx.GraphProto) -> dict[str, str]:
     return out
 
 
-def _probe_with_ort(bound: onnx.ModelProto, names: list[str],
-                    dims: Mapping[str, int]) -> tuple[dict[str, tuple[int, list[int]]],
-                                                      dict[str, tuple[str, str]]]:
+def _probe_with_ort(bound: onnx.ModelProto, names: list[str], dims: Mapping[str, int],
+                    model: onnx.ModelProto | None = None,
+                    ) -> tuple[dict[str, tuple[int, list[int]]], dict[str, tuple[str, str]]]:
     """Run the bound model once on onnxruntime exposing `names` as outputs: (their real shapes,
     {name: (reason, detail)} for those that turn out to have no static size, or for all of them
-    when the run fails)."""
+    when the run fails). The weights `bound` holds as stubs come from `model`'s initializers,
+    handed to onnxruntime as arrays (no serialized copy of them)."""
     import onnxruntime as ort
 
     from onnxpress.data import make_inputs
@@ -499,6 +506,13 @@ def _probe_with_ort(bound: onnx.ModelProto, names: list[str],
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4
+    # prepacked weights would be one more copy of them, for a single run
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    stubs = [t.name for t in probe.graph.initializer if is_stub(t)]
+    if stubs:
+        own = {t.name: t for t in model.graph.initializer}
+        arrays = [numpy_helper.to_array(own[n]) for n in stubs]
+        opts.add_external_initializers(stubs, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
@@ -573,7 +587,7 @@ def size_info(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
     from onnxpress.stats import iter_graphs
 
     bound, unbound = bind_shapes(model, dims, input_shapes, default_dim=default_dim,
-                                 keep_output_shapes=False)
+                                 keep_output_shapes=False, weights=False)
     if strict and unbound:
         raise _unbound_error(unbound)
     types: dict[str, tuple[int, list[int] | None]] = {}
@@ -603,7 +617,7 @@ def size_info(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
             tt = inp.type.tensor_type
             if inp.name not in unbound:
                 feeds_shapes[inp.name] = [d.dim_value for d in tt.shape.dim]
-        measured, left = _probe_with_ort(bound, missing, feeds_shapes)
+        measured, left = _probe_with_ort(bound, missing, feeds_shapes, model)
         if strict and left and all(r == "unknown_shape" for r, _ in left.values()):
             raise InvalidModelError(
                 f"cannot size {len(missing)} tensors (e.g. '{missing[0]}'): "

@@ -23,6 +23,7 @@ from onnxpress.errors import PassError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.graph import infer_shapes
 from onnxpress.passes.prune.groups import ChannelGroups, Layout, channel_groups
+from onnxpress.weights import drop_initializers
 
 Criterion = Literal["l2", "l1", "activation"]
 
@@ -257,11 +258,9 @@ def remove_dead(model: onnx.ModelProto) -> None:
     used = set(outputs) | {i for n in graph.node for i in n.input}
     for n in graph.node:
         used.update(subgraph_outer_inputs(n))
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        removed = {t.name for t in graph.initializer} - {t.name for t in keep}
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    removed = {t.name for t in graph.initializer if t.name not in used}
+    if removed:
+        drop_initializers(graph, lambda t: t.name in used)
         inputs = [i for i in graph.input if i.name not in removed]
         del graph.input[:]
         graph.input.extend(inputs)

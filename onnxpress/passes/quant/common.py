@@ -9,6 +9,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxpress.stats import iter_graphs
+from onnxpress.weights import drop_initializers
 
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -102,9 +103,7 @@ def replace_graph_nodes(model: onnx.ModelProto, graph: onnx.GraphProto,
     graph.node.extend(nodes)
     used = {i for g in iter_graphs(model.graph) for n in g.node for i in n.input}
     used |= {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used or t.name in keep]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    drop_initializers(graph, lambda t: t.name in used or t.name in keep)
 
 
 def _numel(t: onnx.TensorProto) -> int:
