@@ -264,6 +264,44 @@ def test_dot_product_instructions_in_the_library(cnn):
     assert text.count(wanted) > 0, wanted
 
 
+def _channels_model(channels=(32, 24), cols=24):
+    """x -> conv 3x3 (channels[0]) -> conv 1x1 (channels[1]) -> global pool -> matmul (cols)."""
+    b = QDQ(seed=3)
+    x, _ = b.q("x", 0.05, 128)
+    c_in = 8
+    for i, oc in enumerate(channels):
+        w, ws = b.weight((oc, c_in, 3 - 2 * i, 3 - 2 * i), qmax=63)
+        x, _ = b.q(b.node("Relu", [b.node("Conv", [x, w, b.bias(oc, 0.05 if i == 0 else 0.04, ws)],
+                                          pads=[1 - i] * 4)]), 0.04, 0)
+        c_in = oc
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])])
+    x, _ = b.q(x, 0.03, 0)
+    w, _ = b.weight((c_in, cols), qmax=63, axis=1)
+    y = b.node("MatMul", [x, w])
+    return b.model([_vi("x", TensorProto.FLOAT, [1, 8, 10, 10])], [_vi(y, TensorProto.FLOAT, [1, cols])])
+
+
+def test_avx512_output_channels_that_fill_half_a_vector_use_the_256_bit_form(tmp_path):
+    """VNNI on AVX-512: 16 int32 lanes, and the same vpdpbusd on ymm (AVX-512 VL) for 24 output
+    channels or columns, instead of a float conv between 8-bit tensors. Built for a Cascade Lake
+    (not run here: this CPU may lack AVX-512; the device bench runs such builds), and the same
+    model on this CPU's own kernels, run against onnxruntime."""
+    model = _channels_model()
+    art = ox_tvm.compile(model, {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2},
+                         output_dir=tmp_path / "clx", progress=False)
+    nodes = art.manifest["integer"]["nodes"]
+    reasons = [n["reason"] for n in nodes if n["op"] in ("Conv", "MatMul")]
+    assert [("16 lanes" in r, "8 lanes" in r) for r in reasons] == [(True, False), (False, True), (False, True)], reasons
+    if shutil.which("objdump"):
+        text = subprocess.run(["objdump", "-d", str(art.library)], capture_output=True, text=True).stdout
+        dots = [line for line in text.splitlines() if "\tvpdpbusd" in line]
+        assert any("%zmm" in line for line in dots) and any("%ymm" in line for line in dots)
+    host = ox_tvm.compile(model, "x86", output_dir=tmp_path / "host", progress=False)
+    rng = np.random.default_rng(0)
+    _compare(model, host, {"x": rng.standard_normal((1, 8, 10, 10)).astype(np.float32)})
+    assert all(n["kernel"] == "int8" for n in host.manifest["integer"]["nodes"] if n["op"] in ("Conv", "MatMul"))
+
+
 def test_seven_bit_weights_put_every_conv_on_the_dot_product(tmp_path):
     isa = int8_isa(resolve_target("x86").tvm_target())
     model = reduce_weight_range(cnn_model())

@@ -356,15 +356,16 @@ class _Rewriter:
 
     def _float_conv_reason(self, wq: np.ndarray, group: int) -> str:
         """Why a convolution is better computed in float on this target ('' = integer kernel)."""
-        from .int8_kernels import needs_pair_limit, pairs_fit_pmaddubsw
+        from .int8_kernels import lanes_for, needs_pair_limit, pairs_fit_pmaddubsw
 
         if self.isa is None or group != 1:
             return ""
         isa, lanes = self.isa
         oc = wq.shape[0]
-        if oc % lanes:
-            return (f"{oc} output channels do not fill {isa}'s {lanes}-lane dot product "
-                    "(the generic integer conv is slower than float here)")
+        if lanes_for(self.isa, oc) is None:
+            fewest = lanes // 2 if isa.startswith("avx512") else lanes
+            return (f"{oc} output channels are not a multiple of {fewest} ({isa}'s dot product; "
+                    "the generic integer conv is slower than float here)")
         if needs_pair_limit(isa) and not pairs_fit_pmaddubsw(wq):
             return (f"{isa} has no VNNI and vpmaddubsw would saturate on these weights "
                     "(|w0|+|w1| > 128 for adjacent input channels; 7-bit weights fit)")
@@ -373,9 +374,9 @@ class _Rewriter:
     def _float_matmul_reason(self, wq: np.ndarray) -> str:
         """Why a constant-weight matmul is better computed in float ('' = integer kernel): only
         where the packed dot product would take it and vpmaddubsw would saturate."""
-        from .int8_kernels import needs_pair_limit, pairs_fit_pmaddubsw
+        from .int8_kernels import lanes_for, needs_pair_limit, pairs_fit_pmaddubsw
 
-        if self.isa is None or wq.ndim != 2 or wq.shape[1] % self.isa[1]:
+        if self.isa is None or wq.ndim != 2 or lanes_for(self.isa, wq.shape[1]) is None:
             return ""
         if needs_pair_limit(self.isa[0]) and not pairs_fit_pmaddubsw(wq.T):
             return (f"{self.isa[0]} has no VNNI and vpmaddubsw would saturate on these weights "
@@ -383,11 +384,12 @@ class _Rewriter:
         return ""
 
     def _kernel_name(self, op: str, wq: np.ndarray, group: int = 1) -> str:
-        if op == "QConv" and self.isa is not None and wq.ndim == 4 and group == 1 \
-                and wq.shape[0] % self.isa[1] == 0:
-            return f"{self.isa[0]} dot product"
-        if op == "QMatMul" and self.isa is not None and wq.ndim == 2 and wq.shape[1] % self.isa[1] == 0:
-            return f"{self.isa[0]} dot product"
+        from .int8_kernels import lanes_for
+
+        if op == "QConv" and wq.ndim == 4 and group == 1 and lanes_for(self.isa, wq.shape[0]):
+            return f"{self.isa[0]} dot product, {lanes_for(self.isa, wq.shape[0])} lanes"
+        if op == "QMatMul" and wq.ndim == 2 and lanes_for(self.isa, wq.shape[1]):
+            return f"{self.isa[0]} dot product, {lanes_for(self.isa, wq.shape[1])} lanes"
         if op == "QConv" and group > 1:
             return f"generic, {group} groups"
         return "generic"
