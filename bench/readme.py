@@ -239,6 +239,33 @@ def cuda() -> list[str]:
                                       "then `run DIR` on the GPU_"]
 
 
+def remote_cpu() -> list[str]:
+    """docs/tvm.md: x86 artifacts built here for another CPU and run there with TVM's runtime
+    alone (bench/bench_remote_cpu.py): fp32 and int8, TVM against onnxruntime, per build."""
+    data = _load("remote_cpu")
+    cpu = data["cpu"]
+    out = []
+    for run in data["runs"]:
+        for r in run["rows"]:
+            if "error" in r:
+                out.append([r["model"], run["mcpu"], "", "", "", "", "", "", "", f"not run: {r['error']}"])
+                continue
+            tvm_cos = [v for k, v in r.items() if k.startswith("int8_") and k.endswith("_cosine")]
+            ort_cos = [v for k, v in r.items() if k.startswith("ort_int8_") and k.endswith("_cosine")]
+            out.append([r["model"], run["mcpu"], _num(r["ort_fp32_ms"]), _num(r["ort_int8_ms"]),
+                        _num(r["tvm_fp32_ms"]), _num(r["tvm_int8_ms"]), _x(r["tvm_fp32_vs_ort_fp32"]),
+                        _x(r["tvm_fp32_vs_tvm_int8"]), _x(r["tvm_int8_vs_ort_int8"]),
+                        str(r.get("int8_kernels/int8_io/float", "")),
+                        f"{min(tvm_cos)} / {min(ort_cos)}" if tvm_cos and ort_cos else ""])
+    flags = " ".join(cpu.get("flags", []))
+    return _table(["model", "built for", "ORT fp32 ms", "ORT int8 ms", "TVM fp32 ms", "TVM int8 ms",
+                   "TVM fp32 / ORT fp32", "TVM int8 speed-up over TVM fp32", "TVM int8 / ORT int8",
+                   "integer kernels / 8-bit io / float", "int8 cosine to the reference: TVM / ORT"], out) + \
+        ["", f"_{cpu.get('cpu', '?')} ({flags}; L2 {cpu.get('L2 cache', '?')}), 2 threads, onnxruntime "
+             f"{data.get('onnxruntime', '?')}, {data.get('date', '?')}; built on {data.get('built_on', '?')} with "
+             "`python -m bench.bench_remote_cpu build DIR --mcpu M`, run there with `run DIR`_"]
+
+
 def scale() -> list[str]:
     """docs/memory.md: the pipeline on generated encoders of growing depth (bench/bench_scale.py)."""
     data = _load("scale")
@@ -256,7 +283,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
     "quant-digits": quant_digits, "quant-calibration": quant_calibration, "fuse-detail": fuse_detail,
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
-    "tvm-schedules": tvm_schedules,
+    "tvm-schedules": tvm_schedules, "remote-cpu": remote_cpu,
 }
 
 
