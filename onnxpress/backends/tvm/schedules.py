@@ -353,6 +353,9 @@ def default_schedule(func, target, *, lanes: int | None = None, rows: int | None
         reduce_outer = reduce_outer_schedule(mod, isa.lanes)
         if reduce_outer is not None:
             return reduce_outer
+        narrow = narrow_injective_schedule(mod, int(target.attrs.get("num-cores", 2) or 2))
+        if narrow is not None:
+            return narrow
         rowwise = rowwise_schedule(mod, isa.lanes)
         if rowwise is not None:
             return rowwise
@@ -535,6 +538,42 @@ def _vectorize_innermost(sch, block, outer, lanes: int) -> None:
     if extent > lanes and extent % lanes == 0:
         inner = sch.split(inner, factors=[None, lanes])[1]
     sch.vectorize(inner)
+
+
+NARROW = 4           # innermost extents up to this are unrolled by narrow_injective_schedule
+
+
+def narrow_injective_schedule(mod, cores: int = 2):
+    """Elementwise chains with no reduction whose output's innermost axis is at most 4 wide (a
+    model's input quantized, padded to 4 channels and moved to NHWC): every step inlined into
+    the last one, parallel over the outer axes but the last two, the channel loop unrolled.
+    row-wise (below) computed each of the seven steps of mobilenetv3's input quantization per
+    output pixel into its own full-size buffer (0.16 ms); MetaSchedule's own space vectorises a
+    fused index with divisions and gathers (0.61 ms); this: 0.03 ms. Wider rows stay row-wise,
+    which vectorises their float steps (on 16 channels this was 2-3x slower). None when the
+    function does not have that shape."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(mod)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if any(int(iv.iter_type) == 2 for b in blocks for iv in sch.get(b).iter_vars):
+            return None
+        for block in reversed(blocks[:-1]):
+            sch.compute_inline(block)
+        last = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        loops = sch.get_loops(last)
+        if len(loops) < 3 or int(sch.get(loops[-1]).extent) > NARROW:
+            return None
+        outer = sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0]
+        if int(sch.get(outer).extent) < 2 * cores:
+            return None
+        sch.parallel(outer)
+        sch.unroll(loops[-1])
+    except Exception as exc:
+        log.debug("narrow injective schedule does not apply: %s", exc)
+        return None
+    return sch
 
 
 def rowwise_schedule(mod, lanes: int):
