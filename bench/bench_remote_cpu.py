@@ -151,7 +151,7 @@ def _load(name: str):
     return model, {"input": zoo.photo_batch(224)[:1]}, cnn_calib(), None
 
 
-def build(out: Path, mcpu: str, quick: bool) -> list[dict]:
+def build_cases(out: Path, mcpu: str, quick: bool) -> list[dict]:
     import onnx
 
     import tvm
@@ -234,7 +234,7 @@ def _p50(fn, runs: int = RUNS, warmup: int = 3) -> float:
     return float(np.median(times))
 
 
-def run(out: Path) -> dict:
+def run_cases(out: Path) -> dict:
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     from bench.bench_cuda import _compare
     from onnxpress.backends.tvm import load_artifact
@@ -243,7 +243,8 @@ def run(out: Path) -> dict:
     cpu = cpu_summary()
     missing = [f for f in NEEDS.get(spec["mcpu"], ()) if f not in cpu["flags"]]
     if missing:
-        return {"cpu": cpu, "error": f"this CPU lacks {missing}, which the {spec['mcpu']} build needs"}
+        return {"cpu": cpu, "mcpu": spec["mcpu"], "rows": [],
+                "error": f"this CPU lacks {missing}, which the {spec['mcpu']} build needs"}
     rows = []
     for case in spec["rows"]:
         name = case["model"]
@@ -286,6 +287,27 @@ def run(out: Path) -> dict:
     return {"cpu": cpu, "mcpu": spec["mcpu"], "onnxruntime": onnxruntime.__version__, "rows": rows}
 
 
+def run(quick: bool) -> dict:
+    """`python -m bench --only remote_cpu`: both halves on this machine, built for its own CPU
+    (the code path a remote run takes, checked end to end where only one machine is at hand)."""
+    import shutil
+    import tempfile
+
+    from onnxpress.backends.tvm.targets import host_cpu
+
+    work = Path(tempfile.mkdtemp(prefix="onnxpress-bench-remote-cpu-"))
+    try:
+        build_cases(work, host_cpu(), quick)
+        result = run_cases(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"title": f"x86 build for this CPU ({result['mcpu']}) through the remote-run path",
+            "rows": result.get("rows", []),
+            "notes": f"{result['cpu']}; built and run here by bench/bench_remote_cpu.py (pattern weights, "
+                     "2 threads); the other-CPU runs are in bench/results/remote_cpu.json." +
+                     (f" Error: {result['error']}" if "error" in result else "")}
+
+
 def collect(out: Path, runs: list[Path]) -> dict:
     """bench/results/remote_cpu.json from the JSON files `run --json` wrote on the other machine
     (one per build), stamped with the building machine and the date."""
@@ -314,12 +336,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.phase == "build":
-        build(args.dir, args.mcpu, args.quick)
+        build_cases(args.dir, args.mcpu, args.quick)
         return 0
     if args.phase == "collect":
         collect(args.dir, args.runs)
         return 0
-    result = run(args.dir)
+    result = run_cases(args.dir)
     print(json.dumps(result["cpu"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
