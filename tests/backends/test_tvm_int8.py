@@ -576,3 +576,21 @@ def test_latency_aware_quant_times_tvm_builds_for_a_tvm_target():
         assert "does not pay on TVM" in f["latency_decision"], f
     with pytest.raises(PassOptionError, match="target tvm or x86"):
         passes.run(model, "quant_int8:tvm_timing=true", calib=calib, target="ort")
+
+
+def test_tuning_measures_the_int8_kernels_register_blocks(tmp_path):
+    """MetaSchedule's space for a dot-product conv is the fixed schedule with each register block
+    (int8_kernels.tuning_rule): tuning measures them on the integer instruction, and the tuned
+    artifact still matches onnxruntime's reference. Before, the conv's custom rule was not
+    registered and the space held generic integer tilings, never the dot product."""
+    isa = int8_isa(resolve_target("x86").tvm_target())
+    if isa is None:
+        pytest.skip("no x86 int8 dot-product ISA here")
+    model = cnn_model()
+    art = ox_tvm.compile(model, "x86", tune_trials=48, db=tmp_path / "db", output_dir=tmp_path / "t",
+                         progress=False)
+    tuning = art.manifest["tuning"]
+    tuned_int8 = [k for k in tuning["best_ms"] if "conv2d_int8" in k]
+    assert tuned_int8 and all(tuning["best_ms"][k] > 0 for k in tuned_int8), tuning
+    rng = np.random.default_rng(2)
+    _compare(model, art, {"x": (2 * rng.standard_normal((1, 8, 12, 12))).astype(np.float32)})

@@ -382,27 +382,100 @@ def schedule_int8_conv(func, target):
     found = int8_isa(target)
     if found is None:
         return None
-    isa = found[0]
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    registers = 32 if isa.startswith("avx512") or isa == "dotprod" else 16
     try:
-        matmul = _find_block(sch, (RULE_MATMUL,)) is not None
-        block = _find_block(sch)
-        # the output channels: the conv's 4th spatial loop, the matmul's last
-        channels = int(sch.get(sch.get_loops(block)[-3 if matmul else -5]).extent)
-        lanes = lanes_for(found, channels)
-        intrin = intrinsic(isa, lanes)
-        if matmul:
-            _schedule_matmul(sch, intrin, lanes, registers)
-        else:
-            _schedule(sch, intrin, lanes, registers)
+        _apply(sch, found)
     except Exception as exc:
         log.debug("int8 conv schedule does not apply: %s", exc)
         return None
     return sch
 
 
-def _schedule(sch, intrin: str, lanes: int, registers: int) -> None:
+def _apply(sch, found: tuple[str, int], tile: tuple[int, int] | None = None) -> None:
+    """Schedule the dot-product conv or matmul of `sch` in place; `tile`: (rows, vectors) of the
+    register block instead of the one the register file suggests."""
+    isa = found[0]
+    registers = 32 if isa.startswith("avx512") or isa == "dotprod" else 16
+    matmul = _find_block(sch, (RULE_MATMUL,)) is not None
+    block = _find_block(sch)
+    # the output channels: the conv's 4th spatial loop, the matmul's last
+    channels = int(sch.get(sch.get_loops(block)[-3 if matmul else -5]).extent)
+    lanes = lanes_for(found, channels)
+    intrin = intrinsic(isa, lanes)
+    if matmul:
+        _schedule_matmul(sch, intrin, lanes, registers, tile)
+    else:
+        _schedule(sch, intrin, lanes, registers, tile)
+
+
+def _tiles(rows_extent: int, vectors: int, registers: int) -> list[tuple[int, int]]:
+    """The register blocks a tuner may try: for each vector count dividing the channels, the
+    most rows that fit the register file and half as many; the default (_register_tile) first."""
+    budget = registers - 4
+    out = [_register_tile(rows_extent, vectors, registers)]
+    for v in (4, 3, 2, 1):
+        if vectors % v:
+            continue
+        for cap in (budget // v, budget // v // 2):
+            tile = (_divisor(rows_extent, max(1, cap)), v)
+            if tile not in out:
+                out.append(tile)
+    return out
+
+
+def tuning_rule(sch, block):
+    """MetaSchedule's custom rule for the dot-product blocks (their `schedule_rule` annotation):
+    the design space is the fixed schedule with each register block of _tiles, so tuning
+    measures them and keeps the fastest (the default is one of them). Without it MetaSchedule
+    tiled these blocks as generic integer code, never on the dot-product instruction."""
+    from tvm.target import Target
+
+    found = int8_isa(Target.current(allow_none=True) or _RULE_TARGET)
+    out = []
+    if found is not None:
+        try:
+            rule = sch.get(block).annotations["schedule_rule"]
+            probe = sch.copy()
+            loops = probe.get_loops(block)
+            matmul = rule == RULE_MATMUL
+            channels = int(probe.get(loops[-3 if matmul else -5]).extent)
+            rows_extent = int(probe.get(loops[-4 if matmul else -6]).extent)
+            lanes = lanes_for(found, channels)
+            registers = 32 if found[0].startswith("avx512") or found[0] == "dotprod" else 16
+            for tile in _tiles(rows_extent, channels // lanes, registers):
+                candidate = sch.copy()
+                try:
+                    _apply(candidate, found, tile)
+                    # the schedule is whole (parallel, vectorized, unrolled): the root block's
+                    # annotation keeps MetaSchedule's parallel/vectorize rule off it, whose
+                    # postprocessor rejected every candidate on the loops already bound
+                    candidate.annotate(candidate.get_sblock("root"), "schedule_rule", "None")
+                    out.append(candidate)
+                except Exception as exc:        # a tile the loops do not take
+                    log.debug("int8 tile %s does not apply: %s", tile, exc)
+        except Exception as exc:
+            log.debug("int8 tuning rule does not apply: %s", exc)
+    if not out:
+        sch.unannotate(block, "schedule_rule")
+        return [sch]
+    return out
+
+
+_RULE_TARGET = None     # the target MetaSchedule generates spaces for (it enters no target scope)
+
+
+def register_tuning_rules(target=None) -> None:
+    """Register tuning_rule for the CPU targets (idempotent); `target`: the one being tuned."""
+    import tvm
+
+    global _RULE_TARGET
+    if target is not None:
+        _RULE_TARGET = target
+    for rule in (RULE, RULE_MATMUL):
+        tvm.register_global_func(f"s_tir.meta_schedule.cpu.{rule}", tuning_rule, override=True)
+
+
+def _schedule(sch, intrin: str, lanes: int, registers: int, tile: tuple[int, int] | None = None) -> None:
     conv = _find_block(sch)
     sch.unannotate(conv, "schedule_rule")
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -424,15 +497,7 @@ def _schedule(sch, intrin: str, lanes: int, registers: int) -> None:
     ow = int(sch.get(w).extent)
     vectors = int(sch.get(oc).extent) // lanes
     # register tile: rows x vectors accumulators, leaving room for weights and the broadcast
-    budget = registers - 4
-    best = (1, 1)
-    for v in (4, 3, 2, 1):
-        if vectors % v:
-            continue
-        rows = _divisor(ow, max(1, budget // v))
-        if rows * v > best[0] * best[1]:
-            best = (rows, v)
-    rows, v = best
+    rows, v = tile or _register_tile(ow, vectors, registers)
     wo, wi = sch.split(w, [None, rows])
     oo, ov, ol = sch.split(oc, [None, v, lanes])
     weight_bytes = 1
@@ -499,7 +564,8 @@ def _register_tile(m: int, vectors: int, registers: int) -> tuple[int, int]:
     return best
 
 
-def _schedule_matmul(sch, intrin: str, lanes: int, registers: int) -> None:
+def _schedule_matmul(sch, intrin: str, lanes: int, registers: int,
+                     tile: tuple[int, int] | None = None) -> None:
     """out[..., m, n] = sum_{c4, j} x[..., m, 4*c4+j] * Wp[c4, n, j]:
 
         parallel (batch, n / (V*L)) | m / R | c4 | R rows x V vectors of L lanes (intrinsic)
@@ -512,7 +578,7 @@ def _schedule_matmul(sch, intrin: str, lanes: int, registers: int) -> None:
     last = _epilogue(sch, mm)
     loops = sch.get_loops(mm)
     *batch, m, n, rc, rj = loops
-    rows, v = _register_tile(int(sch.get(m).extent), int(sch.get(n).extent) // lanes, registers)
+    rows, v = tile or _register_tile(int(sch.get(m).extent), int(sch.get(n).extent) // lanes, registers)
     mo, mi = sch.split(m, [None, rows])
     no, ov, ol = sch.split(n, [None, v, lanes])
     sch.reorder(*batch, no, mo, rc, mi, ov, ol, rj)

@@ -185,6 +185,9 @@ def tune_context(mod, target, space_generator, *, search_strategy="evolutionary"
 
     if isinstance(search_strategy, str):
         search_strategy = ms.search_strategy.SearchStrategy.create(search_strategy)
+    from .int8_kernels import register_tuning_rules
+
+    register_tuning_rules(target)          # the int8 rule needs the target's ISA
     ctx = ms.TuneContext.__new__(ms.TuneContext)
     ctx.__init_handle_by_constructor__(
         _ffi_api.TuneContext, mod, target, space_generator, search_strategy, task_name,
@@ -514,12 +517,16 @@ def _pool_rule(sch, block):
 
 
 def register_custom_rules() -> None:
-    """Register the CPU pooling rules TOPI's blocks ask for (idempotent)."""
+    """Register the CPU rules TOPI's pooling blocks and the int8 dot-product blocks ask for
+    (idempotent)."""
     import tvm
 
     for name in ("pool_max", "pool_avg", "adaptive_pool_max", "adaptive_pool_avg"):
         tvm.register_global_func(f"s_tir.meta_schedule.cpu.meta_schedule.{name}", _pool_rule,
                                  override=True)
+    from .int8_kernels import register_tuning_rules
+
+    register_tuning_rules()
 
 
 def _all_float(block) -> bool:

@@ -261,6 +261,7 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
     per_task = max(MIN_TRIALS_PER_TASK, trials // len(selected))
     own_dir = work_dir is None
     work = work_dir or tempfile.mkdtemp(prefix="onnxpress-tune-")
+    from .int8_kernels import has_int8_conv
     from .schedules import cpu_space_generator, tune_context
 
     contexts, weights = [], []
@@ -270,6 +271,11 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
         strategy = ms.search_strategy.EvolutionarySearch(
             population_size=256 if per_task < 128 else 512, init_measured_ratio=0.2,
             init_min_unmeasured=32, genetic_num_iters=2 if per_task < 128 else 4)
+        if resolved.family == "cpu" and has_int8_conv(task.dispatched[0]):
+            # the int8 rule's spaces are whole schedules, one per register block, with no
+            # random decisions: evolution cannot sample 32 distinct ones and gives up; replaying
+            # the spaces measures each register block
+            strategy = ms.search_strategy.ReplayTrace()
         contexts.append(tune_context(task.dispatched[0], task.target, space, task_name=task.task_name,
                                      search_strategy=strategy, rand_state=seed + i,
                                      num_threads=physical_cores()))
