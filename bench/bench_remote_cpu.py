@@ -153,14 +153,13 @@ def _load(name: str):
 
 def build_cases(out: Path, mcpu: str, quick: bool) -> list[dict]:
     import onnx
-
     import tvm
 
     from bench.bench_tvm_int8 import _count
     from onnxpress import passes
-    from onnxpress.backends.tvm.int8_kernels import int8_isa, needs_pair_limit
     from onnxpress.backends import ort
     from onnxpress.backends import tvm as ox_tvm
+    from onnxpress.backends.tvm.int8_kernels import int8_isa, needs_pair_limit
 
     out.mkdir(parents=True, exist_ok=True)
     target = {"kind": "llvm", "mcpu": mcpu, "num-cores": 2}
@@ -267,8 +266,8 @@ def run_cases(out: Path) -> dict:
             t = {k: [] for k in ("ort_fp32", "ort_int8", "tvm_fp32", "tvm_int8")}
             for _ in range(3):              # interleaved rounds: drift hits all four alike
                 for kind in ("fp32", "int8"):
-                    t[f"ort_{kind}"].append(_p50(lambda s=sessions[kind]: s.run(None, feeds)))
-                    t[f"tvm_{kind}"].append(_p50(lambda a=arts[kind]: a.run(feeds)))
+                    t[f"ort_{kind}"].append(_p50(lambda s=sessions[kind], f=feeds: s.run(None, f)))
+                    t[f"tvm_{kind}"].append(_p50(lambda a=arts[kind], f=feeds: a.run(f)))
             ms = {k: float(np.median(v)) for k, v in t.items()}
             row.update({f"{k}_ms": round(v, 3) for k, v in ms.items()})
             row["tvm_fp32_vs_ort_fp32"] = round(ms["tvm_fp32"] / ms["ort_fp32"], 2)

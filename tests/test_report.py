@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from onnxpress import passes, zoo
-from onnxpress.report import build, write_report
 from onnxpress.passes.error import InputError, outputs_error
+from onnxpress.report import build, write_report
 from onnxpress.report.figures import collect
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

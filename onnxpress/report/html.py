@@ -183,7 +183,7 @@ def render(data: Mapping[str, Any]) -> str:
             f'<tr><td class="l">{escape(r["pass"])}</td>'
             + "".join(f'<td data-v="{r.get(k, "")}">{"–" if r.get(k) is None else f"{r[k]:.4g}"}</td>'
                       for k in keys) + "</tr>" for r in sec["rows"])
-        table = (f'<table class="sortable" id="quality-table"><thead><tr><th>after pass</th>'
+        table = ('<table class="sortable" id="quality-table"><thead><tr><th>after pass</th>'
                  + "".join(f"<th>{k}</th>" for k in keys) + f"</tr></thead><tbody>{rows_q}</tbody></table>")
         body = charts.per_layer_bars([r["pass"] for r in sec["rows"]],
                                      [float(r.get("rel_l2") or 0.0) for r in sec["rows"]],
