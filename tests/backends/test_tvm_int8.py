@@ -578,19 +578,31 @@ def test_latency_aware_quant_times_tvm_builds_for_a_tvm_target():
         passes.run(model, "quant_int8:tvm_timing=true", calib=calib, target="ort")
 
 
-def test_tuning_measures_the_int8_kernels_register_blocks(tmp_path):
+def test_the_tuning_space_of_an_int8_conv_is_its_register_blocks_on_the_dot_product():
     """MetaSchedule's space for a dot-product conv is the fixed schedule with each register block
-    (int8_kernels.tuning_rule): tuning measures them on the integer instruction, and the tuned
-    artifact still matches onnxruntime's reference. Before, the conv's custom rule was not
-    registered and the space held generic integer tilings, never the dot product."""
-    isa = int8_isa(resolve_target("x86").tvm_target())
-    if isa is None:
+    (int8_kernels.tuning_rule), every one on the integer instruction and accepted by the
+    postprocessors tuning applies. Before, the conv's custom rule was not registered and the
+    space held generic integer tilings, never the dot product."""
+    import tvm
+
+    from onnxpress.backends.tvm.compiler import lower_to_fused
+    from onnxpress.backends.tvm.frontend import to_relax
+    from onnxpress.backends.tvm.int8_kernels import has_int8_conv
+    from onnxpress.backends.tvm.schedules import cpu_space_generator, tune_context
+
+    resolved = resolve_target("x86")
+    target = resolved.tvm_target()
+    if int8_isa(target) is None:
         pytest.skip("no x86 int8 dot-product ISA here")
     model = cnn_model()
-    art = ox_tvm.compile(model, "x86", tune_trials=48, db=tmp_path / "db", output_dir=tmp_path / "t",
-                         progress=False)
-    tuning = art.manifest["tuning"]
-    tuned_int8 = [k for k in tuning["best_ms"] if "conv2d_int8" in k]
-    assert tuned_int8 and all(tuning["best_ms"][k] > 0 for k in tuned_int8), tuning
-    rng = np.random.default_rng(2)
-    _compare(model, art, {"x": (2 * rng.standard_normal((1, 8, 12, 12))).astype(np.float32)})
+    fused = lower_to_fused(to_relax(model, {"x": {"shape": [1, 8, 12, 12], "dtype": "float32"}},
+                                    integer=True, decisions=[], target=target), resolved, target)
+    func = next(fused[gv] for gv in fused.functions if isinstance(fused[gv], tvm.tirx.PrimFunc)
+                and has_int8_conv(tvm.IRModule({"main": fused[gv]})))
+    ctx = tune_context(tvm.IRModule({"main": func}), target, cpu_space_generator())
+    spaces = ctx.generate_design_space()
+    assert len(spaces) >= 2
+    for space in spaces:
+        assert "onnxpress_dot" in str(space.trace)
+        candidate = space.copy()
+        assert all(pp.apply(candidate) for pp in ctx.space_generator.postprocs)
