@@ -395,17 +395,27 @@ def _apply(sch, found: tuple[str, int], tile: tuple[int, int] | None = None) -> 
     """Schedule the dot-product conv or matmul of `sch` in place; `tile`: (rows, vectors) of the
     register block instead of the one the register file suggests."""
     isa = found[0]
-    registers = 32 if isa.startswith("avx512") or isa == "dotprod" else 16
     matmul = _find_block(sch, (RULE_MATMUL,)) is not None
-    block = _find_block(sch)
-    # the output channels: the conv's 4th spatial loop, the matmul's last
-    channels = int(sch.get(sch.get_loops(block)[-3 if matmul else -5]).extent)
+    channels, _rows = _extents(sch, _find_block(sch), matmul)
     lanes = lanes_for(found, channels)
     intrin = intrinsic(isa, lanes)
     if matmul:
-        _schedule_matmul(sch, intrin, lanes, registers, tile)
+        _schedule_matmul(sch, intrin, lanes, _registers(isa), tile)
     else:
-        _schedule(sch, intrin, lanes, registers, tile)
+        _schedule(sch, intrin, lanes, _registers(isa), tile)
+
+
+def _registers(isa: str) -> int:
+    """Vector registers of the ISA's register file (zmm0-31 with AVX-512, v0-31 on aarch64)."""
+    return 32 if isa.startswith("avx512") or isa == "dotprod" else 16
+
+
+def _extents(sch, block, matmul: bool) -> tuple[int, int]:
+    """(output channels, rows of the register block) of an unscheduled dot-product block: the
+    conv's 4th and 3rd spatial loops (n, h, w, oc, ...), the matmul's last two (..., m, n)."""
+    loops = sch.get_loops(block)
+    return (int(sch.get(loops[-3 if matmul else -5]).extent),
+            int(sch.get(loops[-4 if matmul else -6]).extent))
 
 
 def _tiles(rows_extent: int, vectors: int, registers: int) -> list[tuple[int, int]]:
@@ -434,15 +444,10 @@ def tuning_rule(sch, block):
     out = []
     if found is not None:
         try:
-            rule = sch.get(block).annotations["schedule_rule"]
-            probe = sch.copy()
-            loops = probe.get_loops(block)
-            matmul = rule == RULE_MATMUL
-            channels = int(probe.get(loops[-3 if matmul else -5]).extent)
-            rows_extent = int(probe.get(loops[-4 if matmul else -6]).extent)
+            matmul = sch.get(block).annotations["schedule_rule"] == RULE_MATMUL
+            channels, rows_extent = _extents(sch, block, matmul)
             lanes = lanes_for(found, channels)
-            registers = 32 if found[0].startswith("avx512") or found[0] == "dotprod" else 16
-            for tile in _tiles(rows_extent, channels // lanes, registers):
+            for tile in _tiles(rows_extent, channels // lanes, _registers(found[0])):
                 candidate = sch.copy()
                 try:
                     _apply(candidate, found, tile)
