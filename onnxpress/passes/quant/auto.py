@@ -223,6 +223,7 @@ def quant_auto(
     embeddings: bool = True,
     max_batches: Annotated[int, Range(1)] = 4,
     latency_aware: bool = True,
+    outliers: bool = True,
 ) -> onnx.ModelProto:
     """Mixed precision: per-layer sensitivity on calibration data, cheapest precisions in budget.
 
@@ -235,6 +236,8 @@ def quant_auto(
     rest), and the report says whether it was met and shows the size/metric points explored.
     objective latency prefers int8 > fp32 (> int4 > fp16); size prefers int4 > int8 > fp16 > fp32.
     precisions limits the candidates (e.g. int8+fp32). The sensitivity table is in the report.
+    outliers: try SmoothQuant (before the sensitivity) and bias correction (on the result), and
+    keep each only when it improves the metric on the evaluation batches (smooth.py).
     """
     from onnxpress.backends import ort as _ort  # noqa: F401  (fail early if missing)
     from onnxpress.passes.quant.common import restore_fused_ops, split_fused_ops
@@ -280,6 +283,13 @@ def quant_auto(
         else ctx.analysis("calib", model)
     int8_options = dict(method=method, contrib_ops=ctx.for_onnxruntime)
     int4_options = dict(block_size=block_size, use_nbits=ctx.for_onnxruntime)
+    calib_batches = n_batches - max_batches if held_out else None
+    outlier_figures: dict[str, Any] = {}
+    if outliers and "int8" in levels:
+        from onnxpress.passes.quant.smooth import choose_outlier_fixes
+
+        model, stats, outlier_figures = choose_outlier_fixes(
+            model, ctx, stats, scorer=scorer, int8_options=int8_options, calib_batches=calib_batches)
     layers, table = layer_sensitivity(model, ctx, precisions=measure, scorer=scorer,
                                       int8_options=int8_options, int4_options=int4_options,
                                       stats=stats)
@@ -317,6 +327,14 @@ def quant_auto(
             out = apply_assignment(model, stats, assign, int8_options=int8_options,
                                    int4_options=int4_options, embeddings=embeddings)
             figures["latency_decision"] = "int8 slower than fp32 on onnxruntime: int8 layers kept fp32"
+    figures.update(outlier_figures)
+    if outliers and "int8" in assign.values():
+        from onnxpress.passes.quant.smooth import choose_bias_correction
+
+        out, corrected, d = choose_bias_correction(model, out, ctx, scorer=scorer,
+                                                   calib_batches=calib_batches)
+        figures.update(corrected)
+        degradation = degradation if d is None else d
     counts = {p: sum(1 for v in assign.values() if v == p) for p in PRECISIONS}
     rows = []
     for layer in layers:

@@ -625,6 +625,8 @@ def quant_int8(
     weight_range: Literal["auto", "full", "7bit"] = "auto",
     report_error: bool = True,
     tvm_timing: bool = False,
+    smooth: str | float = "off",
+    bias_correction: bool = False,
 ) -> onnx.ModelProto:
     """Static int8 QDQ quantization from calibration data (integer kernels on onnxruntime).
 
@@ -642,12 +644,15 @@ def quant_int8(
     CPUs without VNNI run the u8 x s8 dot product (vpmaddubsw) without saturating; "auto" picks
     it when the CPU the model runs on lacks VNNI (target ort: this machine; tvm/x86: the CPU TVM
     compiles for), "full" otherwise. Quantizing here for a VNNI machine: weight_range=full.
+    smooth (SmoothQuant, passes/quant/smooth.py): auto | off | alpha: activation outlier
+    channels of MatMul/Gemm inputs are divided by s and the weight rows multiplied by s (exact
+    in float); auto searches alpha per layer group on calibration rows. bias_correction: each
+    integer layer's bias absorbs its mean output shift on the calibration data.
     """
     fused = split_fused_ops(model)
     if fused:
         ctx.invalidate()              # calibrate the split graph: its sums get their own ranges
     calib = ctx.require_calib(model)
-    stats = ctx.analysis("calib", model)
     kwargs = dict(method=method, percentile=percentile, per_channel=per_channel,
                   activation_type=activation_type, symmetric_activations=symmetric_activations,
                   op_types=op_types, include_nodes=include_nodes, exclude_nodes=exclude_nodes,
@@ -656,9 +661,19 @@ def quant_int8(
     kwargs["contrib_ops"] = ctx.for_onnxruntime
     kwargs["weight_bits"] = 7 if weight_range == "7bit" or (
         weight_range == "auto" and needs_7_bit_weights(ctx.target)) else 8
+    reference = model
+    smoothing: dict = {}
+    if smooth != "off":      # the smoothed model computes the same function: it is the reference
+        from onnxpress.passes.quant.smooth import smooth_model
+
+        model, smoothing = smooth_model(model, ctx, smooth, weight_bits=kwargs["weight_bits"],
+                                        signed=activation_type == "int8",
+                                        symmetric=symmetric_activations)
+    stats = ctx.analysis("calib", model)
     original = onnx.ModelProto()
     original.CopyFrom(model)
     out, figures = quantize_static(model, stats, **kwargs)
+    figures.update(smoothing)
     reasons = figures.pop("float_reasons")
     figures.pop("weights_weight_only")    # (model_quant_figures counts every int8 weight)
     on_tvm = bool(tvm_timing) and ctx.target in ("tvm", "x86")
@@ -679,6 +694,13 @@ def quant_int8(
         for k, v in layer_precisions(out).items():
             if v != "int8" and candidate.get(k) == "int8":
                 reasons[k] = f"slower in int8 on {where} here (latency_aware)"
+    if bias_correction:
+        from onnxpress.passes.quant.smooth import correct_biases
+
+        out, corrected = correct_biases(original, out, ctx)
+        figures.update(corrected)
+    if smoothing.get("smooth_groups") and not any(v == "int8" for v in layer_precisions(out).values()):
+        out = reference          # nothing quantized: give back the model as it came
     figures["fused_ops_split"] = len(fused)
     restored = restore_fused_ops(out, fused)
     figures["fused_ops_restored"] = len(restored)

@@ -1,0 +1,123 @@
+"""SmoothQuant and bias correction (onnxpress/passes/quant/smooth.py) on a model built with
+outlier activation channels: LayerNorm whose scale is 50x (and 25x) on two of 64 channels, then
+MatMul + bias -> Relu -> MatMul, the shape of a transformer's MLP block."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpress import passes
+from onnxpress.backends import ort
+from onnxpress.errors import PassOptionError
+from onnxpress.passes.context import PassContext
+from onnxpress.passes.quant.smooth import smooth_model
+
+D, H = 64, 128
+
+
+def outlier_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(D, np.float32)
+    gamma[3], gamma[17] = 50.0, 25.0
+    arrays = {
+        "gamma": gamma, "beta": (0.1 * rng.standard_normal(D)).astype(np.float32),
+        "w1": (rng.standard_normal((D, H)) / np.sqrt(D)).astype(np.float32),
+        "b1": (0.1 * rng.standard_normal(H)).astype(np.float32),
+        "w2": (rng.standard_normal((H, D)) / np.sqrt(H)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, name="ln"),
+        helper.make_node("MatMul", ["h", "w1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"),
+        helper.make_node("Relu", ["a1"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "outliers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, D])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((4, 16, D)).astype(np.float32)} for _ in range(8)]
+    held_out = {"x": rng.standard_normal((32, 16, D)).astype(np.float32)}
+    model = outlier_model()
+    return model, calib, held_out, ort.run(model, held_out)["y"]
+
+
+def min_cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    a = ref.reshape(-1, D).astype(np.float64)
+    b = got.reshape(-1, D).astype(np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def quantized(model, calib, spec):
+    return passes.run(model, spec, calib=calib, progress=False)
+
+
+def test_smoothing_alone_keeps_the_float_function(case):
+    model, calib, held_out, ref = case
+    for alpha in (0.5, "auto"):
+        smoothed, figures = smooth_model(model, PassContext(calib=calib, progress=False), alpha)
+        got = ort.run(smoothed, held_out)["y"]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+        # LayerNorm -> fc1 folds 1/s into the norm; Relu -> fc2 needs a Mul
+        assert figures["smooth_folded_into_layernorm"] == 1
+        assert [n.op_type for n in smoothed.graph.node].count("Mul") == \
+            figures["smooth_mul_inserted"]
+    gamma = numpy_helper.to_array(next(t for t in smoothed.graph.initializer
+                                       if t.name == smoothed.graph.node[0].input[1]))
+    assert gamma[3] < 25.0          # the 50x channel's range moved into fc1's weight row
+
+
+def test_smoothquant_improves_min_cosine(case):
+    model, calib, held_out, ref = case
+    base = "quant_int8:latency_aware=false"
+    plain = min_cosine(ref, ort.run(quantized(model, calib, base).model, held_out)["y"])
+    res = quantized(model, calib, base + ",smooth=auto")
+    smooth = min_cosine(ref, ort.run(res.model, held_out)["y"])
+    assert plain < 0.96 and smooth > 0.985, (plain, smooth)
+    f = res.reports[0].figures
+    assert f["int8_compute_nodes"] == 2 and f["smooth_groups"] >= 1
+    assert f["smooth_error_reduction"] > 2
+
+
+def test_bias_correction_reduces_the_mean_output_shift(case):
+    model, calib, held_out, ref = case
+    base = "quant_int8:latency_aware=false"
+
+    def shift(spec):
+        res = quantized(model, calib, spec)
+        y = ort.run(res.model, held_out)["y"]
+        return float(np.abs((y - ref).mean(axis=(0, 1))).mean()), res.reports[0].figures
+
+    plain, _ = shift(base)
+    corrected, f = shift(base + ",bias_correction=true")
+    assert f["bias_corrected"] == 2        # fc1's bias, and a bias added to fc2
+    assert corrected < 0.85 * plain, (plain, corrected)
+
+
+def test_quant_auto_keeps_smoothing_when_it_helps(case):
+    model, calib, held_out, ref = case
+    spec = "quant_auto:max_batches=2,latency_aware=false,precisions=int8"
+    res = quantized(model, calib, spec)
+    f = res.reports[0].figures
+    assert f["smooth"] == "auto", f.get("smooth_trial")
+    assert f["smooth_trial"]["smoothed"] < f["smooth_trial"]["plain"]
+    off = quantized(model, calib, spec + ",outliers=false")
+    assert min_cosine(ref, ort.run(res.model, held_out)["y"]) > \
+        min_cosine(ref, ort.run(off.model, held_out)["y"])
+
+
+def test_bad_smooth_option(case):
+    model, calib, _, _ = case
+    with pytest.raises(PassOptionError, match="smooth"):
+        quantized(model, calib, "quant_int8:smooth=1.5")
