@@ -52,9 +52,10 @@ def test_distill_errors_name_what_is_missing(digits_cnn_path, digits, tmp_path):
     np.save(bad, np.zeros(3, dtype=np.int64))
     with pytest.raises(PassOptionError, match="labels"):
         passes.apply(model, f"distill:teacher={digits_cnn_path},labels={bad},epochs=1", calib=calib)
-    node = onnx.helper.make_node("Det", ["input"], ["logits"], name="my_det")
+    node = onnx.helper.make_node("TreeEnsembleRegressor", ["input"], ["logits"], name="my_trees",
+                                 domain="ai.onnx.ml")
     odd = onnx.helper.make_model(onnx.helper.make_graph(
         [node], "g", [onnx.helper.make_tensor_value_info("input", 1, [2, 2])],
         [onnx.helper.make_tensor_value_info("logits", 1, [])]))
-    with pytest.raises(UnsupportedOpError, match="my_det"):
+    with pytest.raises(UnsupportedOpError, match="my_trees"):
         OnnxGraphModule(odd)
