@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import onnx
@@ -229,27 +229,24 @@ def _augment(model: onnx.ModelProto, names: list[str], shapes: dict) -> onnx.Mod
     return aug
 
 
-def calibrate(model: onnx.ModelProto, ctx: PassContext, *, bins: int = 2048,
-              tensors: tuple[str, ...] | None = None,
-              max_batches: int | None = None) -> CalibrationStats:
-    """Run the calibration data through onnxruntime and fold every float activation into
-    streaming statistics. Raises CalibrationError naming the batch/input on bad data."""
+def calibration_outputs(model: onnx.ModelProto, ctx: PassContext, names: list[str], *,
+                        desc: str, max_batches: int | None = None
+                        ) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+    """(batch, {tensor: value}) for each calibration batch, run through onnxruntime with the
+    main-graph tensors `names` exposed as outputs. Raises CalibrationError naming the batch and
+    the input on bad data."""
     from onnxpress.backends import ort
     from onnxpress.data import check_feed, graph_input_specs
 
     calib = ctx.require_calib(model)
     shapes = ctx.analysis("shapes", model)
-    names = list(tensors) if tensors is not None else float_activations(model, shapes)
-    names = [n for n in names if n in shapes]
-    stats = {n: TensorStats(n, bins=bins) for n in names}
     sess = ort.session(_augment(model, names, shapes), optimization="basic")
     out_names = [o.name for o in sess.get_outputs()]
     specs = graph_input_specs(model)
-    batches = samples = 0
     total = calib.length if getattr(calib, "length", None) is not None else None  # never count a stream
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
-    for i, batch in enumerate(ctx.progress_bar(calib, desc="calibrating", total=total)):
+    for i, batch in enumerate(ctx.progress_bar(calib, desc=desc, total=total)):
         if max_batches is not None and i >= max_batches:
             break
         where = f"calibration batch {i} ({calib.description})"
@@ -259,7 +256,26 @@ def calibrate(model: onnx.ModelProto, ctx: PassContext, *, bins: int = 2048,
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CalibrationError(f"{where}: onnxruntime could not run it: {msg}") from None
-        for name, value in zip(out_names, values):
+        out = dict(zip(out_names, values))
+        del values                    # one batch's activations alive at a time
+        yield batch, out
+        del out
+
+
+def calibrate(model: onnx.ModelProto, ctx: PassContext, *, bins: int = 2048,
+              tensors: tuple[str, ...] | None = None,
+              max_batches: int | None = None) -> CalibrationStats:
+    """Run the calibration data through onnxruntime and fold every float activation into
+    streaming statistics. Raises CalibrationError naming the batch/input on bad data."""
+    calib = ctx.require_calib(model)
+    shapes = ctx.analysis("shapes", model)
+    names = list(tensors) if tensors is not None else float_activations(model, shapes)
+    names = [n for n in names if n in shapes]
+    stats = {n: TensorStats(n, bins=bins) for n in names}
+    batches = samples = 0
+    for batch, values in calibration_outputs(model, ctx, names, desc="calibrating",
+                                             max_batches=max_batches):
+        for name, value in values.items():
             st = stats.get(name)
             if st is not None:
                 st.update(value)

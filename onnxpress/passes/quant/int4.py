@@ -7,6 +7,14 @@
 
 Each block of `block_size` consecutive weights along K has its own scale (and zero point when
 asymmetric). Embedding tables become int8 with per-row scales.
+
+    method=rtn    each weight rounded to nearest
+    method=gptq   rows of W rounded in order, each error fed forward through the inverse Hessian
+                  of the layer's calibration inputs (gptq.py)
+    accuracy_level=auto   MatMulNBits' 0 (fp32 compute) or 4 (int8 activations), whichever runs
+                  faster on this machine's onnxruntime
+    int8_above=d  layers whose int4 form alone costs the outputs more than d of min cosine
+                  (quant_auto's sensitivity) become dynamic int8 instead
 """
 
 from __future__ import annotations
@@ -27,31 +35,35 @@ from onnxpress.passes.quant.common import (
     replace_graph_nodes,
     set_opset,
 )
-from onnxpress.passes.quant.dynamic import matmul_weight
+from onnxpress.passes.quant.dynamic import dynamic_quantize, matmul_weight
 from onnxpress.passes.registry import Range, register
 from onnxpress.stats import iter_graphs
+
+
+def block_qparams(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """blocks [nb, block_size, N] -> (scale [nb, N], zero point [nb, N] 0..15) of 4-bit values."""
+    if symmetric:
+        m = np.abs(blocks).max(axis=1)
+        scale = np.where(m > 0, m / 7.0, 1.0).astype(np.float32)
+        return scale, np.full(scale.shape, 8, np.uint8)
+    lo = np.minimum(blocks.min(axis=1), 0.0)
+    hi = np.maximum(blocks.max(axis=1), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    return scale, np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
 
 
 def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w [K, N] -> (q uint4 values 0..15 [Kp, N], scale [nb, N], zero point [nb, N] 0..15),
-    K padded with zeros to a multiple of block_size."""
+    K padded with zeros to a multiple of block_size (round-to-nearest)."""
     k, n = w.shape
     nb = -(-k // block_size)
     wp = np.zeros((nb * block_size, n), np.float32)
     wp[:k] = w
     blocks = wp.reshape(nb, block_size, n)
-    if symmetric:
-        m = np.abs(blocks).max(axis=1)
-        scale = np.where(m > 0, m / 7.0, 1.0).astype(np.float32)
-        zp = np.full((nb, n), 8, np.int32)
-    else:
-        lo = np.minimum(blocks.min(axis=1), 0.0)
-        hi = np.maximum(blocks.max(axis=1), 0.0)
-        scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
-        zp = np.clip(np.round(-lo / scale), 0, 15).astype(np.int32)
+    scale, zp = block_qparams(blocks, symmetric)
     q = np.clip(np.round(blocks / scale[:, None, :]) + zp[:, None, :], 0, 15).astype(np.uint8)
-    return q.reshape(nb * block_size, n), scale, zp.astype(np.uint8)
+    return q.reshape(nb * block_size, n), scale, zp
 
 
 def _pack_nibbles(values: np.ndarray) -> np.ndarray:
@@ -62,10 +74,11 @@ def _pack_nibbles(values: np.ndarray) -> np.ndarray:
 
 
 def matmul_nbits_node(x: str, out: str, w: np.ndarray, *, block_size: int, symmetric: bool,
-                      accuracy_level: int, names: Names, base: str, bias: np.ndarray | None
+                      accuracy_level: int, names: Names, base: str, bias: np.ndarray | None,
+                      quantized: tuple | None = None
                       ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     k, n = w.shape
-    q, scale, zp = quantize_blocks(w, block_size, symmetric)
+    q, scale, zp = quantized or quantize_blocks(w, block_size, symmetric)
     nb = scale.shape[0]
     packed = _pack_nibbles(q.T.reshape(n, nb, block_size))          # [N, nb, bs/2]
     bn, sn = names(base + "_B_int4"), names(base + "_scales")
@@ -89,10 +102,10 @@ def matmul_nbits_node(x: str, out: str, w: np.ndarray, *, block_size: int, symme
 
 
 def dq_int4_nodes(x: str, out: str, w: np.ndarray, *, block_size: int, symmetric: bool,
-                  names: Names, base: str, bias: np.ndarray | None
+                  names: Names, base: str, bias: np.ndarray | None, quantized: tuple | None = None
                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     k, n = w.shape
-    q, scale, zp = quantize_blocks(w, block_size, symmetric)
+    q, scale, zp = quantized or quantize_blocks(w, block_size, symmetric)
     q, zp = q[:k].astype(np.int32) - 8, zp.astype(np.int32) - 8     # signed int4
     qn, sn, zn = names(base + "_W_int4"), names(base + "_scale"), names(base + "_zero_point")
     wf = names(base + "_W")
@@ -113,14 +126,20 @@ def dq_int4_nodes(x: str, out: str, w: np.ndarray, *, block_size: int, symmetric
 def int4_quantize(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bool = False,
                   use_nbits: bool = True, accuracy_level: int = 0, embeddings: bool = True,
                   min_weight: int = 1024, exclude_nodes: list[str] | None = None,
-                  names_filter=None) -> tuple[onnx.ModelProto, dict]:
+                  names_filter=None, hessians: dict[str, np.ndarray] | None = None,
+                  damp: float = 0.01) -> tuple[onnx.ModelProto, dict]:
+    """Every MatMul/Gemm with a constant weight of at least min_weight elements to int4; with
+    `hessians` ({input tensor: H}) the weights of layers whose input has one are placed by GPTQ,
+    the others round to nearest."""
+    from onnxpress.passes.quant.gptq import gptq_quantize_blocks
+
     raised = False
     if not use_nbits:
         model, raised = ensure_opset(model, 21)
     lifted = constants_to_initializers(model.graph)
     names = Names(model)
     exclude = set(exclude_nodes or ())
-    count = 0
+    count = gptq = 0
     for g in iter_graphs(model.graph):
         g_inputs = {i.name for i in g.input}
         inits = {t.name: t for t in g.initializer if t.name not in g_inputs}
@@ -134,15 +153,22 @@ def int4_quantize(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bo
                 continue
             w, bias = wb
             base = n.name or n.output[0]
+            h = (hessians or {}).get(n.input[0]) if g is model.graph else None
+            quantized = None
+            if h is not None and h.shape[0] == w.shape[0]:
+                quantized = gptq_quantize_blocks(w, h, block_size, symmetric, damp)
+                gptq += quantized is not None
             if use_nbits:
                 node, new_inits = matmul_nbits_node(
                     n.input[0], n.output[0], w, block_size=block_size, symmetric=symmetric,
-                    accuracy_level=accuracy_level, names=names, base=base, bias=bias)
+                    accuracy_level=accuracy_level, names=names, base=base, bias=bias,
+                    quantized=quantized)
                 rebuilt.append(node)
             else:
                 nodes, new_inits = dq_int4_nodes(n.input[0], n.output[0], w,
                                                  block_size=block_size, symmetric=symmetric,
-                                                 names=names, base=base, bias=bias)
+                                                 names=names, base=base, bias=bias,
+                                                 quantized=quantized)
                 rebuilt.extend(nodes)
             g.initializer.extend(new_inits)
             count += 1
@@ -152,9 +178,81 @@ def int4_quantize(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bo
     if use_nbits and count:
         set_opset(model, "com.microsoft", 1)
     tables = quantize_gather_tables(model, names) if embeddings else 0
-    return model, {"matmuls_int4": count, "embedding_tables_int8": tables,
+    return model, {"matmuls_int4": count, "matmuls_gptq": gptq,
+                   "embedding_tables_int8": tables,
                    "constants_lifted": lifted, "opset_raised": raised,
                    "format": "MatMulNBits" if use_nbits else "DequantizeLinear(int4, block_size)"}
+
+
+def one_sample(batch: dict[str, np.ndarray], model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The first sample of a calibration batch (batch 1, as served), unless the batch dim is fixed."""
+    from onnxpress.data import graph_input_specs
+
+    specs = graph_input_specs(model)
+    out = {}
+    for name, value in batch.items():
+        dims = specs.get(name, (None, []))[1]
+        fixed = bool(dims) and isinstance(dims[0], int)
+        out[name] = value if fixed or np.ndim(value) == 0 else value[:1]
+    return out
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
+    for g in iter_graphs(model.graph):
+        for n in g.node:
+            if n.op_type == "MatMulNBits" and n.domain == "com.microsoft":
+                for a in n.attribute:
+                    if a.name == "accuracy_level":
+                        a.i = level
+
+
+def choose_accuracy_level(model: onnx.ModelProto, ctx: PassContext, asked: str
+                          ) -> tuple[int, str, dict]:
+    """MatMulNBits' accuracy_level: the one asked, else the faster of 0 (fp32 compute) and 4
+    (int8 activations) on this machine's onnxruntime, timed on one calibration sample; with
+    no calibration data (or for another target) a rule: 4 where the CPU multiplies int8 in one
+    instruction (VNNI, Arm), 0 on x86 without VNNI, where onnxruntime's int8 path measured
+    slower than fp32 (AVX2 EPYC, onnxruntime 1.32: 0.79x on MiniLM at sequence 128)."""
+    if asked != "auto":
+        return int(asked), "given", {}
+    if not ctx.for_onnxruntime or ctx.calib is None:
+        from onnxpress.passes.quant.qdq import _host_is_x86_without_vnni
+
+        level = 0 if _host_is_x86_without_vnni() else 4
+        why = "x86 without VNNI" if level == 0 else "VNNI or Arm int8 dot products"
+        return level, f"rule: {why} (no calibration sample to time)", {}
+    from onnxpress.passes.quant.latency import relative_costs
+
+    feeds = one_sample(next(iter(ctx.require_calib(model))), model)
+    candidates = {}
+    for level in (0, 4):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        set_accuracy_level(m, level)
+        candidates[level] = m
+    costs, base = relative_costs(list(candidates.values()), feeds)
+    # int8 compute must pay on both clocks (CPU time at 1 thread and wall at 2) to be chosen
+    level = 4 if costs[1] < 0.97 else 0
+    timing = {"accuracy_level_cost_vs_0": {4: round(costs[1], 3)},
+              "accuracy_level_0_ms": {"cpu_1t": round(base[0], 2), "wall_2t": round(base[1], 2)}}
+    return level, "measured on this machine (onnxruntime, one calibration sample)", timing
+
+
+def int4_sensitive_layers(model: onnx.ModelProto, ctx: PassContext, *, threshold: float,
+                          block_size: int, use_nbits: bool, max_batches: int = 4
+                          ) -> tuple[set[str], dict[str, float]]:
+    """Layers whose int4 form alone costs the model's outputs more than `threshold` in min
+    cosine on calibration data (quant_auto's per-layer sensitivity)."""
+    import itertools
+
+    from onnxpress.passes.quant.auto import Scorer, layer_sensitivity
+
+    batches = list(itertools.islice(ctx.require_calib(model), max_batches))
+    _, table = layer_sensitivity(model, ctx, precisions=["int4"],
+                                 scorer=Scorer(model, batches, "cosine", None), int8_options={},
+                                 int4_options=dict(block_size=block_size, use_nbits=use_nbits))
+    drops = {key: round(row["int4"], 5) for key, row in table.items() if "int4" in row}
+    return {key for key, d in drops.items() if d > threshold}, drops
 
 
 @register("quant_int4", lossy=True, uses=("calib",))
@@ -162,7 +260,10 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
                block_size: Literal[16, 32, 64, 128, 256] = 32,
                symmetric: bool = False,
                format: Literal["auto", "nbits", "qdq"] = "auto",
-               accuracy_level: Annotated[int, Range(0, 4)] = 0,
+               method: Literal["rtn", "gptq"] = "rtn",
+               accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = "auto",
+               damp: Annotated[float, Range(0, 1, lo_inclusive=False)] = 0.01,
+               int8_above: Annotated[float, Range(0, 1, lo_inclusive=False)] | None = None,
                embeddings: bool = True,
                min_weight: Annotated[int, Range(0)] = 1024,
                exclude_nodes: list[str] | None = None) -> onnx.ModelProto:
@@ -171,17 +272,54 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
     before: y = MatMul(x, W fp32 [K, N])
     after:  y = MatMulNBits(x, W 4-bit, one scale (+ zero point) per block_size weights along K)
     format=auto picks com.microsoft MatMulNBits when ctx.target is "ort", else the standard
-    DequantizeLinear(int4, block_size) of opset 21. accuracy_level 4 lets onnxruntime compute with
-    int8 activations (faster, slightly less exact).
+    DequantizeLinear(int4, block_size) of opset 21.
+    method=rtn rounds each weight to nearest; method=gptq (needs calibration data) quantizes
+    the rows of W in order and feeds each rounding error forward through the inverse Hessian
+    of the layer's input (damped by damp * its mean diagonal), so the layer's output on the
+    calibration inputs stays closest to fp32.
+    accuracy_level (MatMulNBits): 4 computes with int8 activations, 0 in fp32; auto times both
+    on one calibration sample on this machine and keeps the faster (a CPU rule without data).
+    int8_above: layers whose int4 form alone lowers the outputs' min cosine on calibration data
+    by more than this become dynamic int8 instead (quant_auto's per-layer sensitivity).
     """
+    from onnxpress.passes.quant.latency import node_key
+
     original = onnx.ModelProto()
     original.CopyFrom(model)
     use_nbits = format == "nbits" or (format == "auto" and ctx.for_onnxruntime)
+    extra: dict = {"method": method}
+    int8: set[str] = set()
+    if int8_above is not None:
+        int8, drops = int4_sensitive_layers(original, ctx, threshold=int8_above,
+                                            block_size=block_size, use_nbits=use_nbits)
+        extra.update(int4_sensitivity=drops, int8_layers=sorted(int8))
+    hessians = None
+    if method == "gptq":
+        from onnxpress.passes.quant.gptq import input_hessians
+
+        inits = {t.name: t for t in original.graph.initializer}
+        hessians = input_hessians(original, ctx, [
+            n.input[0] for n in original.graph.node if n.op_type in ("MatMul", "Gemm")
+            and n.input[0] not in inits and matmul_weight(n, inits) is not None])
     out, figures = int4_quantize(model, block_size=block_size, symmetric=symmetric,
-                                 use_nbits=use_nbits, accuracy_level=accuracy_level,
+                                 use_nbits=use_nbits, accuracy_level=0,
                                  embeddings=embeddings, min_weight=min_weight,
-                                 exclude_nodes=exclude_nodes)
+                                 exclude_nodes=exclude_nodes, hessians=hessians, damp=damp,
+                                 names_filter=(lambda n: node_key(n) not in int8) if int8 else None)
+    if int8:
+        out, f8 = dynamic_quantize(out, embeddings=False, min_weight=min_weight,
+                                   names_filter=lambda n: node_key(n) in int8)
+        extra["matmuls_int8"] = f8["matmuls_quantized"]
+    if use_nbits and figures["matmuls_int4"]:
+        level, how, timing = choose_accuracy_level(out, ctx, accuracy_level)
+        set_accuracy_level(out, level)
+        extra.update(accuracy_level=level, accuracy_level_chosen_by=how, **timing)
+    else:
+        extra.update(accuracy_level=None, accuracy_level_chosen_by="no MatMulNBits")
+    if method == "gptq":            # layers in subgraphs, or whose Hessian would not factor
+        extra["matmuls_rtn_fallback"] = figures["matmuls_int4"] - figures["matmuls_gptq"]
     copy_model_fields(original, out)
+    figures.update(extra)
     if ctx.calib is not None:
         from onnxpress.passes.quant.qdq import output_error
 
