@@ -123,15 +123,28 @@ def minilm_rows(quick: bool) -> list[dict]:
     for label, spec in specs.items():
         timed(f"onnxpress {label}", lambda spec=spec: passes.apply(fp32, spec, calib=calib))
 
+    feeds = zoo.minilm_feeds(task.test_texts[:8], tokenizer=tok)
+    extra = {name: {"quantize_s": round(seconds.get(name, 0.0), 1)} for name in variants}
+    return minilm_task_rows(variants, feeds, extra, quick=quick)
+
+
+def minilm_task_rows(variants: dict[str, onnx.ModelProto], feeds: dict, extra: dict[str, dict],
+                     *, quick: bool) -> list[dict]:
+    """One row per MiniLM variant (the first is fp32): Debian task accuracy, mean/min cosine of
+    every embedding to fp32's, size, and latency on `feeds`, all variants interleaved."""
+    from onnxpress import zoo
+
+    task = zoo.debian_task()
+    tok = zoo.minilm_tokenizer()
+    names = list(variants)
+    fp32 = variants[names[0]]
     ref_train = zoo.embed(fp32, task.train_texts, tokenizer=tok)
     ref_test = zoo.embed(fp32, task.test_texts, tokenizer=tok)
-    feeds = zoo.minilm_feeds(task.test_texts[:8], tokenizer=tok)
-    names = list(variants)
     wall, cpu = latencies([variants[n] for n in names], feeds, quick=quick)
     rows = []
     for k, name in enumerate(names):
         m = variants[name]
-        if name == "fp32":
+        if k == 0:
             tr, te = ref_train, ref_test
         else:
             tr = zoo.embed(m, task.train_texts, tokenizer=tok)
@@ -144,7 +157,7 @@ def minilm_rows(quick: bool) -> list[dict]:
             "size_MB": round(size_of(m) / 1e6, 2), "size_x": round(size_of(m) / size_of(fp32), 3),
             "wall_ms_2t": round(wall[k], 2), "speedup_wall": round(wall[0] / wall[k], 2),
             "cpu_ms_1t": round(cpu[k], 2), "speedup_cpu": round(cpu[0] / cpu[k], 2),
-            "quantize_s": round(seconds.get(name, 0.0), 1)})
+            **extra.get(name, {})})
     return rows
 
 
