@@ -1,4 +1,5 @@
-"""distill: the torch converter matches onnxruntime; teacher from a path; hard labels; errors."""
+"""distill: the torch converter matches onnxruntime (zoo models, onnx's node cases); teacher from a
+path; hard labels; errors."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from onnxpress import passes, zoo  # noqa: E402
 from onnxpress.backends import ort  # noqa: E402
 from onnxpress.errors import PassOptionError, UnsupportedOpError  # noqa: E402
 from onnxpress.passes.torch_graph import OnnxGraphModule  # noqa: E402
+from tests.passes import torch_coverage  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["digits", "resnet18", "mobilenetv3_small_100", "convnext_atto"])
@@ -24,6 +26,17 @@ def test_torch_converter_matches_onnxruntime(name, digits_cnn_path, timm_path):
     want = ort.run(model, {"input": x})
     for k, v in want.items():
         np.testing.assert_allclose(got[k].numpy(), v, rtol=1e-4, atol=1e-4 * float(np.abs(v).max()))
+
+
+def test_torch_converter_covers_onnx_node_cases(capsys):
+    """Every onnx node case that onnxruntime runs with a float input, through the converter:
+    at least 95% match onnxruntime (rtol 1e-4, atol 1e-5). onnxruntime's outputs are cached
+    in-process with test_conformance's; `python -m tests.passes.torch_coverage -v` lists the rest."""
+    cov = torch_coverage.measure()
+    with capsys.disabled():
+        print("\n" + cov.summary())
+    assert cov.eligible > 1200
+    assert cov.fraction >= 0.95, "\n".join([cov.summary()] + cov.failures[:20])
 
 
 def test_distill_with_teacher_path_and_labels(digits_cnn_path, digits, tmp_path):
