@@ -7,9 +7,11 @@
     MatMul with a constant weight whose result goes on in float:
              x -> Q -> DQ -> MatMul(DQ(W int8)) -> y    (onnxruntime: MatMulIntegerToFloat)
 
-Weights stored in Constant nodes are lifted to initializers first. Inside If/Loop/Scan bodies, where
-activations cannot be calibrated, weights are still quantized (weight-only int8, DequantizeLinear in
-the body). Per-channel DequantizeLinear needs opset 13: older models are converted first.
+Weights stored in Constant nodes are lifted to initializers first. If/Loop bodies of the main graph
+are calibrated and quantized as models of their own (bodies.py); where a body cannot be calibrated
+(nested, never reached) its weights are still int8 (weight-only, DequantizeLinear in the body).
+LSTM/GRU/RNN weights are int8 per gate row, their state float (recurrent.py). Per-channel
+DequantizeLinear needs opset 13: older models are converted first.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ OWN_RANGE = ("GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Concat
 PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize",
                "Slice", "Split")
 DEFAULT_OPS = ["Conv", "MatMul", "Gemm", "Add", "GlobalAveragePool", "AveragePool", "MaxPool",
-               "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Resize"]
+               "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Resize",
+               "LSTM", "GRU", "RNN"]
 # ops whose integer kernel in onnxruntime needs the output quantized too (QLinearConv, QLinearAdd..)
 NEEDS_OUTPUT_Q = ("Conv",) + BINARY + OWN_RANGE + PASSTHROUGH
 
@@ -448,6 +451,10 @@ def quantize_static(
                 del g.node[:]
                 g.node.extend(nodes)
 
+    # LSTM/GRU/RNN anywhere: weight-only int8 per gate row, state float (recurrent.py)
+    from onnxpress.passes.quant.recurrent import quantize_recurrent
+
+    left_float.update(quantize_recurrent(model, names, selected=selected))
     tables = quantize_gather_tables(model, names) if embeddings else 0
 
     ordered = []
@@ -549,6 +556,13 @@ def layer_precisions(model: onnx.ModelProto) -> dict[str, str]:
             out[key] = "int8"
         elif n.op_type == "Attention" and n.domain == "com.microsoft":
             out[key] = "float"
+        elif n.op_type == "DynamicQuantizeLSTM":
+            out[key] = "int8"
+        elif n.op_type in ("LSTM", "GRU", "RNN") and len(n.input) > 2:
+            out[key] = "weight-only int8" if dq_weight(n.input[1]) or (
+                producer.get(n.input[1]) is not None
+                and producer[n.input[1]].op_type == "Reshape"
+                and dq_weight(producer[n.input[1]].input[0])) else "float"
         elif n.op_type in COMPUTE and len(n.input) > 1:
             if dq_of_q(n.input[0]) and (dq_weight(n.input[1]) or dq_of_q(n.input[1])):
                 out[key] = "int8"
@@ -708,6 +722,14 @@ def quant_int8(
         why = [reasons[node_key(m)] for m in made if node_key(m) in reasons]
         if why:
             reasons[node_key(node)] = why[0]
+    from onnxpress.passes.quant.recurrent import keep_recurrent_int8
+
+    out, recurrent = keep_recurrent_int8(out, kwargs)
+    reasons.update(recurrent)
+    from onnxpress.passes.quant.bodies import quantize_bodies
+
+    out, bodies = quantize_bodies(original, out, ctx, kwargs)
+    figures.update(bodies)
     from onnxpress.passes.graph import copy_model_fields
 
     copy_model_fields(original, out)
