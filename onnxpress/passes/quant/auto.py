@@ -29,7 +29,7 @@ from onnxpress.passes.quant.common import FLOAT
 from onnxpress.passes.quant.latency import node_key
 from onnxpress.passes.registry import Range, register
 
-PRECISIONS = ("int8", "int4", "fp16", "fp32")
+PRECISIONS = ("int8", "w8a16", "int4", "fp16", "fp32")    # w8a16: int8 weights, 16-bit activations
 
 
 @dataclasses.dataclass
@@ -124,6 +124,7 @@ def apply_assignment(model: onnx.ModelProto, stats, assignment: dict[str, str], 
                      int8_options: dict, int4_options: dict,
                      embeddings: bool) -> onnx.ModelProto:
     """Build the model with each layer at its assigned precision (layers absent stay fp32)."""
+    from onnxpress.passes.quant.act16 import widen_activations
     from onnxpress.passes.quant.fp16 import FLOAT16, convert_precision
     from onnxpress.passes.quant.int4 import int4_quantize
     from onnxpress.passes.quant.qdq import COMPUTE, quantize_static
@@ -131,13 +132,24 @@ def apply_assignment(model: onnx.ModelProto, stats, assignment: dict[str, str], 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     by = {p: {k for k, v in assignment.items() if v == p} for p in PRECISIONS}
+    unnamed16 = [n for n in m.graph.node if not n.name and node_key(n) in by["w8a16"]]
+    for n in unnamed16:          # (the key of an unnamed layer is its weight, which int8 renames)
+        n.name = node_key(n)
+    reads16 = {node_key(n): n.input[0] for n in m.graph.node if node_key(n) in by["w8a16"]}
     if by["int4"]:
         m, _ = int4_quantize(m, embeddings=False, names_filter=lambda n: node_key(n) in by["int4"],
                              **int4_options)
-    if by["int8"] or embeddings:
+    if by["int8"] or by["w8a16"] or embeddings:
+        int8 = by["int8"] | by["w8a16"]
         m, _ = quantize_static(
             m, stats, embeddings=embeddings, **int8_options,
-            names_filter=lambda n: n.op_type not in COMPUTE or node_key(n) in by["int8"])
+            names_filter=lambda n: n.op_type not in COMPUTE or node_key(n) in int8)
+    if by["w8a16"]:
+        m, _ = widen_activations(m, reads16, stats, contrib_ops=int8_options["contrib_ops"])
+        named = {n.name for n in unnamed16}
+        for n in m.graph.node:
+            if n.name in named:
+                n.name = ""
     if by["fp16"]:
         keep = [n.name for n in m.graph.node if node_key(n) not in by["fp16"]]
         unnamed = [n for n in m.graph.node if not n.name]
@@ -151,13 +163,17 @@ def apply_assignment(model: onnx.ModelProto, stats, assignment: dict[str, str], 
 
 
 def layer_sensitivity(model: onnx.ModelProto, ctx: PassContext, *, precisions: list[str],
-                      scorer: Scorer, int8_options: dict, int4_options: dict, stats=None
+                      scorer: Scorer, int8_options: dict, int4_options: dict, stats=None,
+                      layers: list[Layer] | None = None, table: dict | None = None
                       ) -> tuple[list[Layer], dict[str, dict[str, float]]]:
-    if stats is None and "int8" in precisions:
+    """Each layer (all weighted layers, or `layers`) alone at each precision, scored; adds to
+    `table` when given (precisions it already holds for a layer are not measured again)."""
+    if stats is None and {"int8", "w8a16"} & set(precisions):
         stats = ctx.analysis("calib", model)
-    layers = weighted_layers(model)
-    table: dict[str, dict[str, float]] = {}
-    jobs = [(layer, p) for layer in layers for p in precisions if p != "fp32" and supports(layer, p)]
+    layers = weighted_layers(model) if layers is None else layers
+    table = {} if table is None else table
+    jobs = [(layer, p) for layer in layers for p in precisions
+            if p != "fp32" and supports(layer, p) and p not in table.get(layer.key, {})]
     for layer, p in ctx.progress_bar(jobs, desc="sensitivity", total=len(jobs)):
         cand = apply_assignment(model, stats, {layer.key: p}, int8_options=int8_options,
                                 int4_options=int4_options, embeddings=False)
@@ -166,10 +182,13 @@ def layer_sensitivity(model: onnx.ModelProto, ctx: PassContext, *, precisions: l
 
 
 def choose_precisions(layers: list[Layer], table: dict, levels: list[str], evaluate: Callable,
-                      budget_ok: Callable[[float], bool], ctx: PassContext
+                      budget_ok: Callable[[float], bool], ctx: PassContext,
+                      measure: Callable[[str, list[Layer]], None] | None = None
                       ) -> tuple[dict[str, str], float, int]:
     """Start every layer at levels[0]; move the most sensitive up a level, bisecting how many,
-    until the model meets the budget. Returns (assignment, degradation, models evaluated)."""
+    until the model meets the budget. `measure(level, layers)` fills in sensitivities the table
+    lacks, only for a level the search has to leave. Returns (assignment, degradation, models
+    evaluated)."""
     assign = {}
     for layer in layers:
         assign[layer.key] = next(p for p in levels if p == "fp32" or supports(layer, p))
@@ -178,7 +197,6 @@ def choose_precisions(layers: list[Layer], table: dict, levels: list[str], evalu
         at = [layer for layer in layers if assign[layer.key] == level]
         if not at:
             continue
-        at.sort(key=lambda layer: -table.get(layer.key, {}).get(level, 0.0))
 
         def moved(k: int, assign=assign, at=at, j=j) -> dict[str, str]:
             a = dict(assign)
@@ -190,6 +208,9 @@ def choose_precisions(layers: list[Layer], table: dict, levels: list[str], evalu
         evaluated += 1
         if budget_ok(d0):
             return assign, d0, evaluated
+        if measure is not None:
+            measure(level, at)
+        at.sort(key=lambda layer: -table.get(layer.key, {}).get(level, 0.0))
         lo, hi = 0, len(at)          # budget fails at lo, assume it holds at hi (or next level)
         best_d = None
         while hi - lo > 1:
@@ -261,11 +282,12 @@ def quant_auto(
     if "fp32" not in cands:
         cands.append("fp32")
     if objective == "latency":
-        order = ["int8", "fp32"] if ctx.for_onnxruntime else ["int8", "fp16", "int4", "fp32"]
+        order = ["int8", "w8a16", "fp32"] if ctx.for_onnxruntime else \
+            ["int8", "w8a16", "fp16", "int4", "fp32"]
         levels = [p for p in order if p in cands]
         # on onnxruntime's CPU fp16/int4 are not faster than fp32: they only help size
     else:
-        levels = [p for p in ("int4", "int8", "fp16", "fp32") if p in cands]
+        levels = [p for p in ("int4", "int8", "w8a16", "fp16", "fp32") if p in cands]
     measure = [p for p in levels if p != "fp32"]
 
     # judge on batches the ranges never saw when there are enough of them
@@ -281,7 +303,11 @@ def quant_auto(
     scorer = Scorer(model, batches, metric, callback)
     stats = ctx.analysis("calib", model, max_batches=n_batches - max_batches) if held_out \
         else ctx.analysis("calib", model)
-    int8_options = dict(method=method, contrib_ops=ctx.for_onnxruntime)
+    from onnxpress.passes.quant.qdq import needs_7_bit_weights
+
+    # (as quant_int8's weight_range=auto: full-range weights saturate u8 x s8 without VNNI)
+    int8_options = dict(method=method, contrib_ops=ctx.for_onnxruntime,
+                        weight_bits=7 if needs_7_bit_weights(ctx.target) else 8)
     int4_options = dict(block_size=block_size, use_nbits=ctx.for_onnxruntime)
     calib_batches = n_batches - max_batches if held_out else None
     outlier_figures: dict[str, Any] = {}
@@ -290,9 +316,10 @@ def quant_auto(
 
         model, stats, outlier_figures = choose_outlier_fixes(
             model, ctx, stats, scorer=scorer, int8_options=int8_options, calib_batches=calib_batches)
-    layers, table = layer_sensitivity(model, ctx, precisions=measure, scorer=scorer,
-                                      int8_options=int8_options, int4_options=int4_options,
-                                      stats=stats)
+    # w8a16 is measured only if the search has to move layers on from it
+    layers, table = layer_sensitivity(model, ctx, precisions=[p for p in measure if p != "w8a16"],
+                                      scorer=scorer, int8_options=int8_options,
+                                      int4_options=int4_options, stats=stats)
     if metric in ("cosine", "top1"):
         def budget_ok(d: float) -> bool:
             return 1.0 - d >= budget
@@ -310,8 +337,12 @@ def quant_auto(
                          "fp32_layers": sum(v == "fp32" for v in assign.values())})
         return d
 
+    def measure_level(level: str, at: list[Layer]) -> None:
+        layer_sensitivity(model, ctx, precisions=[level], scorer=scorer, stats=stats, layers=at,
+                          table=table, int8_options=int8_options, int4_options=int4_options)
+
     assign, degradation, evaluated = choose_precisions(layers, table, levels, evaluate,
-                                                       budget_ok, ctx)
+                                                       budget_ok, ctx, measure=measure_level)
     out = apply_assignment(model, stats, assign, int8_options=int8_options,
                            int4_options=int4_options, embeddings=embeddings)
     figures: dict[str, Any] = {}
@@ -359,7 +390,7 @@ def quant_auto(
         "explored": explored,
         {"cosine": "min_cosine", "top1": "top1_agreement"}.get(metric, "degradation"):
             round(_metric_value(metric, degradation), 6),
-        "layers": len(layers), "models_evaluated": evaluated + len(rows),
+        "layers": len(layers), "models_evaluated": evaluated + sum(map(len, table.values())),
         **{f"layers_{p}": c for p, c in counts.items()},
         "precision": {layer.key: assign[layer.key] for layer in layers},
         "sensitivity": rows,
