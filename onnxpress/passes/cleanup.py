@@ -158,6 +158,7 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
         return model
     copy_model_fields(model, out)
     restore_graph_io(model, out)
+    _hoist_body_weights(model, out)
     problem = checker_problem(out)
     if problem is not None:
         eliminate_dead_code(model.graph)
@@ -166,6 +167,35 @@ def fold_constants(model: onnx.ModelProto, ctx: PassContext, *,
     n_after = sum(1 for _ in _all_nodes(out.graph))
     ctx.record(folded=n_before - n_after)
     return adopt(model, out)
+
+
+def _hoist_body_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> int:
+    """graphsurgeon writes a main-graph initializer that only If/Loop bodies read into every
+    body that reads it: a weight both branches of an If share would be stored twice (a char
+    LSTM in both branches went from 140 to 278 KB). Put each back in the main graph, once."""
+    from onnxpress.stats import iter_graphs
+
+    main = {t.name for t in model.graph.initializer}
+    defined = {t.name for t in out.graph.initializer} | {i.name for i in out.graph.input}
+    defined |= {o for n in out.graph.node for o in n.output}
+    copies: dict[str, list] = {}
+    for sub in iter_graphs(out.graph):
+        if sub is not out.graph:
+            for t in sub.initializer:
+                if t.name in main and t.name not in defined:
+                    copies.setdefault(t.name, []).append((sub, t))
+    hoisted = 0
+    for where in copies.values():
+        first = where[0][1].SerializeToString()
+        if any(t.SerializeToString() != first for _, t in where):
+            continue
+        keep = onnx.TensorProto()
+        keep.CopyFrom(where[0][1])
+        for sub, t in where:
+            sub.initializer.remove(t)
+        out.graph.initializer.append(keep)
+        hoisted += 1
+    return hoisted
 
 
 def _stub_unfolded_weights(graph, model: onnx.ModelProto) -> None:

@@ -64,9 +64,10 @@ def main_graph_bodies(model: onnx.ModelProto) -> list[Body]:
             if a.type != onnx.AttributeProto.GRAPH:
                 continue
             defined = _defined(a.g)
-            reads = []
-            for m in a.g.node:
-                reads += [i for i in m.input if i and i not in defined and i not in reads]
+            reads: list[str] = []
+            for i in (i for m in a.g.node for i in m.input):
+                if i and i not in defined and i not in reads:
+                    reads.append(i)
             bodies.append(Body(n, a.name, a.g, reads))
     return bodies
 
@@ -289,7 +290,11 @@ def quantize_bodies(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ct
                         why[f"{body.label}/{node_key(n)}"] = reason
                 continue
         else:
-            stats, note = calibrate_body(float_model, body, temp, captures)
+            try:
+                stats, note = calibrate_body(float_model, body, temp, captures)
+            except Exception as exc:      # weight-only then, and the figures say why
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                stats, note = None, f"the body does not run as a model of its own: {first}"[:200]
         q, figures = quantize_static(temp, stats, **kwargs)
         calibrated += stats is not None
         reasons = figures.get("float_reasons", {})
@@ -300,6 +305,7 @@ def quantize_bodies(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ct
                 why[key] = note or reasons.get(k, "kept float")
         restore_fused_ops(q, fused)
         put_back(out, target, q)
+    shared = share_body_weights(out)
     if why:
         import warnings
 
@@ -312,4 +318,37 @@ def quantize_bodies(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ct
         "body_layers_int8": sum(v == "int8" for v in layers.values()),
         "body_float_layers": why,
         "bodies_calibrated": calibrated,
+        "body_weights_shared": shared,
     }
+
+
+def share_body_weights(model: onnx.ModelProto, *, min_bytes: int = 1024) -> int:
+    """Bodies that quantized the same main-graph weight hold equal int8 copies of it (both
+    branches of an If reading one LSTM): keep one, in the main graph, read by every body.
+    Returns how many initializers went to the main graph."""
+    from onnxpress.weights import tensor_nbytes
+
+    graph = model.graph
+    groups: dict[bytes, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+    for g in iter_graphs(graph):
+        if g is graph or any(has_subgraphs(n) for n in g.node):
+            continue
+        outputs = {o.name for o in g.output}
+        for t in g.initializer:
+            if tensor_nbytes(t) >= min_bytes and t.HasField("raw_data") and t.name not in outputs:
+                key = onnx.TensorProto(data_type=t.data_type, dims=t.dims,
+                                       raw_data=t.raw_data).SerializeToString()
+                groups.setdefault(key, []).append((g, t))
+    moved = 0
+    for copies in groups.values():
+        if len({id(g) for g, _ in copies}) < 2 or len(copies) != len({id(g) for g, _ in copies}):
+            continue
+        keep = onnx.TensorProto()
+        keep.CopyFrom(copies[0][1])
+        for g, t in copies:
+            if t.name != keep.name:
+                _rename_in_graph(g, {t.name: keep.name})
+            g.initializer.remove(next(x for x in g.initializer if x.name == keep.name))
+        graph.initializer.append(keep)
+        moved += 1
+    return moved

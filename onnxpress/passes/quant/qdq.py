@@ -551,6 +551,8 @@ def layer_precisions(model: onnx.ModelProto) -> dict[str, str]:
 
     out = {}
     for n in graph.node:
+        if not n.name and not n.input:       # (Constant, Optional: no layer, and no key)
+            continue
         key = node_key(n)
         if n.op_type in ("MatMulIntegerToFloat", "QAttention"):
             out[key] = "int8"
