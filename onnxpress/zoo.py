@@ -375,6 +375,57 @@ def char_feeds(ids: np.ndarray, *, batch: int, seq: int, hidden: int, layers: in
     return feeds
 
 
+def char_rnn_with_reset(cell: str = "LSTM", hidden: int = 128, layers: int = 1,
+                        steps: int = 500) -> Path:
+    """char_rnn with its network in both branches of an If, as streaming models write it: an
+    extra input 'reset' (bool scalar) starts the call from a zero state, otherwise the state fed
+    in goes on. Both branches read the main graph's weights; inputs and outputs as char_rnn's."""
+    path = cache_dir() / f"char_{cell.lower()}_h{hidden}_l{layers}_s{steps}_reset.onnx"
+    source = char_rnn(cell, hidden, layers, steps)
+    with _locked(path.stem):
+        if not path.exists():
+            import onnx
+            from onnx import TensorProto, helper
+
+            from onnxpress.io import save
+
+            net = onnx.load(source)
+            g = net.graph
+            inner = {o for n in g.node for o in n.output}
+            states = [i.name for i in g.input if i.name != "chars"]
+
+            def branch(suffix: str, state: dict[str, str]) -> onnx.GraphProto:
+                nodes = []
+                for n in g.node:
+                    c = onnx.NodeProto()
+                    c.CopyFrom(n)
+                    c.name += suffix
+                    c.output[:] = [o + suffix for o in n.output]
+                    c.input[:] = [i + suffix if i in inner else state.get(i, i) for i in n.input]
+                    nodes.append(c)
+                return helper.make_graph(nodes, "net" + suffix, [], [
+                    helper.make_tensor_value_info(o.name + suffix, TensorProto.FLOAT, None)
+                    for o in g.output])
+
+            nodes = [
+                helper.make_node("Shape", [states[0]], ["state_shape"], name="state_shape"),
+                helper.make_node("ConstantOfShape", ["state_shape"], ["zero_state"],
+                                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+                                 name="zero_state"),
+                helper.make_node("If", ["reset"], [o.name for o in g.output], name="if_reset",
+                                 then_branch=branch("_reset", dict.fromkeys(states, "zero_state")),
+                                 else_branch=branch("_carry", {}))]
+            graph = helper.make_graph(
+                nodes, "char_rnn_with_reset",
+                list(g.input) + [helper.make_tensor_value_info("reset", TensorProto.BOOL, [])],
+                list(g.output), list(g.initializer))
+            model = helper.make_model(graph, opset_imports=list(net.opset_import))
+            model.ir_version = net.ir_version
+            onnx.checker.check_model(model)
+            save(model, path)
+    return path
+
+
 # -- timm --------------------------------------------------------------------------------------
 TIMM_MODELS = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0", "vit_tiny_patch16_224",
                "convnext_atto")

@@ -102,49 +102,18 @@ def test_lstm_weights_stay_int8_when_the_latency_decision_keeps_float(char_lstm)
     assert same is char_lstm and why["/rnn/LSTM"] == "excluded by the pass options"
 
 
-def _lstm_in_if(char_lstm: onnx.ModelProto) -> onnx.ModelProto:
-    """The char LSTM in both branches of an If, as streaming models write it: `reset` starts
-    from a zero state, otherwise the state of the previous call goes on. The branches read the
-    main graph's weights."""
-    g = char_lstm.graph
-    inner = {o for n in g.node for o in n.output}
-
-    def branch(suffix: str, state: dict[str, str]) -> onnx.GraphProto:
-        nodes = []
-        for n in g.node:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            c.name += suffix
-            c.output[:] = [o + suffix for o in n.output]
-            c.input[:] = [i + suffix if i in inner else state.get(i, i) for i in n.input]
-            nodes.append(c)
-        return helper.make_graph(nodes, "b" + suffix, [], [helper.make_tensor_value_info(
-            o.name + suffix, TensorProto.FLOAT, None) for o in g.output])
-
-    nodes = [helper.make_node("Shape", ["h0"], ["h0_shape"]),
-             helper.make_node("ConstantOfShape", ["h0_shape"], ["zeros"],
-                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
-             helper.make_node("If", ["reset"], [o.name for o in g.output], name="if",
-                              then_branch=branch("_reset", {"h0": "zeros", "c0": "zeros"}),
-                              else_branch=branch("_go_on", {}))]
-    graph = helper.make_graph(nodes, "lstm_if", list(g.input) + [helper.make_tensor_value_info(
-        "reset", TensorProto.BOOL, [])], list(g.output), list(g.initializer))
-    model = helper.make_model(graph, opset_imports=list(char_lstm.opset_import))
-    model.ir_version = char_lstm.ir_version
-    onnx.checker.check_model(model)
-    return model
-
-
 def test_lstm_inside_if_branches_state_carried(char_lstm):
-    model = _lstm_in_if(char_lstm)
+    """The LSTM in both branches of an If (zoo.char_rnn_with_reset: 'reset' starts from a zero
+    state, else the state fed in goes on), the weights in the main graph."""
+    model = onnx.load(zoo.char_rnn_with_reset("LSTM", hidden=HIDDEN, steps=60))
     train, test = zoo.debian_chars().train[0], zoo.debian_chars().test[0]
     calib = [dict(zoo.char_feeds(train[i * 2048:], batch=8, seq=256, hidden=HIDDEN),
                   reset=np.array(i % 2 == 0)) for i in range(4)]
     res, caught = _run(model, PIPELINE, calib)
     f = _figures(res)
     assert f["bodies_calibrated"] == 2 and f["body_layers_int8"] == 2        # both heads
-    assert set(f["body_float_layers"]) == {"if/then_branch//rnn/LSTM_reset",
-                                           "if/else_branch//rnn/LSTM_go_on"}
+    assert set(f["body_float_layers"]) == {"if_reset/then_branch//rnn/LSTM_reset",
+                                           "if_reset/else_branch//rnn/LSTM_carry"}
     assert all(v.startswith("recurrent") for v in f["body_float_layers"].values())
     # cleanup keeps the shared weights in the main graph, quant_int8 their int8 forms: one copy
     assert passes.run(model, ["cleanup"]).model.ByteSize() <= model.ByteSize()
