@@ -338,3 +338,86 @@ def test_structured_prune_that_removes_nothing_fails_and_names_the_blockers():
         res = passes.run(model, "prune:sparsity=0.3,structured=true,allow_partial=true")
     assert res.reports[0].warnings and "removed no channel" in res.reports[0].warnings[0]
     assert any("removed no channel" in str(w.message) for w in caught)
+
+
+def test_structured_prune_names_the_node_that_keeps_a_group_whole():
+    """A max over the channel axis (a CBAM-style spatial map) keeps the first conv's channels
+    whole; the second conv's group still prunes. The user asked for 50% of every group: a warning
+    says which group stayed whole and why, and how much the model really lost."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+         for n, s in (("wa", (16, 3, 3, 3)), ("wb", (16, 16, 3, 3)), ("wc", (4, 16, 1, 1)))}
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMax", ["a"], ["mu"], name="channel_max", axes=[1]),
+             helper.make_node("Sub", ["a", "mu"], ["centred"], name="centre"),
+             helper.make_node("Conv", ["centred", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["rb"]),
+             helper.make_node("Conv", ["rb", "wc"], ["y"], name="conv_c")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              list(w.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    res = passes.run(model, "prune:sparsity=0.5,structured=true")
+    fig = res.reports[0].figures
+    assert fig["per_group"] == {"conv_b": "8/16"}
+    assert "channel_max" in fig["frozen_groups"]["conv_a"]
+    warned = [m for m in res.reports[0].warnings if "kept whole" in m]
+    assert len(warned) == 1 and "conv_a" in warned[0] and "channel_max" in warned[0], res.reports[0].warnings
+    assert "not 50%" in warned[0]
+
+
+@pytest.mark.parametrize("mean", ["ReduceMean", "ReduceSum/Div", "ReduceSum*1/N"])
+def test_structured_prune_goes_through_a_written_out_layernorm(mean):
+    """A LayerNorm written out as statistics over the channel axis (as JAX and TF converters and
+    hand-written modules export it) no longer blocks its group: the MatMul's neurons prune, the
+    statistics are recomputed over the kept channels (a sum's divisor N becomes the kept count),
+    and the result is exactly LayerNormalization over the kept channels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpress.backends import ort
+
+    rng = np.random.default_rng(0)
+    c = 16
+    wa = rng.standard_normal((6, c)).astype(np.float32)
+    wc = rng.standard_normal((c, 4)).astype(np.float32)
+    gamma = (rng.random(c) + 0.5).astype(np.float32)
+    inits = [numpy_helper.from_array(v, n) for n, v in (("wa", wa), ("wc", wc), ("gamma", gamma))]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n)
+              for n, v in (("n", float(c)), ("inv_n", 1.0 / c), ("eps", 1e-5))]
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="fc_a")]
+
+    def channel_mean(src: str, out: str, tag: str) -> list:
+        if mean == "ReduceMean":
+            return [helper.make_node("ReduceMean", [src], [out], name=f"mean_{tag}", axes=[-1])]
+        s = helper.make_node("ReduceSum", [src, "axes"], [out + "_sum"], name=f"sum_{tag}")
+        if mean == "ReduceSum/Div":
+            return [s, helper.make_node("Div", [out + "_sum", "n"], [out], name=f"div_{tag}")]
+        return [s, helper.make_node("Mul", ["inv_n", out + "_sum"], [out], name=f"mul_{tag}")]
+
+    inits.append(numpy_helper.from_array(np.array([-1], np.int64), "axes"))
+    nodes += channel_mean("a", "mu", "mu")
+    nodes += [helper.make_node("Sub", ["a", "mu"], ["d"]), helper.make_node("Mul", ["d", "d"], ["d2"])]
+    nodes += channel_mean("d2", "var", "var")
+    nodes += [helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+              helper.make_node("Div", ["d", "sd"], ["nrm"]), helper.make_node("Mul", ["nrm", "gamma"], ["g"]),
+              helper.make_node("MatMul", ["g", "wc"], ["y"], name="fc_c")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    res = passes.run(model, "prune:sparsity=0.5,structured=true")
+    assert res.reports[0].figures["per_group"] == {"fc_a": "8/16"}
+    assert not [m for m in res.reports[0].warnings if "kept whole" in m]
+    pw = _inits(res.model)
+    keep = [int(np.flatnonzero((wa == pw["wa"][:, [j]]).all(axis=0))[0]) for j in range(8)]
+    # the reference: LayerNormalization over the kept channels, the same weights sliced
+    ref = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wa"], ["a"]),
+         helper.make_node("LayerNormalization", ["a", "gamma"], ["g"], axis=-1, epsilon=1e-5),
+         helper.make_node("MatMul", ["g", "wc"], ["y"])], "ref", graph.input, graph.output,
+        [numpy_helper.from_array(v, n) for n, v in
+         (("wa", wa[:, keep]), ("gamma", gamma[keep]), ("wc", wc[keep]))])
+    x = rng.standard_normal((1, 5, 6)).astype(np.float32)
+    want = ort.run(helper.make_model(ref, opset_imports=[helper.make_opsetid("", 17)]), {"x": x})["y"]
+    np.testing.assert_allclose(ort.run(res.model, {"x": x})["y"], want, rtol=1e-4, atol=1e-4)

@@ -12,6 +12,7 @@ Modules: groups.py (the `channel_groups` analysis), structured.py, unstructured.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Annotated, Literal
 
 import numpy as np
@@ -124,6 +125,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, *,
                                           round_to=round_to, ctx=ctx)
         copy_model_fields(original, out)
         removed = sum(r.channels - r.kept for r in results)
+        after = stats.model_stats(out)
         if sparsity > 0 and removed == 0:
             blocked = [f"{g.name} ({g.frozen})" for g in cg.groups.values() if g.sources and g.frozen]
             why = ("; ".join(blocked[:8]) + (f"; and {len(blocked) - 8} more" if len(blocked) > 8
@@ -132,10 +134,20 @@ def prune(model: onnx.ModelProto, ctx: PassContext, *,
                    f"{len(cg.prunable())} prunable group(s) of {len(cg.groups)}; blocked: {why}")
             if not allow_partial:
                 raise PassError(msg + ". Pass allow_partial=true to accept an unchanged model.")
-            import warnings
-
             warnings.warn(msg, stacklevel=3)
-        after = stats.model_stats(out)
+        elif sparsity > 0:
+            # Some groups pruned, others held back by a node inside the graph (a normalization or
+            # softmax over the channel axis, a reshape it cannot follow): the user asked for
+            # `sparsity` everywhere, so name what kept each such group whole. Graph inputs and
+            # outputs keep their shapes by design and are only listed in the figures.
+            inner = [f"{g.name} ({g.frozen})" for g in cg.groups.values()
+                     if g.sources and g.frozen and not g.frozen.startswith(("graph input", "graph output"))]
+            if inner:
+                warnings.warn(
+                    f"pass 'prune': {len(inner)} channel group(s) kept whole, so the model lost "
+                    f"{1 - after.params / max(before.params, 1):.0%} of its "
+                    f"parameters, not {sparsity:.0%}: " + "; ".join(inner[:8])
+                    + (f"; and {len(inner) - 8} more" if len(inner) > 8 else ""), stacklevel=3)
         ctx.record(
             mode="structured", criterion=criterion, scope=eff_scope, round_to=round_to,
             groups=len(cg.groups), prunable_groups=len(cg.prunable()),

@@ -22,6 +22,10 @@ shrink too. This analysis walks the graph once and labels every tensor's channel
 Concat along the channel axis makes a layout of several segments (one per input group).
 A group is *frozen* (never pruned) when its channels reach a graph output or come from a graph
 input, or flow into an op this analysis does not understand (it says which, in the reason).
+Normalizations over the channel axis do not freeze it: LayerNormalization, a LayerNorm written
+out as ReduceMean/ReduceSum statistics (a sum divided by the channel count gets the kept count),
+an L2 norm, (Log)Softmax all recompute over the kept channels, so pruning there is approximate
+(like pruning any layer) rather than exact.
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ BINARY_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "P
 POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
             "GlobalLpPool", "Resize", "Upsample", "DepthToSpace_"}
 SOURCE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# reductions over the channel axis that a normalization reads as statistics (mean, variance, a
+# norm): pruning renormalizes over the kept channels, as LayerNormalization does
+CHANNEL_STATISTICS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceL1"}
+
+
+def const_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node outputs (through Identity) by name."""
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
+    return consts
 
 
 @dataclasses.dataclass
@@ -91,7 +111,8 @@ class Fixup:
     index: int
     axis: int
     layout: Layout
-    kind: str  # "out" (source filters), "in" (sink inputs), "param" (per-channel), "reshape", "group"
+    kind: str  # "out" (source filters), "in" (sink inputs), "param" (per-channel), "reshape", "group",
+    #            "count" / "inv_count" (a written-out mean's divisor N or factor 1/N: the kept count)
 
 
 @dataclasses.dataclass
@@ -131,12 +152,12 @@ class _Builder:
         self.model = model
         self.graph = model.graph
         self.shapes = shapes
-        self.consts: dict[str, np.ndarray] = {
-            t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.consts: dict[str, np.ndarray] = const_values(self.graph)
         self.groups: dict[int, ChannelGroup] = {}
         self.parent: dict[int, int] = {}
         self.layouts: dict[str, Layout] = {}
         self.fixups: list[Fixup] = []
+        self.channel_sums: dict[str, Layout] = {}  # ReduceSum over a group's channels -> its layout
 
     # -- union-find over groups --------------------------------------------------------------
     def new_group(self, size: int, source: str | None = None, frozen: str | None = None,
@@ -248,6 +269,8 @@ class _Builder:
             self.visit_source(node)
             return
         if not tracked:
+            if op in ("Div", "Mul") and any(i in self.channel_sums for i in node.input):
+                self.visit_channel_count(node)
             return
         x = tracked[0][1]
         if op in UNARY_OPS:
@@ -289,9 +312,10 @@ class _Builder:
             self.set_layout(node.output[0], Layout(list(perm).index(x.axis), x.segments, x.inner, x.rank))
         elif op in ("Softmax", "LogSoftmax", "Hardmax"):
             axis = _attr(node, "axis", -1) % x.rank if x.rank else None
-            if axis == x.axis or axis is None:
+            if axis is None or (axis == x.axis and (op == "Hardmax" or x.inner != 1)):
                 self.unknown(node, f"{op} '{node.name}' over the channel axis")
                 return
+            # over the channel axis, (Log)Softmax renormalizes over the kept channels
             self.set_layout(node.output[0], x)
         elif op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1",
                     "ReduceProd", "ReduceLogSumExp", "ReduceSumSquare"):
@@ -457,6 +481,25 @@ class _Builder:
             axes = c.tolist()
         return list(axes) if axes is not None else None
 
+    def visit_channel_count(self, node: onnx.NodeProto) -> None:
+        """sum / N or sum * (1/N) after a ReduceSum over a group's N channels: a mean, so the
+        constant becomes the kept count. Any other use of the sum is left as it is."""
+        a, b = node.input[0], node.input[1]
+        index, total = (1, a) if a in self.channel_sums else (0, b)
+        x = self.channel_sums[total]
+        c = self.const(node.input[index])
+        if c is None or c.size != 1 or (node.op_type == "Div" and index != 1):
+            return
+        n = sum(size for _, size in x.segments)
+        value = float(c.reshape(-1)[0])
+        if node.op_type == "Div" and math.isclose(value, n, rel_tol=1e-6):
+            kind = "count"
+        elif node.op_type == "Mul" and math.isclose(value * n, 1.0, rel_tol=1e-6):
+            kind = "inv_count"
+        else:
+            return
+        self.fixups.append(Fixup(node.name, index, 0, Layout(0, x.segments, 1, 1), kind))
+
     def visit_reduce(self, node: onnx.NodeProto, x: Layout) -> None:
         axes = self._axes(node)
         if axes is None:
@@ -467,6 +510,15 @@ class _Builder:
             return
         axes = [a % x.rank for a in axes]
         if x.axis in axes:
+            if axes == [x.axis] and x.inner == 1 and _attr(node, "keepdims", 1) \
+                    and node.op_type in CHANNEL_STATISTICS:
+                # a statistic over the channels (a written-out LayerNorm's mean or variance, an L2
+                # norm): one value per position that broadcasts back, recomputed over the kept
+                # channels after pruning. A sum divided by the channel count is a mean: the count
+                # is rewritten (visit_channel_count).
+                if node.op_type in ("ReduceSum", "ReduceSumSquare"):
+                    self.channel_sums[node.output[0]] = x
+                return
             self.unknown(node, f"{node.op_type} '{node.name}' reduces the channel axis")
             return
         keep = _attr(node, "keepdims", 1)

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from onnxpress.errors import PassError
 from onnxpress.passes.context import PassContext
 from onnxpress.passes.graph import infer_shapes
-from onnxpress.passes.prune.groups import ChannelGroups, Layout, channel_groups
+from onnxpress.passes.prune.groups import ChannelGroups, Layout, channel_groups, const_values
 from onnxpress.weights import drop_initializers
 
 Criterion = Literal["l2", "l1", "activation"]
@@ -50,22 +50,10 @@ def kept_positions(layout: Layout, keep: dict[int, np.ndarray]) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _const_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    consts[node.output[0]] = numpy_helper.to_array(a.t)
-        elif node.op_type == "Identity" and node.input[0] in consts:
-            consts[node.output[0]] = consts[node.input[0]]
-    return consts
-
-
 def weight_scores(model: onnx.ModelProto, cg: ChannelGroups, norm: str = "l2") -> dict[int, np.ndarray]:
     """Per-group channel importance from the filters of the group's source layers: each
     source's norms are divided by their mean (so big and small layers weigh alike), then averaged."""
-    consts = _const_values(model.graph)
+    consts = const_values(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     acc: dict[int, list[np.ndarray]] = {}
     for fx in cg.fixups:
@@ -181,7 +169,7 @@ def global_ratios(cg: ChannelGroups, scores: dict[int, np.ndarray], sparsity: fl
 def apply_keep(model: onnx.ModelProto, cg: ChannelGroups, keep: dict[int, np.ndarray]) -> onnx.ModelProto:
     """Rewrite the model so only the kept channels remain (in place; returns the model)."""
     graph = model.graph
-    consts = _const_values(graph)
+    consts = const_values(graph)
     nodes = {n.name: n for n in graph.node}
     uses: dict[str, int] = {}
     for n in graph.node:
@@ -210,6 +198,8 @@ def apply_keep(model: onnx.ModelProto, cg: ChannelGroups, keep: dict[int, np.nda
             if kind == "reshape":
                 value = value.copy()
                 value[axis] = len(pos)
+            elif kind in ("count", "inv_count"):
+                value = np.full_like(value, len(pos) if kind == "count" else 1.0 / len(pos))
             else:
                 if value.ndim <= axis or (len(pos) and int(pos.max()) >= value.shape[axis]):
                     raise PassError(f"prune: cannot slice '{name}' of node '{node_name}' on axis "
