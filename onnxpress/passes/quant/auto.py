@@ -4,8 +4,9 @@
                      each candidate precision; outputs on calibration data compared with fp32
                      (min cosine, relative L2, or a user callback such as task accuracy)
     2. assignment    all layers start at the preferred precision (int8 for latency, int4 for
-                     size); the most sensitive layers move up a level (int8 -> int4 weight-only ->
-                     fp16 -> fp32), the count found by bisection, until the whole model meets
+                     size); the most sensitive layers move up a level (int8 -> w8a16: int8
+                     weights with 16-bit activations, the same size -> fp16 / int4 weight-only
+                     -> fp32), the count found by bisection, until the whole model meets
                      the budget
     3. latency       with objective=latency on onnxruntime, int8 groups that do not pay are
                      dropped by measurement (as in quant_int8)
@@ -255,7 +256,9 @@ def quant_auto(
     of callback(model) -> score (callback, default 0.005). It is judged on held-out calibration
     batches (the last max_batches, when at least twice as many exist; ranges come from the
     rest), and the report says whether it was met and shows the size/metric points explored.
-    objective latency prefers int8 > fp32 (> int4 > fp16); size prefers int4 > int8 > fp16 > fp32.
+    objective latency prefers int8 > w8a16 > fp32 (elsewhere > fp16 > int4); size prefers
+    int4 > int8 > w8a16 > fp16 > fp32. w8a16 keeps a layer's int8 weights and gives its input
+    activation 16-bit Q/DQ (act16.py): int8's size, nearly weight-only error.
     precisions limits the candidates (e.g. int8+fp32). The sensitivity table is in the report.
     outliers: try SmoothQuant (before the sensitivity) and bias correction (on the result), and
     keep each only when it improves the metric on the evaluation batches (smooth.py).
