@@ -251,60 +251,88 @@ def put_back(model: onnx.ModelProto, body: Body, quantized: onnx.ModelProto) -> 
 
 
 def quantize_bodies(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ctx: PassContext,
-                    options: dict, *, max_batches: int = 16) -> tuple[onnx.ModelProto, dict]:
+                    options: dict, *, max_batches: int = 16, latency_aware: bool = False,
+                    floor_ms: float = 1.0) -> tuple[onnx.ModelProto, dict]:
     """Quantize the If/Loop bodies of `quantized` (the main graph already done by quant_int8)
-    from the bodies of `float_model`, calibrated on ctx's calibration data.
+    from the bodies of `float_model`, calibrated on ctx's calibration data. latency_aware:
+    int8 bodies are kept only when they make the model faster on onnxruntime, as quant_int8
+    decides for the main graph (5% on both clocks, unless the model is under floor_ms);
+    otherwise the bodies keep int8 weights only.
 
     Returns (model, figures): `body_layers` {body/layer: int8 | weight-only int8 | float},
-    `body_layers_int8`, `body_float_layers` {body/layer: why}, `bodies_calibrated`."""
+    `body_layers_int8`, `body_float_layers` {body/layer: why}, `bodies_calibrated`,
+    `body_weights_shared`, and with latency_aware `body_latency_decision`."""
     from onnxpress.passes.quant.latency import node_key
-    from onnxpress.passes.quant.qdq import layer_precisions, quantize_static
 
     float_bodies = main_graph_bodies(float_model)
     if not float_bodies:
         return quantized, {}
-    out = onnx.ModelProto()
-    out.CopyFrom(quantized)
-    targets = {(b.node.name, b.attr, i): b for i, b in enumerate(main_graph_bodies(out))}
     shapes = ctx.analysis("shapes", float_model)
     calibratable = [b for b in float_bodies if not any(has_subgraphs(n) for n in b.graph.node)]
     captures = _captures(float_model, calibratable, ctx.calib, shapes, max_batches) \
         if calibratable and ctx.calib is not None else []
-    kwargs = {k: v for k, v in options.items() if k != "names_filter"}
-    layers: dict[str, str] = {}
-    why: dict[str, str] = {}
-    calibrated = 0
+    plans = []                 # (index, body, split body-as-model, its fused ops, stats, note)
+    skipped: dict[str, str] = {}
     for i, body in enumerate(float_bodies):
-        target = targets.get((body.node.name, body.attr, i))
         temp = body_model(float_model, body, shapes)
+        if temp is None:
+            for n in body.graph.node:
+                if n.op_type in ("Conv", "MatMul", "Gemm", "FusedConv", "FusedGemm"):
+                    skipped[f"{body.label}/{node_key(n)}"] = "an outer value of unknown type"
+            continue
         # fused ops split first, so their inner sums and activations get ranges too
-        fused = split_fused_ops(temp) if temp is not None else None
-        if target is None or temp is None or body not in calibratable:
-            reason = ("holds another If/Loop body (nested control flow is not calibrated)"
-                      if body not in calibratable else "an outer value of unknown type")
-            if target is not None and temp is not None:
-                stats, note = None, reason
-            else:
-                for n in body.graph.node:
-                    if n.op_type in ("Conv", "MatMul", "Gemm", "FusedConv", "FusedGemm"):
-                        why[f"{body.label}/{node_key(n)}"] = reason
-                continue
-        else:
+        fused = split_fused_ops(temp)
+        stats, note = None, "holds another If/Loop body (nested control flow is not calibrated)"
+        if body in calibratable:
             try:
                 stats, note = calibrate_body(float_model, body, temp, captures)
             except Exception as exc:      # weight-only then, and the figures say why
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                stats, note = None, f"the body does not run as a model of its own: {first}"[:200]
-        q, figures = quantize_static(temp, stats, **kwargs)
-        calibrated += stats is not None
-        reasons = figures.get("float_reasons", {})
-        for k, v in layer_precisions(q).items():     # (a split fused op is named as it was)
-            key = f"{body.label}/{k}"
-            layers[key] = v
-            if v != "int8":
-                why[key] = note or reasons.get(k, "kept float")
-        restore_fused_ops(q, fused)
-        put_back(out, target, q)
+                note = f"the body does not run as a model of its own: {first}"[:200]
+        plans.append((i, body, temp, fused, stats, note))
+
+    def build(calibrated: bool) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str]]:
+        out = onnx.ModelProto()
+        out.CopyFrom(quantized)
+        targets = main_graph_bodies(out)
+        layers, why = {}, dict(skipped)
+        for i, body, temp, fused, stats, note in plans:
+            target = targets[i] if i < len(targets) else None
+            if target is None or (target.node.name, target.attr) != (body.node.name, body.attr):
+                continue
+            work = onnx.ModelProto()
+            work.CopyFrom(temp)
+            q, figures = quantize_static(work, stats if calibrated else None,
+                                         **{k: v for k, v in options.items() if k != "names_filter"})
+            reasons = figures.get("float_reasons", {})
+            for k, v in layer_precisions(q).items():     # (a split fused op is named as it was)
+                key = f"{body.label}/{k}"
+                layers[key] = v
+                if v != "int8":
+                    why[key] = note or reasons.get(k, "kept float")
+            restore_fused_ops(q, fused)
+            put_back(out, target, q)
+        return out, layers, why
+
+    from onnxpress.passes.quant.qdq import layer_precisions, quantize_static
+
+    out, layers, why = build(calibrated=True)
+    decision = ""
+    if latency_aware and any(v == "int8" for v in layers.values()) and ctx.calib is not None:
+        from onnxpress.passes.quant.latency import relative_costs
+
+        weight_only, _, _ = build(calibrated=False)
+        costs, (cpu_ms, _) = relative_costs([weight_only, out], next(iter(ctx.calib)))
+        speed = f"{1 / costs[1]:.2f}x the speed of weight-only ones on onnxruntime here"
+        if cpu_ms >= floor_ms and costs[1] > 0.95:
+            decision = f"int8 bodies {speed}: kept weight-only"
+            for key, v in layers.items():
+                if v == "int8":
+                    layers[key] = "weight-only int8"
+                    why[key] = "slower in int8 on onnxruntime here (latency_aware)"
+            out = weight_only
+        else:
+            decision = f"int8 bodies kept ({speed})"
     shared = share_body_weights(out)
     if why:
         import warnings
@@ -317,8 +345,9 @@ def quantize_bodies(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ct
         "body_layers": layers,
         "body_layers_int8": sum(v == "int8" for v in layers.values()),
         "body_float_layers": why,
-        "bodies_calibrated": calibrated,
+        "bodies_calibrated": sum(p[4] is not None for p in plans),
         "body_weights_shared": shared,
+        **({"body_latency_decision": decision} if decision else {}),
     }
 
 

@@ -730,7 +730,8 @@ def quant_int8(
     reasons.update(recurrent)
     from onnxpress.passes.quant.bodies import quantize_bodies
 
-    out, bodies = quantize_bodies(original, out, ctx, kwargs)
+    out, bodies = quantize_bodies(original, out, ctx, kwargs, floor_ms=latency_floor_ms,
+                                  latency_aware=latency_aware and ctx.for_onnxruntime)
     figures.update(bodies)
     from onnxpress.passes.graph import copy_model_fields
 
