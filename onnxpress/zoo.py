@@ -149,6 +149,117 @@ def digits_calib(n: int = 64, batch_size: int = 16) -> list[dict[str, np.ndarray
     return [{"input": X[i:i + batch_size]} for i in range(0, len(X), batch_size)]
 
 
+# -- digits segmentation (a decoder that upsamples with Resize) ----------------------------------
+SEGMENT_CLASSES = 11  # background and the ten digits
+
+
+def digits_segments() -> Split:
+    """Per-pixel labels for the digits split: 0 where the pixel is background (ink below 4/16),
+    else 1 + the digit; X as in digits_data(), y int64 (N, 8, 8)."""
+    data = digits_data()
+
+    def masks(X, y):
+        return np.where(X[:, 0] >= 0.25, y[:, None, None] + 1, 0).astype(np.int64)
+
+    return Split((data.train[0], masks(*data.train)), (data.test[0], masks(*data.test)))
+
+
+def _segmenter_module():
+    import torch
+    from torch import nn
+
+    def block(cin, cout, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
+                             nn.BatchNorm2d(cout), nn.ReLU())
+
+    class DigitsSegmenter(nn.Module):
+        """A small U-Net: 8x8 -> 4x4 -> 2x2 encoder, decoder upsampling x2 twice (bilinear, then
+        nearest: both export as Resize) with skip connections, 11 class logits per pixel."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc1, self.enc2, self.enc3 = block(1, 16), block(16, 32, 2), block(32, 32, 2)
+            self.dec2, self.dec1 = block(32 + 32, 16), block(16 + 16, 16)
+            self.head = nn.Conv2d(16, SEGMENT_CLASSES, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            up = nn.functional.interpolate
+            e1 = self.enc1(x)
+            e2 = self.enc2(e1)
+            e3 = self.enc3(e2)
+            d2 = self.dec2(torch.cat([up(e3, scale_factor=2.0, mode="bilinear"), e2], 1))
+            d1 = self.dec1(torch.cat([up(d2, scale_factor=2.0, mode="nearest"), e1], 1))
+            return self.head(d1)
+
+    return DigitsSegmenter()
+
+
+def train_digits_segmenter(epochs: int = 20, seed: int = SEED):
+    """Train the digits segmenter with PyTorch (per-pixel cross-entropy); eval-mode module.
+    One thread: a model this small trains faster without thread hand-offs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_segmenter(torch, epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_segmenter(torch, epochs: int, seed: int):
+    torch.manual_seed(seed)
+    Xtr, ytr = (torch.from_numpy(a) for a in digits_segments().train)
+    model = _segmenter_module()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(Xtr), generator=gen)
+        for i in range(0, len(Xtr), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def digits_segmenter() -> Path:
+    """Path to the trained digits segmenter as ONNX (input 'input' [batch,1,8,8], output
+    'logits' [batch,11,8,8]; two Resize nodes)."""
+    path = cache_dir() / "digits_segmenter.onnx"
+    with _locked("digits_segmenter"):
+        if not path.exists():
+            import torch
+
+            from onnxpress.frontends import torch_frontend
+            from onnxpress.io import save
+
+            proto = torch_frontend.export(
+                train_digits_segmenter(), torch.zeros(1, 1, 8, 8), input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            meta = proto.metadata_props.add()
+            meta.key, meta.value = "onnxpress.zoo", "digits_segmenter"
+            save(proto, path)
+    return path
+
+
+def segment_scores(model: Any, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Mean IoU over the classes present, and pixel accuracy, of a segmenter on onnxruntime."""
+    from onnxpress.backends import ort
+
+    sess = ort.session(model)
+    pred = sess.run(None, {sess.get_inputs()[0].name: X})[0].argmax(axis=1)
+    ious = []
+    for c in range(SEGMENT_CLASSES):
+        union = np.sum((pred == c) | (y == c))
+        if union:
+            ious.append(np.sum((pred == c) & (y == c)) / union)
+    return {"miou": float(np.mean(ious)), "pixel_accuracy": float((pred == y).mean())}
+
+
 # -- MiniLM ------------------------------------------------------------------------------------
 def _minilm_dir() -> Path:
     try:

@@ -16,11 +16,19 @@ from onnxpress.passes.torch_graph import OnnxGraphModule  # noqa: E402
 from tests.passes import torch_coverage  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["digits", "resnet18", "mobilenetv3_small_100", "convnext_atto"])
-def test_torch_converter_matches_onnxruntime(name, digits_cnn_path, timm_path):
-    path = digits_cnn_path if name == "digits" else timm_path(name)
+@pytest.fixture(scope="session")
+def segmenter_path():
+    return zoo.digits_segmenter()
+
+
+@pytest.mark.parametrize("name", ["digits", "segmenter", "resnet18", "mobilenetv3_small_100",
+                                  "convnext_atto"])
+def test_torch_converter_matches_onnxruntime(name, digits_cnn_path, timm_path, request):
+    small = name in ("digits", "segmenter")
+    path = {"digits": digits_cnn_path}.get(name) or (
+        request.getfixturevalue("segmenter_path") if name == "segmenter" else timm_path(name))
     model = onnx.load(path)
-    x = zoo.digits_data().test[0][:8] if name == "digits" else zoo.photo_batch()[:1]
+    x = zoo.digits_data().test[0][:8] if small else zoo.photo_batch()[:1]
     with torch.no_grad():
         got = OnnxGraphModule(model)(input=torch.from_numpy(x))
     want = ort.run(model, {"input": x})
@@ -54,6 +62,27 @@ def test_distill_with_teacher_path_and_labels(digits_cnn_path, digits, tmp_path)
     fig = result.reports[0].figures
     assert fig["samples"] == len(X) and fig["tensors_trained"] == 8
     assert len(fig["loss_history"]) == 10 and fig["loss_history"][-1] < fig["loss_history"][0]
+
+
+def test_distill_recovers_a_pruned_segmenter_with_resize(segmenter_path):
+    """The digits segmenter's decoder upsamples with Resize (bilinear, then nearest): structured
+    pruning at 50% loses most of its mean IoU, a short distillation (640 unlabeled images, 6
+    epochs) wins a large part back. bench/bench_distill.py runs the full-length version."""
+    model = onnx.load(segmenter_path)
+    assert [n.op_type for n in model.graph.node].count("Resize") == 2
+    seg = zoo.digits_segments()
+    X, y = seg.test
+    teacher = zoo.segment_scores(model, X, y)["miou"]
+    pruned = passes.run(model, "prune:sparsity=0.5,structured=true")
+    assert pruned.reports[0].figures["macs_ratio"] < 0.4
+    before = zoo.segment_scores(pruned.model, X, y)["miou"]
+    Xtr = seg.train[0][:640]
+    calib = [{"input": Xtr[i:i + 64]} for i in range(0, len(Xtr), 64)]
+    result = passes.run(pruned.model, f"distill:teacher={segmenter_path},epochs=6,loss=kl,"
+                        "temperature=1,lr=0.01", calib=calib)
+    after = zoo.segment_scores(result.model, X, y)["miou"]
+    assert teacher > 0.9 and before < 0.3, (teacher, before)
+    assert after > before + 0.3, (teacher, before, after)
 
 
 def test_distill_errors_name_what_is_missing(digits_cnn_path, digits, tmp_path):
