@@ -279,11 +279,28 @@ def scale() -> list[str]:
                    "RSS / model bytes"], out) + ["", _stamp(data, "scale")]
 
 
+def quant_recurrent() -> list[str]:
+    """docs/quant.md: char-level LSTM/GRU on the Debian descriptions (bench/bench_recurrent.py)."""
+    data = _load("recurrent")
+    out = []
+    for r in data["rows"]:
+        if r.get("agreement") is None:
+            out.append([r["model"], r["variant"], "", "", "", "", "", r.get("note", "")])
+            continue
+        out.append([r["model"], r["variant"], f"{r['agreement']:.4f}", f"{r['accuracy']:.4f}",
+                    _x(r.get("size_x"), 3), _x(r.get("speed_1t")), _x(r.get("speed_2t")),
+                    r.get("recurrence", "")])
+    return _table(["model", "variant", "per-step agreement", "next-char accuracy", "size",
+                   "speed (1 thread, CPU time)", "speed (2 threads)", "what runs"], out) + \
+        ["", _stamp(data, "recurrent")]
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
     "quant-digits": quant_digits, "quant-calibration": quant_calibration, "fuse-detail": fuse_detail,
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
     "tvm-schedules": tvm_schedules, "remote-cpu": remote_cpu,
+    "quant-recurrent": quant_recurrent,
 }
 
 
