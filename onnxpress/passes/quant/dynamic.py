@@ -65,6 +65,27 @@ def matmul_weight(node: onnx.NodeProto, inits: dict) -> tuple[np.ndarray, np.nda
     return None
 
 
+def dynamic_matmul_nodes(x: str, out: str, w_int8: str, w_scale: str, w_zero_point: str,
+                         bias: str | None, *, names: Names, base: str) -> list[onnx.NodeProto]:
+    """out = x @ dequant(W int8) [+ bias], x quantized to uint8 at run time: the chain
+    onnxruntime fuses into one DynamicQuantizeMatMul."""
+    xq, xs, xz = names(x + "_quantized"), names(x + "_scale"), names(x + "_zero_point")
+    mm, mf, sc = names(base + "_int32"), names(base + "_float"), names(base + "_scale")
+    y = out if bias is None else names(base + "_nobias")
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
+                         name=names(base + "_DynamicQuantizeLinear")),
+        helper.make_node("MatMulInteger", [xq, w_int8, xz, w_zero_point], [mm],
+                         name=names(base + "_MatMulInteger")),
+        helper.make_node("Cast", [mm], [mf], to=FLOAT, name=names(base + "_Cast")),
+        helper.make_node("Mul", [xs, w_scale], [sc], name=names(base + "_ScaleMul")),
+        helper.make_node("Mul", [mf, sc], [y], name=names(base + "_Mul")),
+    ]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", [y, bias], [out], name=names(base + "_Add")))
+    return nodes
+
+
 def dynamic_quantize(model: onnx.ModelProto, *, per_channel: bool = True,
                      embeddings: bool = True, min_weight: int = 1024,
                      exclude_nodes: list[str] | None = None,
@@ -97,24 +118,12 @@ def dynamic_quantize(model: onnx.ModelProto, *, per_channel: bool = True,
                                       numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)])
                 weights[key] = (qn, sn, zn)
             qn, sn, zn = weights[key]
-            x, out = n.input[0], n.output[0]
-            base = n.name or out
-            xq, xs, xz = names(x + "_quantized"), names(x + "_scale"), names(x + "_zero_point")
-            mm, mf, sc = names(base + "_int32"), names(base + "_float"), names(base + "_scale")
-            y = out if bias is None else names(base + "_nobias")
-            rebuilt += [
-                helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
-                                 name=names(base + "_DynamicQuantizeLinear")),
-                helper.make_node("MatMulInteger", [xq, qn, xz, zn], [mm],
-                                 name=names(base + "_MatMulInteger")),
-                helper.make_node("Cast", [mm], [mf], to=FLOAT, name=names(base + "_Cast")),
-                helper.make_node("Mul", [xs, sn], [sc], name=names(base + "_ScaleMul")),
-                helper.make_node("Mul", [mf, sc], [y], name=names(base + "_Mul")),
-            ]
+            bn = None
             if bias is not None:
                 bn = names(n.input[2] + "_float")
                 g.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bn))
-                rebuilt.append(helper.make_node("Add", [y, bn], [out], name=names(base + "_Add")))
+            rebuilt += dynamic_matmul_nodes(n.input[0], n.output[0], qn, sn, zn, bn,
+                                            names=names, base=n.name or n.output[0])
             count += 1
             changed = True
         if changed:

@@ -59,7 +59,7 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray | None:
 
 
 def gptq_quantize_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool,
-                         damp: float = 0.01
+                         damp: float = 0.01, grid: np.ndarray | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """w [K, N], H [K, K] -> (q uint4 values 0..15 [Kp, N], scale [nb, N], zero point [nb, N]),
     the layout of int4.quantize_blocks; None when H cannot be factored (use round-to-nearest)."""
@@ -84,7 +84,7 @@ def gptq_quantize_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, sy
     for b in range(nb):
         lo, hi = b * block_size, (b + 1) * block_size
         Wb = W[lo:hi]                       # a view: updates land in W
-        s, z = block_qparams(Wb[None].astype(np.float32), symmetric)
+        s, z = block_qparams(Wb[None].astype(np.float32), symmetric, grid)
         scale[b], zp[b] = s[0], z[0]
         s64, z64 = s[0].astype(np.float64), z[0].astype(np.float64)
         err = np.empty((block_size, n))

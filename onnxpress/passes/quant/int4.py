@@ -40,8 +40,16 @@ from onnxpress.passes.registry import Range, register
 from onnxpress.stats import iter_graphs
 
 
-def block_qparams(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """blocks [nb, block_size, N] -> (scale [nb, N], zero point [nb, N] 0..15) of 4-bit values."""
+def block_qparams(blocks: np.ndarray, symmetric: bool, grid: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """blocks [nb, block_size, N] -> (scale [nb, N], zero point [nb, N] 0..15) of 4-bit values.
+    With a per-column `grid` [N] (format=int8_kernels): symmetric, and each scale the smallest
+    multiple 1..16 of its column's grid step that holds the block, so that every weight is an
+    int8 (multiple x value in -8..7) times the column's one scale."""
+    if grid is not None:
+        need = np.abs(blocks).max(axis=1) / 7.0 / grid
+        mult = np.clip(np.ceil(need - 1e-6), 1, 16)
+        return (mult * grid).astype(np.float32), np.full(mult.shape, 8, np.uint8)
     if symmetric:
         m = np.abs(blocks).max(axis=1)
         scale = np.where(m > 0, m / 7.0, 1.0).astype(np.float32)
@@ -52,8 +60,8 @@ def block_qparams(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.n
     return scale, np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
 
 
-def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool,
+                    grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w [K, N] -> (q uint4 values 0..15 [Kp, N], scale [nb, N], zero point [nb, N] 0..15),
     K padded with zeros to a multiple of block_size (round-to-nearest)."""
     k, n = w.shape
@@ -61,7 +69,7 @@ def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool
     wp = np.zeros((nb * block_size, n), np.float32)
     wp[:k] = w
     blocks = wp.reshape(nb, block_size, n)
-    scale, zp = block_qparams(blocks, symmetric)
+    scale, zp = block_qparams(blocks, symmetric, grid)
     q = np.clip(np.round(blocks / scale[:, None, :]) + zp[:, None, :], 0, 15).astype(np.uint8)
     return q.reshape(nb * block_size, n), scale, zp
 
@@ -123,17 +131,78 @@ def dq_int4_nodes(x: str, out: str, w: np.ndarray, *, block_size: int, symmetric
     return nodes, inits
 
 
+def column_grid(w: np.ndarray, block_size: int) -> np.ndarray:
+    """Per-column step [N] for format=int8_kernels: the largest block scale of the column / 16."""
+    k, n = w.shape
+    nb = -(-k // block_size)
+    wp = np.zeros((nb * block_size, n), np.float32)
+    wp[:k] = w
+    top = np.abs(wp.reshape(nb, block_size, n)).max(axis=(0, 1)) / 7.0 / 16.0
+    return np.where(top > 0, top, 1.0).astype(np.float32)
+
+
+def _int4_tensor(name: str, values: np.ndarray, *, signed: bool) -> onnx.TensorProto:
+    """An INT4/UINT4 initializer, two values a byte (low nibble first), stored raw."""
+    packed = _pack_nibbles((values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8))
+    return helper.make_tensor(name, onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4,
+                              list(values.shape), packed.tobytes(), raw=True)
+
+
+def int8_kernel_nodes(x: str, out: str, w: np.ndarray, *, block_size: int, names: Names,
+                      base: str, bias: np.ndarray | None, quantized: tuple | None = None
+                      ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """W stored as 4-bit values with a 4-bit multiple per block; constant nodes make the int8
+    weight W8 = value x multiple (onnxruntime folds them when the session loads), then the
+    dynamic int8 chain runs on W8 (onnxruntime's DynamicQuantizeMatMul)."""
+    from onnxpress.passes.quant.dynamic import dynamic_matmul_nodes
+
+    k, n = w.shape
+    grid = column_grid(w, block_size)
+    q, scale, _ = quantized or quantize_blocks(w, block_size, True, grid)
+    nb = scale.shape[0]
+    mult = np.rint(scale / grid).astype(np.int32)                    # 1..16
+    qn, mn, gn = names(base + "_W_int4"), names(base + "_block_multiple"), names(base + "_scale")
+    zn, one, shape = names(base + "_zero_point"), names(base + "_one"), names(base + "_shape")
+    inits = [_int4_tensor(qn, q.reshape(nb, block_size, n).astype(np.int32) - 8, signed=True),
+             _int4_tensor(mn, (mult - 1).reshape(nb, 1, n), signed=False),
+             numpy_helper.from_array(grid, gn), numpy_helper.from_array(np.zeros(n, np.int8), zn),
+             numpy_helper.from_array(np.array(1, np.int32), one),
+             numpy_helper.from_array(np.array([nb * block_size, n], np.int64), shape)]
+    qi, mi, m1 = names(base + "_values"), names(base + "_multiple_m1"), names(base + "_multiple")
+    prod, flat, w8 = names(base + "_product"), names(base + "_flat"), names(base + "_W_int8")
+    nodes = [helper.make_node("Cast", [qn], [qi], to=onnx.TensorProto.INT32, name=names(base + "_CastValues")),
+             helper.make_node("Cast", [mn], [mi], to=onnx.TensorProto.INT32, name=names(base + "_CastMultiple")),
+             helper.make_node("Add", [mi, one], [m1], name=names(base + "_MultipleAdd")),
+             helper.make_node("Mul", [qi, m1], [prod], name=names(base + "_MultipleMul")),
+             helper.make_node("Reshape", [prod, shape], [flat], name=names(base + "_Reshape"))]
+    if nb * block_size != k:
+        starts, ends = names(base + "_starts"), names(base + "_ends")
+        inits += [numpy_helper.from_array(np.array([0], np.int64), starts),
+                  numpy_helper.from_array(np.array([k], np.int64), ends)]
+        cut = names(base + "_rows")
+        nodes.append(helper.make_node("Slice", [flat, starts, ends], [cut], name=names(base + "_Slice")))
+        flat = cut
+    nodes.append(helper.make_node("Cast", [flat], [w8], to=onnx.TensorProto.INT8, name=names(base + "_CastInt8")))
+    bn = None
+    if bias is not None:
+        bn = names(base + "_bias")
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), bn))
+    nodes += dynamic_matmul_nodes(x, out, w8, gn, zn, bn, names=names, base=base)
+    return nodes, inits
+
+
 def int4_quantize(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bool = False,
                   use_nbits: bool = True, accuracy_level: int = 0, embeddings: bool = True,
                   min_weight: int = 1024, exclude_nodes: list[str] | None = None,
                   names_filter=None, hessians: dict[str, np.ndarray] | None = None,
-                  damp: float = 0.01) -> tuple[onnx.ModelProto, dict]:
+                  damp: float = 0.01, int8_kernels: bool = False) -> tuple[onnx.ModelProto, dict]:
     """Every MatMul/Gemm with a constant weight of at least min_weight elements to int4; with
     `hessians` ({input tensor: H}) the weights of layers whose input has one are placed by GPTQ,
     the others round to nearest."""
     from onnxpress.passes.quant.gptq import gptq_quantize_blocks
 
     raised = False
+    use_nbits = use_nbits and not int8_kernels
     if not use_nbits:
         model, raised = ensure_opset(model, 21)
     lifted = constants_to_initializers(model.graph)
@@ -156,9 +225,16 @@ def int4_quantize(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bo
             h = (hessians or {}).get(n.input[0]) if g is model.graph else None
             quantized = None
             if h is not None and h.shape[0] == w.shape[0]:
-                quantized = gptq_quantize_blocks(w, h, block_size, symmetric, damp)
+                grid = column_grid(w, block_size) if int8_kernels else None
+                quantized = gptq_quantize_blocks(w, h, block_size, symmetric or int8_kernels,
+                                                 damp, grid)
                 gptq += quantized is not None
-            if use_nbits:
+            if int8_kernels:
+                nodes, new_inits = int8_kernel_nodes(n.input[0], n.output[0], w,
+                                                     block_size=block_size, names=names,
+                                                     base=base, bias=bias, quantized=quantized)
+                rebuilt.extend(nodes)
+            elif use_nbits:
                 node, new_inits = matmul_nbits_node(
                     n.input[0], n.output[0], w, block_size=block_size, symmetric=symmetric,
                     accuracy_level=accuracy_level, names=names, base=base, bias=bias,
@@ -181,7 +257,9 @@ def int4_quantize(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bo
     return model, {"matmuls_int4": count, "matmuls_gptq": gptq,
                    "embedding_tables_int8": tables,
                    "constants_lifted": lifted, "opset_raised": raised,
-                   "format": "MatMulNBits" if use_nbits else "DequantizeLinear(int4, block_size)"}
+                   "format": "int4 weights on int8 kernels (DynamicQuantizeMatMul)"
+                   if int8_kernels else "MatMulNBits" if use_nbits
+                   else "DequantizeLinear(int4, block_size)"}
 
 
 def one_sample(batch: dict[str, np.ndarray], model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -239,7 +317,7 @@ def choose_accuracy_level(model: onnx.ModelProto, ctx: PassContext, asked: str
 
 
 def int4_sensitive_layers(model: onnx.ModelProto, ctx: PassContext, *, threshold: float,
-                          block_size: int, use_nbits: bool, max_batches: int = 4
+                          block_size: int, int4_options: dict, max_batches: int = 4
                           ) -> tuple[set[str], dict[str, float]]:
     """Layers whose int4 form alone costs the model's outputs more than `threshold` in min
     cosine on calibration data (quant_auto's per-layer sensitivity)."""
@@ -250,7 +328,7 @@ def int4_sensitive_layers(model: onnx.ModelProto, ctx: PassContext, *, threshold
     batches = list(itertools.islice(ctx.require_calib(model), max_batches))
     _, table = layer_sensitivity(model, ctx, precisions=["int4"],
                                  scorer=Scorer(model, batches, "cosine", None), int8_options={},
-                                 int4_options=dict(block_size=block_size, use_nbits=use_nbits))
+                                 int4_options=dict(block_size=block_size, **int4_options))
     drops = {key: round(row["int4"], 5) for key, row in table.items() if "int4" in row}
     return {key for key, d in drops.items() if d > threshold}, drops
 
@@ -259,7 +337,7 @@ def int4_sensitive_layers(model: onnx.ModelProto, ctx: PassContext, *, threshold
 def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
                block_size: Literal[16, 32, 64, 128, 256] = 32,
                symmetric: bool = False,
-               format: Literal["auto", "nbits", "qdq"] = "auto",
+               format: Literal["auto", "nbits", "qdq", "int8_kernels"] = "auto",
                method: Literal["rtn", "gptq"] = "rtn",
                accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = "auto",
                damp: Annotated[float, Range(0, 1, lo_inclusive=False)] = 0.01,
@@ -287,11 +365,13 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
     original = onnx.ModelProto()
     original.CopyFrom(model)
     use_nbits = format == "nbits" or (format == "auto" and ctx.for_onnxruntime)
+    int8_kernels = format == "int8_kernels"
     extra: dict = {"method": method}
     int8: set[str] = set()
     if int8_above is not None:
-        int8, drops = int4_sensitive_layers(original, ctx, threshold=int8_above,
-                                            block_size=block_size, use_nbits=use_nbits)
+        int8, drops = int4_sensitive_layers(
+            original, ctx, threshold=int8_above, block_size=block_size,
+            int4_options=dict(use_nbits=use_nbits, int8_kernels=int8_kernels))
         extra.update(int4_sensitivity=drops, int8_layers=sorted(int8))
     hessians = None
     if method == "gptq":
@@ -305,12 +385,13 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
                                  use_nbits=use_nbits, accuracy_level=0,
                                  embeddings=embeddings, min_weight=min_weight,
                                  exclude_nodes=exclude_nodes, hessians=hessians, damp=damp,
+                                 int8_kernels=int8_kernels,
                                  names_filter=(lambda n: node_key(n) not in int8) if int8 else None)
     if int8:
         out, f8 = dynamic_quantize(out, embeddings=False, min_weight=min_weight,
                                    names_filter=lambda n: node_key(n) in int8)
         extra["matmuls_int8"] = f8["matmuls_quantized"]
-    if use_nbits and figures["matmuls_int4"]:
+    if use_nbits and not int8_kernels and figures["matmuls_int4"]:
         level, how, timing = choose_accuracy_level(out, ctx, accuracy_level)
         set_accuracy_level(out, level)
         extra.update(accuracy_level=level, accuracy_level_chosen_by=how, **timing)
