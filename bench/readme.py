@@ -145,6 +145,22 @@ def prune() -> list[str]:
                   out) + ["", _stamp(data, "prune")]
 
 
+def distill() -> list[str]:
+    """docs/prune.md: the torch converter's coverage and the pruned segmenter (bench_distill)."""
+    data = _load("distill")
+    cov = data["coverage"]
+    refused = ", ".join(f"{op} {n}" for op, n in cov["unsupported"].items())
+    lines = [f"Converter: **{cov['matched']} of {cov['eligible']}** onnx node cases with a float "
+             f"input match onnxruntime ({100 * cov['fraction']:.1f}%); refused by name: {refused}; "
+             f"outputs that differ: {cov['unmatched']}.", ""]
+    out = [[r["model"], r["config"], _num(r.get("miou"), "{:.3f}"),
+            _num(r.get("miou_distilled"), "{:.3f}"), _num(r.get("pixel_accuracy"), "{:.3f}"),
+            _num(r.get("pixel_accuracy_distilled"), "{:.3f}"), _x(r.get("macs_ratio")),
+            _x(r.get("params_ratio"))] for r in data["rows"]]
+    return lines + _table(["model", "pruning", "mean IoU", "after distill", "pixel accuracy",
+                           "after distill", "MACs", "params"], out) + ["", _stamp(data, "distill")]
+
+
 def memory() -> list[str]:
     data = _load("memory")
     out = []
@@ -297,6 +313,7 @@ def quant_recurrent() -> list[str]:
 
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
+    "distill": distill,
     "quant-digits": quant_digits, "quant-calibration": quant_calibration, "fuse-detail": fuse_detail,
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
     "tvm-schedules": tvm_schedules, "remote-cpu": remote_cpu,

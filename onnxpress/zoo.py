@@ -1,6 +1,7 @@
 """Real models and data that work offline, for tests, benchmarks and the demo (docs/data.md).
 
     path = zoo.digits_cnn()            # a CNN trained on scikit-learn's digits (~99% test accuracy)
+    path = zoo.digits_segmenter()      # a U-Net on the digits, per-pixel classes, Resize decoder
     X_test, y_test = zoo.digits_data().test
     zoo.accuracy(model, X_test, y_test)
     path = zoo.minilm()                # all-MiniLM-L6-v2 sentence encoder, opset 17, mean-pooled

@@ -44,7 +44,7 @@ def test_torch_converter_covers_onnx_node_cases(capsys):
     with capsys.disabled():
         print("\n" + cov.summary())
     assert cov.eligible > 1200
-    assert cov.fraction >= 0.95, "\n".join([cov.summary()] + cov.failures[:20])
+    assert cov.fraction >= torch_coverage.REQUIRED, "\n".join([cov.summary()] + cov.failures[:20])
 
 
 def test_distill_with_teacher_path_and_labels(digits_cnn_path, digits, tmp_path):
