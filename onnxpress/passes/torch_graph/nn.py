@@ -425,3 +425,17 @@ def nll_loss(args, a, ctx):
 def softmax_cross_entropy(args, a, ctx):
     log_prob = torch.log_softmax(args[0], dim=1)
     return [_nll(log_prob, args[1], arg(args, 2), a), log_prob]
+
+
+@op("CausalConvWithState")
+def causal_conv_with_state(args, a, ctx):
+    """Depthwise causal conv1d over [past state, input]; the last k-1 steps are the new state."""
+    x, w, b, past = args[0], args[1], arg(args, 2), arg(args, 3)
+    k = w.shape[2]
+    if past is None:
+        past = torch.zeros(x.shape[0], x.shape[1], k - 1, dtype=x.dtype)
+    padded = torch.cat([past, x], dim=2)
+    y = F.conv1d(padded, w, b, groups=x.shape[1])
+    if a.get("activation", "none") in ("silu", "swish"):
+        y = (y.float() * torch.sigmoid(y.float())).to(x.dtype)
+    return [y, padded[:, :, padded.shape[2] - (k - 1):]]

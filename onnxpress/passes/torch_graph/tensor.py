@@ -518,3 +518,78 @@ def matmul_integer(args, a, ctx):
         w = w - args[3].to(torch.int32)
     return torch.matmul(x.to(torch.int64), w.to(torch.int64)).to(torch.int32)
 
+
+
+@op("TensorScatter")
+def tensor_scatter(args, a, ctx):
+    """Write `update` into the cache along `axis` at each batch row's write index (mod the
+    cache length when circular)."""
+    cache, update, where = args[0], args[1], arg(args, 2)
+    axis = _axis(a.get("axis", -2), cache.dim())
+    n_batch, steps = cache.shape[0], update.shape[axis]
+    start = where.to(torch.int64) if where is not None else torch.zeros(n_batch, dtype=torch.int64)
+    pos = start[:, None] + torch.arange(steps)[None, :]
+    if a.get("mode", "linear") == "circular":
+        pos = pos % cache.shape[axis]
+    shape = [1] * cache.dim()
+    shape[0] = n_batch
+    shape[axis] = steps
+    return cache.scatter(axis, pos.reshape(shape).expand(update.shape), update)
+
+
+@op("BitCast")
+def bit_cast(args, a, ctx):
+    x, dtype = args[0], torch_dtype(a["to"], ctx.node)
+    if x.element_size() != torch.empty((), dtype=dtype).element_size():
+        raise ctx.unsupported("BitCast between types of different widths")
+    return x.view(dtype)
+
+
+def _box_corners(boxes, center: bool):
+    """[N, 4] -> (x_min, y_min, x_max, y_max) from [y1, x1, y2, x2] or [xc, yc, w, h]."""
+    if center:
+        xc, yc, w, h = boxes.unbind(-1)
+        return xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
+    y1, x1, y2, x2 = boxes.unbind(-1)
+    return torch.minimum(x1, x2), torch.minimum(y1, y2), torch.maximum(x1, x2), torch.maximum(y1, y2)
+
+
+def _iou(boxes, center: bool):
+    x0, y0, x1, y1 = _box_corners(boxes.to(torch.float64), center)
+    w = (torch.minimum(x1[:, None], x1[None, :]) - torch.maximum(x0[:, None], x0[None, :])).clamp(min=0)
+    h = (torch.minimum(y1[:, None], y1[None, :]) - torch.maximum(y0[:, None], y0[None, :])).clamp(min=0)
+    inter = w * h
+    area = (x1 - x0) * (y1 - y0)
+    union = area[:, None] + area[None, :] - inter
+    ok = (inter > 0) & (area[:, None] > 0) & (area[None, :] > 0) & (union > 0)
+    return torch.where(ok, inter / torch.where(ok, union, torch.ones_like(union)), torch.zeros_like(inter))
+
+
+@op("NonMaxSuppression")
+def non_max_suppression(args, a, ctx):
+    """Greedy per batch and class: highest score first (lower index on ties), a box is dropped
+    when its IoU with one already kept exceeds the threshold."""
+    boxes, scores = args[0], args[1]
+    limit = arg(args, 2)
+    limit = int(scalar(limit)) if limit is not None and limit.numel() else 0
+    iou_thr = arg(args, 3)
+    iou_thr = float(scalar(iou_thr)) if iou_thr is not None and iou_thr.numel() else 0.0
+    score_thr = arg(args, 4)
+    score_thr = float(scalar(score_thr)) if score_thr is not None and score_thr.numel() else None
+    center = bool(a.get("center_point_box", 0))
+    picked = []
+    for b in range(boxes.shape[0]):
+        iou = _iou(boxes[b], center)
+        for c in range(scores.shape[1]):
+            s = scores[b, c]
+            order = torch.sort(s, descending=True, stable=True).indices.tolist()
+            if score_thr is not None:
+                order = [i for i in order if float(s[i]) > score_thr]
+            kept: list[int] = []
+            for i in order:
+                if len(kept) >= limit:
+                    break
+                if all(float(iou[i, j]) <= iou_thr for j in kept):
+                    kept.append(i)
+            picked += [[b, c, i] for i in kept]
+    return torch.tensor(picked, dtype=torch.int64).reshape(-1, 3)
