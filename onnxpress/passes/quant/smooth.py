@@ -33,6 +33,7 @@ from onnxpress.errors import PassOptionError
 from onnxpress.passes.graph import has_subgraphs
 from onnxpress.passes.quant.calibrate import activation_qparams
 from onnxpress.passes.quant.common import FLOAT, Names, quantize_weight
+from onnxpress.stats import iter_graphs
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 # smooth=auto smooths a group only when its simulated error drops at least this much: on ViT-tiny
@@ -88,6 +89,8 @@ def smoothing_groups(model: onnx.ModelProto, layer_filter=None) -> list[SmoothGr
     for n in graph.node:
         for i in set(n.input):
             readers.setdefault(i, []).append(n)
+    read_in_bodies = {i for g in iter_graphs(graph) if g is not graph for n in g.node
+                      for i in n.input}
 
     def eligible(n: onnx.NodeProto) -> bool:
         if n.op_type not in ("MatMul", "Gemm") or has_subgraphs(n) or len(n.input) < 2:
@@ -104,12 +107,13 @@ def smoothing_groups(model: onnx.ModelProto, layer_filter=None) -> list[SmoothGr
         layers = [n for n in rs if eligible(n) and n.input[0] == t]
         if not layers or t in inits:
             continue
-        k = {_row_weight(n, np.empty(tuple(inits[n.input[1]].dims))).shape[0] for n in layers}
-        if len(k) != 1:
+        dims = [inits[n.input[1]].dims for n in layers]
+        if len({d[1] if n.op_type == "Gemm" and _attr(n, "transB", 0) else d[0]
+                for n, d in zip(layers, dims)}) != 1:
             continue
         ln = producer.get(t)
         if (ln is None or ln.op_type != "LayerNormalization" or len(rs) != len(layers)
-                or t in outputs or _attr(ln, "axis", -1) != -1 or len(ln.output) > 1
+                or t in outputs or t in read_in_bodies or _attr(ln, "axis", -1) != -1 or len(ln.output) > 1
                 or ln.input[1] not in inits or (len(ln.input) > 2 and ln.input[2]
                                                  and ln.input[2] not in inits)):
             ln = None
@@ -218,9 +222,10 @@ def smooth_model(model: onnx.ModelProto, ctx, smooth: float | str, *, weight_bit
                                   max_batches=max_batches)
     inits = {t.name: t for t in graph.initializer}
     readers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    for g in iter_graphs(graph):
+        for n in g.node:
+            for i in n.input:
+                readers[i] = readers.get(i, 0) + 1
     names = Names(out)
     alphas: dict[str, float | None] = {}
     gains: list[float] = []
@@ -360,26 +365,27 @@ def _integer_layers(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> l
     return out
 
 
-def _bias_target(layer: _IntLayer, quantized: onnx.ModelProto, inits: dict, readers: dict):
-    """(kind, name) of the bias to correct: 'float' initializer or 'int32' DQ input; None if
+def _bias_target(layer: _IntLayer, quantized: onnx.ModelProto, inits: dict, readers: dict
+                 ) -> tuple[str, onnx.NodeProto, int] | None:
+    """(kind, node, input index) of the bias to correct: kind 'float' (an initializer), 'int32'
+    (node is the bias's DequantizeLinear) or 'add' (a MatMulIntegerToFloat without one); None if
     the layer has no bias of its own."""
     n = layer.node
     if n.op_type == "MatMulIntegerToFloat":
-        return ("float", n.input[6]) if len(n.input) > 6 and n.input[6] else ("add", None)
+        return ("float", n, 6) if len(n.input) > 6 and n.input[6] else ("add", n, 6)
     if n.op_type in ("Conv", "Gemm"):
         if len(n.input) < 3 or not n.input[2]:
             return None
         prod = next((p for p in quantized.graph.node if n.input[2] in p.output), None)
         if prod is not None and prod.op_type == "DequantizeLinear" and prod.input[0] in inits:
-            return ("int32", prod)
-        if n.input[2] in inits:
-            return ("float", n.input[2])
-        return None
+            return ("int32", prod, 0)
+        return ("float", n, 2) if n.input[2] in inits else None
     rs = readers.get(n.output[0], [])
     if len(rs) == 1 and rs[0].op_type == "Add":
-        other = [i for i in rs[0].input if i != n.output[0]]
-        if len(other) == 1 and other[0] in inits and inits[other[0]].data_type == FLOAT:
-            return ("float", other[0])
+        k = 1 - list(rs[0].input).index(n.output[0])
+        b = inits.get(rs[0].input[k])
+        if b is not None and b.data_type == FLOAT:
+            return ("float", rs[0], k)
     return None
 
 
@@ -476,24 +482,40 @@ def correct_biases(reference: onnx.ModelProto, quantized: onnx.ModelProto, ctx, 
             sums[k] = v.astype(np.float64) if sums[k] is None else sums[k] + v
         batches += 1
     before = []
-    for k, (lay, (kind, where)) in enumerate(targets):
+    out_names = Names(out)
+    uses: dict[str, int] = {}
+    for g_ in iter_graphs(out.graph):
+        for n in g_.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+
+    def set_bias(node: onnx.NodeProto, k: int, value: np.ndarray) -> None:
+        """node.input[k] := value; a bias other nodes read too (exporters share equal
+        initializers) is left to them and this node gets its own."""
+        old = node.input[k] if len(node.input) > k else ""
+        if old and uses.get(old, 0) == 1:
+            qinits[old].CopyFrom(numpy_helper.from_array(value.astype(np.float32), old))
+            return
+        name = out_names((old or node.name or "layer") + "_bias_corrected")
+        out.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+        while len(node.input) <= k:
+            node.input.append("")
+        node.input[k] = name
+        uses[old] = uses.get(old, 1) - 1
+
+    for k, (_, (kind, node, idx)) in enumerate(targets):
         shift = sums[k] / max(batches, 1)
         before.append(float(np.abs(shift).mean()))
         if kind == "float":
-            b = numpy_helper.to_array(qinits[where]).astype(np.float64)
-            qinits[where].CopyFrom(numpy_helper.from_array((b + shift).astype(np.float32), where))
+            set_bias(node, idx, numpy_helper.to_array(qinits[node.input[idx]]) + shift)
         elif kind == "int32":
-            bq, bs = qinits[where.input[0]], qinits[where.input[1]]
+            bq, bs = qinits[node.input[0]], qinits[node.input[1]]
             s = numpy_helper.to_array(bs).astype(np.float64)
             b = numpy_helper.to_array(bq).astype(np.float64) * s + shift
             q = np.clip(np.round(b / s), -2**31, 2**31 - 1).astype(np.int32)
             bq.CopyFrom(numpy_helper.from_array(q, bq.name))
-        else:           # MatMulIntegerToFloat without a bias gets one
-            name = names(lay.node.name + "_bias_correction")
-            out.graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), name))
-            while len(lay.node.input) < 6:
-                lay.node.input.append("")
-            lay.node.input.append(name)
+        else:           # a MatMulIntegerToFloat without a bias gets one
+            set_bias(node, idx, shift)
         figures["bias_corrected"] += 1
     figures["bias_shift_mean_abs"] = round(float(np.mean(before)), 6)
     return out, figures
