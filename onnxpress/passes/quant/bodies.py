@@ -30,7 +30,13 @@ from onnxpress.passes.quant.calibrate import (
     _augment,
     float_activations,
 )
-from onnxpress.passes.quant.common import Names, restore_fused_ops, set_opset, split_fused_ops
+from onnxpress.passes.quant.common import (
+    Names,
+    replace_graph_nodes,
+    restore_fused_ops,
+    set_opset,
+    split_fused_ops,
+)
 from onnxpress.stats import iter_graphs
 
 MAX_LOOP_ITERATIONS = 10_000
@@ -333,6 +339,7 @@ def quantize_bodies(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ct
             out = weight_only
         else:
             decision = f"int8 bodies kept ({speed})"
+    drop_unread_dequantize(out)
     shared = share_body_weights(out)
     if why:
         import warnings
@@ -349,6 +356,28 @@ def quantize_bodies(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ct
         "body_weights_shared": shared,
         **({"body_latency_decision": decision} if decision else {}),
     }
+
+
+def drop_unread_dequantize(model: onnx.ModelProto) -> int:
+    """Main-graph weights dequantized for bodies that now hold their own int8 copies: the
+    DequantizeLinear (and a stacked-direction Reshape) nobody reads goes, with its int8 data."""
+    graph = model.graph
+    removed = 0
+    while True:
+        read = {i for g in iter_graphs(graph) for n in g.node for i in n.input}
+        read |= {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("DequantizeLinear", "Reshape")
+                and not any(o in read for o in n.output)
+                and all(i in {t.name for t in graph.initializer} or i in
+                        {m.output[0] for m in graph.node if m.op_type == "DequantizeLinear"}
+                        for i in n.input if i)]
+        if not dead:
+            break
+        ids = {id(n) for n in dead}
+        replace_graph_nodes(model, graph, [n for n in graph.node if id(n) not in ids],
+                            keep={i.name for i in graph.input})
+        removed += len(dead)
+    return removed
 
 
 def share_body_weights(model: onnx.ModelProto, *, min_bytes: int = 1024) -> int:

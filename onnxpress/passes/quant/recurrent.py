@@ -57,19 +57,25 @@ def _dq_rows(graph: onnx.GraphProto, init: onnx.TensorProto, names: Names) -> li
             helper.make_node("Reshape", [flat, shape], [init.name])]
 
 
+def _dequantized(graph: onnx.GraphProto) -> set[str]:
+    """Names `graph` computes by DequantizeLinear (or its Reshape, for stacked directions)."""
+    out = {m.output[0] for m in graph.node if m.op_type == "DequantizeLinear"}
+    return out | {m.output[0] for m in graph.node if m.op_type == "Reshape" and m.input[0] in out}
+
+
 def quantize_recurrent(model: onnx.ModelProto, names: Names, *, selected=None
                        ) -> dict[str, str]:
     """Quantize the W and R weights of every LSTM/GRU/RNN (main graph and bodies) in place,
     weight-only (DequantizeLinear, any runtime); `selected(node) -> bool` limits the nodes.
-    Returns {layer: why} for every recurrent layer that is not an integer kernel (weight-only
-    ones included), keyed like the quant passes' `float_layers`."""
+    A body's node that reads its weights from the main graph (an LSTM in both branches of an
+    If) gets them dequantized there, once. Returns {layer: why} for every recurrent layer that
+    is not an integer kernel (weight-only ones included), keyed like `float_layers`."""
+    main = model.graph
     why: dict[str, str] = {}
-    for g in iter_graphs(model.graph):
-        head: list[onnx.NodeProto] = []
-        done: set[str] = set()
-        dequantized = {m.output[0] for m in g.node if m.op_type == "DequantizeLinear"}
-        dequantized |= {m.output[0] for m in g.node
-                        if m.op_type == "Reshape" and m.input[0] in dequantized}
+    heads: dict[int, list[onnx.NodeProto]] = {}
+    done: set[str] = set(_dequantized(main))
+    for g in iter_graphs(main):
+        local = _dequantized(g)
         for n in g.node:
             if n.op_type not in RECURRENT or n.domain not in ("", "ai.onnx"):
                 continue
@@ -77,18 +83,23 @@ def quantize_recurrent(model: onnx.ModelProto, names: Names, *, selected=None
             if selected is not None and not selected(n):
                 why[key] = "excluded by the pass options"
                 continue
+            home = g
             w, r = (_float_init(g, n.input[k]) for k in (1, 2))
+            if w is None and r is None and g is not main:
+                w, r = (_float_init(main, n.input[k]) for k in (1, 2))
+                home = main
             if w is None or r is None:
-                quantized = {n.input[1], n.input[2]} <= done | dequantized
+                quantized = {n.input[1], n.input[2]} <= done | local
                 why[key] = WEIGHT_ONLY_WHY if quantized else \
-                    "W or R is not a float initializer of the node's graph"
+                    "W or R is not a float initializer of the node's graph or the main graph"
                 continue
             for init in (w, r):
-                head.extend(_dq_rows(g, init, names))
+                heads.setdefault(id(home), []).extend(_dq_rows(home, init, names))
                 done.add(init.name)
             why[key] = WEIGHT_ONLY_WHY
-        if head:
-            nodes = head + list(g.node)
+    for g in iter_graphs(main):
+        if heads.get(id(g)):
+            nodes = heads[id(g)] + list(g.node)
             del g.node[:]
             g.node.extend(nodes)
     return why
@@ -109,7 +120,8 @@ def keep_recurrent_int8(model: onnx.ModelProto, options: dict) -> tuple[onnx.Mod
     again. Returns (model, {layer: why}); the model is a copy when anything changed."""
     pick = selector(options.get("op_types"), options.get("exclude_nodes"),
                     options.get("exclude_op_types"))
-    todo = any(n.op_type in RECURRENT and pick(n) and _float_init(g, n.input[1]) is not None
+    todo = any(n.op_type in RECURRENT and pick(n) and (_float_init(g, n.input[1]) is not None
+                                                       or _float_init(model.graph, n.input[1]))
                for g in iter_graphs(model.graph) for n in g.node)
     if todo:
         copy = onnx.ModelProto()
