@@ -47,6 +47,27 @@ def test_torch_converter_covers_onnx_node_cases(capsys):
     assert cov.fraction >= torch_coverage.REQUIRED, "\n".join([cov.summary()] + cov.failures[:20])
 
 
+@pytest.mark.parametrize("mode,transform", [("linear", "half_pixel"), ("cubic", "align_corners"),
+                                            ("nearest", "asymmetric")])
+def test_resize_matches_onnxruntime_and_passes_gradients(mode, transform):
+    """Resize through the converter: onnxruntime's values, and torch's gradient equals the
+    finite-difference one (gradcheck in float64), so a decoder's upsampling trains."""
+    h = onnx.helper
+    node = h.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode,
+                       coordinate_transformation_mode=transform)
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 3, 4])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                         [onnx.numpy_helper.from_array(np.array([1, 1, 2.0, 1.5], np.float32), "scales")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 19)])
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 4)).astype(np.float32)
+    module = OnnxGraphModule(model)
+    want = ort.run(model, {"x": x})["y"]
+    got = module(x=torch.from_numpy(x))["y"].detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()  # gradcheck wants float64
+    assert torch.autograd.gradcheck(lambda v: module(x=v)["y"], (xt,))
+
+
 def test_distill_with_teacher_path_and_labels(digits_cnn_path, digits, tmp_path):
     X, y = digits.train
     calib = [{"input": X[i:i + 64]} for i in range(0, len(X), 64)]
