@@ -16,8 +16,8 @@ naming the node. Coverage on onnx's node cases (tests/passes/torch_coverage.py):
 
     .venv/bin/python -m tests.passes.torch_coverage
 
-Why not onnx2torch: its release on PyPI imports torchvision, which does not import beside the
-torch build this project uses.
+Why not onnx2torch: its release on PyPI (1.5.15) imports torchvision, and the torchvision built
+for torch 2.13 does not import beside the CPU build this project uses.
 """
 
 from __future__ import annotations
