@@ -439,3 +439,43 @@ def causal_conv_with_state(args, a, ctx):
     if a.get("activation", "none") in ("silu", "swish"):
         y = (y.float() * torch.sigmoid(y.float())).to(x.dtype)
     return [y, padded[:, :, padded.shape[2] - (k - 1):]]
+
+
+@op("DeformConv")
+def deform_conv(args, a, ctx):
+    """Each kernel tap samples the input bilinearly at its offset position (zero outside), times
+    the mask; the taps then meet the weights as an ordinary grouped convolution."""
+    x, w, offset = args[0], args[1], args[2]
+    bias, mask = arg(args, 3), arg(args, 4)
+    if x.dim() != 4:
+        raise ctx.unsupported(f"{x.dim() - 2}-d deformable convolution")
+    n, c, h, wd = x.shape
+    kh, kw = list(a.get("kernel_shape", w.shape[2:]))
+    sh, sw = list(a.get("strides", [1, 1]))
+    dh, dw = list(a.get("dilations", [1, 1]))
+    pt, pl = list(a.get("pads", [0, 0, 0, 0]))[:2]
+    groups, off_groups = a.get("group", 1), a.get("offset_group", 1)
+    oh, ow = offset.shape[2], offset.shape[3]
+    taps = kh * kw
+    off = offset.reshape(n, off_groups, taps, 2, oh, ow)
+    msk = mask.reshape(n, off_groups, taps, oh, ow) if mask is not None else None
+    # one zero cell around the input keeps grid_sample's normalisation defined for 1-pixel sides
+    xp = F.pad(x, (1, 1, 1, 1)).reshape(n * off_groups, c // off_groups, h + 2, wd + 2)
+    base_y = (torch.arange(oh) * sh - pt)[:, None].to(x.dtype)
+    base_x = (torch.arange(ow) * sw - pl)[None, :].to(x.dtype)
+    cols = []
+    for t in range(taps):
+        i, j = divmod(t, kw)
+        y = base_y + i * dh + off[:, :, t, 0] + 1
+        xx = base_x + j * dw + off[:, :, t, 1] + 1
+        grid = torch.stack([2 * xx / (wd + 1) - 1, 2 * y / (h + 1) - 1], dim=-1)
+        sampled = F.grid_sample(xp, grid.reshape(n * off_groups, oh, ow, 2), mode="bilinear",
+                                padding_mode="zeros", align_corners=True)
+        sampled = sampled.reshape(n, off_groups, c // off_groups, oh, ow)
+        if msk is not None:
+            sampled = sampled * msk[:, :, t, None]
+        cols.append(sampled.reshape(n, c, oh, ow))
+    cols = torch.stack(cols, dim=2).reshape(n, groups, (c // groups) * taps, oh * ow)
+    wg = w.reshape(groups, w.shape[0] // groups, -1)
+    y = torch.einsum("gok,ngkp->ngop", wg, cols).reshape(n, w.shape[0], oh, ow)
+    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
