@@ -119,15 +119,23 @@ def test_lstm_inside_if_branches_state_carried(char_lstm):
     assert passes.run(model, ["cleanup"]).model.ByteSize() <= model.ByteSize()
     int8 = [t.raw_data for g in iter_graphs(res.model.graph) for t in g.initializer
             if t.data_type == TensorProto.INT8 and len(t.raw_data) >= 1024]
-    assert len(int8) == 3 and len(set(int8)) == 3          # W, R and the head, one copy each
-    assert res.model.ByteSize() < 0.45 * model.ByteSize()
+    # W and R once; the head in each branch (onnxruntime's rewrite of DQ -> MatMul into
+    # MatMulNBits fails the session when the int8 weight is an outer-scope one)
+    assert len(int8) == 4 and len(set(int8)) == 3
+    assert res.model.ByteSize() < 0.5 * model.ByteSize()
+    # the carry branch never calibrated: weight-only there, and the model still runs
+    only_reset = [dict(b, reset=np.array(True)) for b in calib[:2]]
+    part, _ = _run(model, ["quant_int8:latency_aware=false"], only_reset)
+    assert set(_figures(part)["body_float_layers"]) >= {"if_reset/else_branch//head/MatMul_carry"}
     state = np.random.default_rng(0).standard_normal((1, 8, HIDDEN)).astype(np.float32) * 0.1
     for reset in (True, False):
         feeds = dict(zoo.char_feeds(test, batch=8, seq=256, hidden=HIDDEN), h0=state, c0=state,
                      reset=np.array(reset))
-        ref, got = ort.run(model, feeds), ort.run(res.model, feeds)
-        assert (ref["logits"].argmax(-1) == got["logits"].argmax(-1)).mean() >= 0.98
-        assert _cos(ref["cn"], got["cn"]) > 0.99
+        ref = ort.run(model, feeds)
+        for q in (res.model, part.model):
+            got = ort.run(q, feeds)
+            assert (ref["logits"].argmax(-1) == got["logits"].argmax(-1)).mean() >= 0.98
+            assert _cos(ref["cn"], got["cn"]) > 0.99
 
 
 # -- bidirectional, two layers, GRU: random weights ---------------------------------------------

@@ -31,6 +31,7 @@ from onnxpress.passes.quant.calibrate import (
     float_activations,
 )
 from onnxpress.passes.quant.common import (
+    FLOAT,
     Names,
     replace_graph_nodes,
     restore_fused_ops,
@@ -227,8 +228,9 @@ def put_back(model: onnx.ModelProto, body: Body, quantized: onnx.ModelProto) -> 
             continue
         elsewhere |= _defined(g) | {i for n in g.node for i in n.input}
     outer_inits = {t.name: t for t in model.graph.initializer}
+    # the float weights copied in from the main graph and left as they were: read from there
     unchanged = {t.name for t in q.initializer
-                 if t.name in outer_inits and t.name not in own
+                 if t.name in outer_inits and t.name not in own and t.data_type == FLOAT
                  and t.SerializeToString() == outer_inits[t.name].SerializeToString()}
     made = ({o for n in q.node for o in n.output if o}
             | {t.name for t in q.initializer if t.name not in unchanged})
@@ -380,9 +382,28 @@ def drop_unread_dequantize(model: onnx.ModelProto) -> int:
     return removed
 
 
+def _read_only_by_recurrent_dq(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether `name` is read only by DequantizeLinear nodes whose results (through a
+    stacked-direction Reshape) only LSTM/GRU/RNN nodes read. onnxruntime's QDQ rewrites of a
+    DequantizeLinear feeding MatMul or Conv in a body need its weight in the body itself (an
+    outer-scope one fails the session: "Missing required weight"); nothing rewrites those."""
+    from onnxpress.passes.quant.recurrent import RECURRENT
+
+    def readers(t: str) -> list[onnx.NodeProto]:
+        return [n for n in graph.node if t in n.input]
+
+    def recurrent_only(t: str) -> bool:
+        return all(n.op_type in RECURRENT or (n.op_type == "Reshape" and recurrent_only(n.output[0]))
+                   for n in readers(t)) and bool(readers(t))
+
+    first = readers(name)
+    return bool(first) and all(n.op_type == "DequantizeLinear" and n.input[0] == name
+                               and recurrent_only(n.output[0]) for n in first)
+
+
 def share_body_weights(model: onnx.ModelProto, *, min_bytes: int = 1024) -> int:
-    """Bodies that quantized the same main-graph weight hold equal int8 copies of it (both
-    branches of an If reading one LSTM): keep one, in the main graph, read by every body.
+    """Bodies that quantized the same main-graph LSTM/GRU weight hold equal int8 copies of it
+    (both branches of an If reading one LSTM): keep one, in the main graph, read by every body.
     Returns how many initializers went to the main graph."""
     from onnxpress.weights import tensor_nbytes
 
@@ -393,7 +414,8 @@ def share_body_weights(model: onnx.ModelProto, *, min_bytes: int = 1024) -> int:
             continue
         outputs = {o.name for o in g.output}
         for t in g.initializer:
-            if tensor_nbytes(t) >= min_bytes and t.HasField("raw_data") and t.name not in outputs:
+            if (tensor_nbytes(t) >= min_bytes and t.HasField("raw_data") and t.name not in outputs
+                    and _read_only_by_recurrent_dq(g, t.name)):
                 key = onnx.TensorProto(data_type=t.data_type, dims=t.dims,
                                        raw_data=t.raw_data).SerializeToString()
                 groups.setdefault(key, []).append((g, t))
