@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from onnxpress.errors import BackendError, CalibrationError, MissingExtraError, OnnxPressError
 from onnxpress.passes.torch_graph.registry import (
     OPS,
+    SEQUENCE_VALUED,
     NodeContext,
     as_tensor,
     unsupported_error,
@@ -120,7 +121,7 @@ class Interpreter:
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise BackendError(f"distill: node '{node.name}' ({node.op_type}) failed in "
                                    f"torch: {msg}") from exc
-            if not isinstance(res, (list, tuple)) or node.op_type in LIST_VALUED:
+            if not isinstance(res, (list, tuple)) or node.op_type in SEQUENCE_VALUED:
                 res = [res]
             for i, name in enumerate(node.output):
                 if not name:
@@ -129,10 +130,6 @@ class Interpreter:
                     raise unsupported_error(node, f"output {i} ('{name}') is not computed")
                 env[name] = res[i]
 
-
-# ops whose single output is a sequence (a Python list of tensors)
-LIST_VALUED = {"SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert",
-               "SequenceErase", "SequenceMap"}
 
 
 def _opset(model: onnx.ModelProto) -> int:

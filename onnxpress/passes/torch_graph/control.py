@@ -65,12 +65,12 @@ def scan(args, a, ctx):
 
 
 # -- sequences -----------------------------------------------------------------------------------
-@op("SequenceConstruct")
+@op("SequenceConstruct", sequence=True)
 def sequence_construct(args, a, ctx):
     return list(args)
 
 
-@op("SequenceEmpty")
+@op("SequenceEmpty", sequence=True)
 def sequence_empty(args, a, ctx):
     return []
 
@@ -85,7 +85,7 @@ def sequence_at(args, a, ctx):
     return args[0][int(scalar(args[1]))]
 
 
-@op("SequenceInsert")
+@op("SequenceInsert", sequence=True)
 def sequence_insert(args, a, ctx):
     seq = list(args[0])
     pos = arg(args, 2)
@@ -93,7 +93,7 @@ def sequence_insert(args, a, ctx):
     return seq
 
 
-@op("SequenceErase")
+@op("SequenceErase", sequence=True)
 def sequence_erase(args, a, ctx):
     seq = list(args[0])
     pos = arg(args, 1)
@@ -109,7 +109,7 @@ def concat_from_sequence(args, a, ctx):
     return torch.cat(args[0], dim=axis)
 
 
-@op("SplitToSequence")
+@op("SplitToSequence", sequence=True)
 def split_to_sequence(args, a, ctx):
     x, split = args[0], arg(args, 1)
     axis = a.get("axis", 0) % x.dim()

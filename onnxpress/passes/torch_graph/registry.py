@@ -22,13 +22,17 @@ from onnxpress.errors import UnsupportedOpError
 
 OpFn = Callable[[list, dict, "NodeContext"], Any]
 OPS: dict[str, OpFn] = {}
+SEQUENCE_VALUED: set[str] = set()  # ops whose one output is a sequence (a list of tensors)
 
 
-def op(*names: str) -> Callable[[OpFn], OpFn]:
-    """Register a function for one or more op types (default ONNX domain)."""
+def op(*names: str, sequence: bool = False) -> Callable[[OpFn], OpFn]:
+    """Register a function for one or more op types (default ONNX domain); `sequence`: its
+    single output is a sequence, returned as a Python list."""
     def deco(fn: OpFn) -> OpFn:
         for name in names:
             OPS[name] = fn
+            if sequence:
+                SEQUENCE_VALUED.add(name)
         return fn
     return deco
 
