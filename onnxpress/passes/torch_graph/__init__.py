@@ -131,7 +131,6 @@ class Interpreter:
                 env[name] = res[i]
 
 
-
 def _opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
