@@ -92,8 +92,14 @@ def recurrent_ops(model: onnx.ModelProto) -> str:
     from onnxpress.stats import iter_graphs
 
     parts = []
+    weights = [n for n in model.graph.node if n.op_type in ("DequantizeLinear", "Reshape")]
     for g in iter_graphs(model.graph):
-        prec = layer_precisions(onnx.ModelProto(graph=g))
+        scope = onnx.GraphProto()         # a body's weights may be dequantized outside it
+        scope.CopyFrom(g)
+        if g is not model.graph:
+            del scope.node[:]
+            scope.node.extend(weights + list(g.node))
+        prec = layer_precisions(onnx.ModelProto(graph=scope))
         ops = {n.name: n.op_type for n in g.node}
         for name, p in prec.items():
             op = ops.get(name, "")
