@@ -1,9 +1,11 @@
-"""quant_int4: block-wise weight-only int4 for MatMul/Gemm (activations stay float).
+"""quant_int4: block-wise int4 weights for MatMul/Gemm (activations float, or int8 with format=int8_kernels).
 
     before:  y = MatMul(x, W fp32 [K, N])
     target ort:   y = com.microsoft.MatMulNBits(x, W uint4 packed [N, K/bs, bs/2], scales, zp)
     other targets: y = MatMul(x, DequantizeLinear(W int4, scale [K/bs, N], axis=0, block_size=bs))
                    (opset 21; the model's opset is raised when lower)
+    int8_kernels:  W8 = Cast(W int4) * multiple per block (constants, folded when loaded)
+                   y = DynamicQuantizeLinear(x) -> MatMulInteger(., W8) * scales
 
 Each block of `block_size` consecutive weights along K has its own scale (and zero point when
 asymmetric). Embedding tables become int8 with per-row scales.
@@ -350,7 +352,10 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
     before: y = MatMul(x, W fp32 [K, N])
     after:  y = MatMulNBits(x, W 4-bit, one scale (+ zero point) per block_size weights along K)
     format=auto picks com.microsoft MatMulNBits when ctx.target is "ort", else the standard
-    DequantizeLinear(int4, block_size) of opset 21.
+    DequantizeLinear(int4, block_size) of opset 21. format=int8_kernels keeps 4-bit weights in
+    the file (symmetric, block scales multiples 1..16 of a column scale), multiplied out to int8
+    by constant nodes onnxruntime folds at load, and runs them on its dynamic int8 kernel (on
+    x86 without VNNI MatMulNBits is no faster than fp32 beyond a few rows; that kernel is).
     method=rtn rounds each weight to nearest; method=gptq (needs calibration data) quantizes
     the rows of W in order and feeds each rounding error forward through the inverse Hessian
     of the layer's input (damped by damp * its mean diagonal), so the layer's output on the
