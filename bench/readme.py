@@ -311,6 +311,36 @@ def quant_recurrent() -> list[str]:
         ["", _stamp(data, "recurrent")]
 
 
+def quant_int4() -> list[str]:
+    """docs/quant.md: MiniLM int4 (bench/bench_int4.py), onnxruntime's quantizer beside it."""
+    data = _load("int4")
+    out = []
+    for r in data["rows"]:
+        if r["model"] != "MiniLM":
+            continue
+        if r.get("failed"):
+            out.append([r["variant"], f"failed: {r['failed']}"] + [""] * 6)
+            continue
+        level = r.get("accuracy_level")
+        out.append([r["variant"], f"{r['accuracy']:.3f}", _num(r.get("mean_cosine"), "{:.4f}"),
+                    _num(r.get("min_cosine"), "{:.3f}"), _x(r.get("size_x"), 3),
+                    _x(r.get("speedup_wall")), _x(r.get("speedup_cpu")),
+                    "" if level is None else str(level)])
+    return _table(["MiniLM, Debian task", "accuracy", "mean cosine", "min cosine", "size",
+                   "speed (2 threads)", "CPU time (1 thread)", "accuracy_level"],
+                  out) + ["", _stamp(data, "int4")]
+
+
+def quant_int4_kernels() -> list[str]:
+    """docs/quant.md: MatMulNBits vs fp32 vs dynamic int8, whole MiniLM and one MatMul."""
+    data = _load("int4")
+    rows = [r for r in data["rows"] if r["model"] != "MiniLM"]
+    out = [[r["model"], r["variant"], _x(r.get("speedup_cpu")), _x(r.get("speedup_wall"))]
+           for r in rows]
+    return _table(["what (batch 1)", "variant", "CPU time (1 thread) vs fp32",
+                   "speed (2 threads) vs fp32"], out) + ["", _stamp(data, "int4")]
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
     "distill": distill,
@@ -318,6 +348,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
     "tvm-schedules": tvm_schedules, "remote-cpu": remote_cpu,
     "quant-recurrent": quant_recurrent,
+    "quant-int4": quant_int4, "quant-int4-kernels": quant_int4_kernels,
 }
 
 
