@@ -295,6 +295,19 @@ def scale() -> list[str]:
                    "RSS / model bytes"], out) + ["", _stamp(data, "scale")]
 
 
+def quant_outliers() -> list[str]:
+    data = _load("quant_outliers")
+    out = []
+    for r in data["rows"]:
+        metric = r.get("accuracy") if r["model"] == "MiniLM" else r.get("top1_agreement")
+        out.append([r["model"], r["variant"], _num(r.get("min_cosine"), "{:.4f}"),
+                    _num(r.get("mean_cosine"), "{:.4f}"), _num(metric, "{:.3f}"),
+                    _x(r.get("size_x"), 3), _x(r.get("speedup_wall")), r.get("what") or ""])
+    return _table(["model", "variant", "min cosine", "mean cosine",
+                   "accuracy (MiniLM) / top-1 agreement (ViT)", "size", "speed (2 threads)",
+                   "what it did"], out) + ["", _stamp(data, "quant_outliers")]
+
+
 def quant_recurrent() -> list[str]:
     """docs/quant.md: char-level LSTM/GRU on the Debian descriptions (bench/bench_recurrent.py)."""
     data = _load("recurrent")
@@ -347,6 +360,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-digits": quant_digits, "quant-calibration": quant_calibration, "fuse-detail": fuse_detail,
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
     "tvm-schedules": tvm_schedules, "remote-cpu": remote_cpu,
+    "quant-outliers": quant_outliers,
     "quant-recurrent": quant_recurrent,
     "quant-int4": quant_int4, "quant-int4-kernels": quant_int4_kernels,
 }
