@@ -6,7 +6,9 @@
 
 Each module bench/bench_<name>.py defines `run(quick: bool) -> dict` returning
 {"title": str, "rows": [dict, ...], "notes": str}. Results go to bench/results/<name>.json and
-bench/results/README.md (all tables), stamped with the machine and the versions used.
+bench/results/README.md (all tables), stamped with the machine and the versions used. A result
+may carry "result_name": the file it goes to instead (bench_cuda without a GPU, bench_remote_cpu
+run locally), so that figures measured on another machine are not overwritten by a local run.
 """
 
 from __future__ import annotations
@@ -98,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
             continue
+        # a benchmark whose figures come from another machine (a GPU, another CPU) names a
+        # file of its own for what this machine can do, so a local run never replaces them
+        dest = result.pop("result_name", name)
         result["seconds"] = time.time() - t0
         result["quick"] = args.quick
         result["environment"] = env
-        tmp = out / f"{name}.json.tmp"
+        tmp = out / f"{dest}.json.tmp"
         tmp.write_text(json.dumps(result, indent=2, default=str))
-        os.replace(tmp, out / f"{name}.json")
+        os.replace(tmp, out / f"{dest}.json")
         print(to_markdown(name, result), flush=True)
     # the combined table holds every result on disk, fresh or from an earlier run
     parts = ["# onnxpress benchmark results", "",

@@ -137,7 +137,9 @@ def run(quick: bool) -> dict:
         cases = build_cases(work / "cases", "sm_90", quick)
         gpu = _gpu_name()
         if gpu.startswith("no nvidia-smi") or not gpu:
+            # cuda.json holds the runs on a GPU; what a machine without one can check goes beside it
             return {"title": "CUDA artifacts (built, not run: no GPU here)", "rows": cases,
+                    "result_name": "cuda_build",
                     "notes": f"Built on {cpu_description()[0]}. No GPU on this machine, so nothing "
                              "ran: copy the build directory (python -m bench.bench_cuda build DIR) "
                              "to a GPU machine and run python -m bench.bench_cuda run DIR there."}

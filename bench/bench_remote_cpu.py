@@ -300,8 +300,9 @@ def run(quick: bool) -> dict:
         result = run_cases(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # remote_cpu.json holds the runs on the other CPU (written by `collect`); this one goes beside it
     return {"title": f"x86 build for this CPU ({result['mcpu']}) through the remote-run path",
-            "rows": result.get("rows", []),
+            "rows": result.get("rows", []), "result_name": "remote_cpu_here",
             "notes": f"{result['cpu']}; built and run here by bench/bench_remote_cpu.py (pattern weights, "
                      "2 threads); the other-CPU runs are in bench/results/remote_cpu.json." +
                      (f" Error: {result['error']}" if "error" in result else "")}

@@ -85,3 +85,21 @@ def test_every_figure_in_the_docs_prose_is_a_committed_result():
                 if not _in_results(token, unit, committed):
                     missing.append(f"{path.name}:{n}: {m.group(0)}")
     assert not missing, "figures not in bench/results:\n" + "\n".join(missing)
+
+
+def test_a_local_bench_run_does_not_replace_figures_measured_elsewhere(tmp_path, monkeypatch):
+    """bench_cuda without a GPU and bench_remote_cpu run locally name a file of their own
+    (result_name): a lone clone's `python -m bench --quick` overwrote the H200 and Xeon runs with
+    'not run' rows, then failed re-rendering the docs from them."""
+    import types
+
+    import bench.__main__ as harness
+
+    (tmp_path / "cuda.json").write_text(json.dumps({"title": "CUDA artifacts on a GPU", "rows": []}))
+    fake = types.SimpleNamespace(run=lambda quick: {"title": "built, not run: no GPU here", "rows": [],
+                                                    "result_name": "cuda_build"})
+    monkeypatch.setattr(harness, "importlib", types.SimpleNamespace(import_module=lambda name: fake))
+    assert harness.main(["--only", "cuda", "--quick", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "cuda.json").read_text())["title"] == "CUDA artifacts on a GPU"
+    local = json.loads((tmp_path / "cuda_build.json").read_text())
+    assert local["title"] == "built, not run: no GPU here" and "result_name" not in local
