@@ -68,13 +68,16 @@ def quant_speed() -> list[str]:
         ours = [v for v in by if v.startswith("onnxpress")]
         for v in ours or [None]:
             r, peer = by.get(v, {}), by.get("ORT quantize_static", {})
+            nncf = by.get("NNCF quantize", {})
             out.append([m, v.replace("onnxpress ", "") if v else "", _num(fp32.get("wall_ms_2t"), "{:.2f}"),
                         f"{_x(peer.get('speedup_wall'))} faster, {_x(peer.get('size_x'), 3)} size"
                         if peer.get("speedup_wall") else (peer.get("decision") or "failed"),
+                        f"{_x(nncf.get('speedup_wall'))} faster, cosine "
+                        f"{_num(nncf.get('cosine'), '{:.5f}')}" if nncf else "",
                         f"**{_x(r.get('speedup_wall'))}** faster, {_x(r.get('size_x'), 3)} size",
                         r.get("int8_layers", ""), _num(r.get("cosine"), "{:.5f}"),
                         r.get("decision") or ""])
-    header = ["model", "pipeline", "fp32 ms", "onnxruntime quantize_static", "onnxpress",
+    header = ["model", "pipeline", "fp32 ms", "onnxruntime quantize_static", "NNCF quantize", "onnxpress",
               "int8 layers", "cosine to fp32", "kept float / decision"]
     return _table(header, out) + ["", _stamp(data, "quant")]
 
@@ -82,9 +85,11 @@ def quant_speed() -> list[str]:
 def quant_minilm() -> list[str]:
     data = _load("quant")
     rows = [r for r in data["rows"] if r["model"] == "MiniLM" and r.get("accuracy") is not None]
-    out = [[r["variant"], f"{r['accuracy']:.3f}", _num(r.get("min_cosine"), "{:.3f}"),
-            _x(r.get("size_x"), 3), _x(r.get("speedup_wall"))] for r in rows]
-    return _table(["MiniLM, Debian task", "accuracy", "min cosine", "size", "speed (2 threads)"],
+    out = [[r["variant"], f"{r['accuracy']:.3f}", _num(r.get("mean_cosine"), "{:.4f}"),
+            _num(r.get("min_cosine"), "{:.3f}"), _x(r.get("size_x"), 3), _x(r.get("speedup_wall")),
+            _x(r.get("speedup_cpu")), r.get("precisions") or ""] for r in rows]
+    return _table(["MiniLM, Debian task", "accuracy", "mean cosine", "min cosine", "size",
+                   "speed (2 threads)", "speed (CPU time, 1 thread)", "layers (quant_auto)"],
                   out) + ["", _stamp(data, "quant")]
 
 
