@@ -74,6 +74,19 @@ def to_markdown(name: str, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_combined(out: Path, env: dict) -> None:
+    """<out>/README.md: every result on disk, fresh or from an earlier run, as one page."""
+    parts = ["# onnxpress benchmark results", "",
+             f"Machine: {env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']}, "
+             f"onnx {env['onnx']}. Every ratio is measured side by side in one run.", ""]
+    for path in sorted(out.glob("*.json")):
+        try:
+            parts.append(to_markdown(path.stem, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    (out / "README.md").write_text("\n".join(parts))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,16 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(result, indent=2, default=str))
         os.replace(tmp, out / f"{dest}.json")
         print(to_markdown(name, result), flush=True)
-    # the combined table holds every result on disk, fresh or from an earlier run
-    parts = ["# onnxpress benchmark results", "",
-             f"Machine: {env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']}, "
-             f"onnx {env['onnx']}. Every ratio is measured side by side in one run.", ""]
-    for path in sorted(out.glob("*.json")):
-        try:
-            parts.append(to_markdown(path.stem, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    (out / "README.md").write_text("\n".join(parts))
+    write_combined(out, env)
     if out.resolve() == RESULTS.resolve():
         # README.md's benchmark tables are rendered from these results (bench/readme.py)
         from bench import readme
