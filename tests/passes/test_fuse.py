@@ -486,38 +486,10 @@ def test_conformance_models_unchanged_by_fuse():
 
 def test_conformance_node_cases_unchanged_by_fuse():
     """onnx's generated single-op cases (about 1,900; those onnxruntime runs) keep their
-    outputs through `fuse`; most have nothing to fuse and must come back untouched."""
-    import warnings
+    outputs through `fuse`; most have nothing to fuse and must come back untouched. The shared
+    conformance runner reuses test_conformance's onnxruntime outputs."""
+    from tests.passes.conformance_cases import node_cases, run_cases
 
-    from onnx.backend.test.loader import load_model_tests
-
-    from onnxpress.errors import BackendError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cases = load_model_tests(kind="node")
-    checked, failures = 0, []
-    for case in cases:
-        model = case.model
-        if not case.data_sets:
-            continue
-        inits = {t.name for t in model.graph.initializer}
-        names = [i.name for i in model.graph.input if i.name not in inits]
-        feeds = {n: v for n, v in zip(names, case.data_sets[0][0]) if isinstance(v, np.ndarray)}
-        if len(feeds) != len(names) or any(v.dtype == object for v in feeds.values()):
-            continue
-        try:
-            expected = ort.run(model, feeds, optimization="disable")
-        except BackendError:
-            continue
-        try:
-            got = ort.run(passes.apply(model, "fuse"), feeds, optimization="disable")
-        except Exception as exc:  # a crash is ours
-            failures.append(f"{case.name}: {type(exc).__name__}: {exc}"[:300])
-            continue
-        checked += 1
-        r = ort.compare_outputs(expected, got, rtol=1e-4, atol=1e-5)
-        if not r.ok:
-            failures.append(f"{case.name}: {r}")
-    assert checked > 1000
+    stats, failures = run_cases(node_cases(), ["fuse"])
+    assert stats["preserved"] > 1000 and stats["preserved (unchanged graph)"] > 1000, stats
     assert not failures, "\n".join(failures[:10])
