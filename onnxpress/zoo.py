@@ -98,7 +98,11 @@ def train_digits_cnn(epochs: int = 30, seed: int = SEED):
     torch.manual_seed(seed)
     data = digits_data()
     Xtr, ytr = (torch.from_numpy(a) for a in data.train)
-    model = _digits_module()
+    return _fit(torch, _digits_module(), Xtr, ytr, epochs, seed)
+
+
+def _fit(torch, model, Xtr, ytr, epochs: int, seed: int):
+    """Adam (lr 3e-3) on cross-entropy, batches of 64 in a seeded order; the model in eval mode."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -107,8 +111,7 @@ def train_digits_cnn(epochs: int = 30, seed: int = SEED):
         for i in range(0, len(Xtr), 64):
             idx = perm[i:i + 64]
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
-            loss.backward()
+            torch.nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
             opt.step()
     model.eval()
     return model
@@ -211,19 +214,7 @@ def train_digits_segmenter(epochs: int = 20, seed: int = SEED):
 def _train_segmenter(torch, epochs: int, seed: int):
     torch.manual_seed(seed)
     Xtr, ytr = (torch.from_numpy(a) for a in digits_segments().train)
-    model = _segmenter_module()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(Xtr), generator=gen)
-        for i in range(0, len(Xtr), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-            opt.step()
-    model.eval()
-    return model
+    return _fit(torch, _segmenter_module(), Xtr, ytr, epochs, seed)
 
 
 def digits_segmenter() -> Path:
