@@ -71,6 +71,14 @@ def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContex
     return output_error(before, after, calibration_sample(ctx.calib, max_samples))
 
 
+def _blockers(cg: ChannelGroups, groups: list[ChannelGroup] | None = None) -> str:
+    """'name (why it stays whole); ...' for the frozen groups (or `groups`), the first eight."""
+    if groups is None:
+        groups = [g for g in cg.groups.values() if g.sources and g.frozen]
+    named = [f"{g.name} ({g.frozen})" for g in groups]
+    return "; ".join(named[:8]) + (f"; and {len(named) - 8} more" if len(named) > 8 else "")
+
+
 @register("prune", lossy=True, uses=("calib",))
 def prune(model: onnx.ModelProto, ctx: PassContext, *,
           sparsity: Annotated[float, Range(0, 1, hi_inclusive=False)] = 0.5,
@@ -127,9 +135,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, *,
         removed = sum(r.channels - r.kept for r in results)
         after = stats.model_stats(out)
         if sparsity > 0 and removed == 0:
-            blocked = [f"{g.name} ({g.frozen})" for g in cg.groups.values() if g.sources and g.frozen]
-            why = ("; ".join(blocked[:8]) + (f"; and {len(blocked) - 8} more" if len(blocked) > 8
-                                             else "")) or "no group has more than one channel"
+            why = _blockers(cg) or "no group has more than one channel"
             msg = (f"pass 'prune': structured sparsity={sparsity} removed no channel: "
                    f"{len(cg.prunable())} prunable group(s) of {len(cg.groups)}; blocked: {why}")
             if not allow_partial:
@@ -140,14 +146,13 @@ def prune(model: onnx.ModelProto, ctx: PassContext, *,
             # softmax over the channel axis, a reshape it cannot follow): the user asked for
             # `sparsity` everywhere, so name what kept each such group whole. Graph inputs and
             # outputs keep their shapes by design and are only listed in the figures.
-            inner = [f"{g.name} ({g.frozen})" for g in cg.groups.values()
+            inner = [g for g in cg.groups.values()
                      if g.sources and g.frozen and not g.frozen.startswith(("graph input", "graph output"))]
             if inner:
                 warnings.warn(
                     f"pass 'prune': {len(inner)} channel group(s) kept whole, so the model lost "
                     f"{1 - after.params / max(before.params, 1):.0%} of its "
-                    f"parameters, not {sparsity:.0%}: " + "; ".join(inner[:8])
-                    + (f"; and {len(inner) - 8} more" if len(inner) > 8 else ""), stacklevel=3)
+                    f"parameters, not {sparsity:.0%}: " + _blockers(cg, inner), stacklevel=3)
         ctx.record(
             mode="structured", criterion=criterion, scope=eff_scope, round_to=round_to,
             groups=len(cg.groups), prunable_groups=len(cg.prunable()),

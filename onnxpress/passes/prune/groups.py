@@ -39,7 +39,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxpress.passes.context import PassContext, register_analysis
-from onnxpress.passes.graph import has_subgraphs, subgraph_outer_inputs
+from onnxpress.passes.graph import constants, has_subgraphs, subgraph_outer_inputs
 
 # ops that act on each element independently (a tracked axis passes through unchanged)
 UNARY_OPS = {
@@ -59,14 +59,11 @@ CHANNEL_STATISTICS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", 
 
 
 def const_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs (through Identity) by name."""
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    """Initializers and Constant-node outputs (passes.graph.constants), also through Identity,
+    as arrays by name."""
+    consts = {name: numpy_helper.to_array(t) for name, t in constants(graph).items()}
     for node in graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    consts[node.output[0]] = numpy_helper.to_array(a.t)
-        elif node.op_type == "Identity" and node.input[0] in consts:
+        if node.op_type == "Identity" and node.input[0] in consts:
             consts[node.output[0]] = consts[node.input[0]]
     return consts
 
