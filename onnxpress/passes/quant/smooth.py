@@ -137,21 +137,14 @@ def collect_channel_stats(model: onnx.ModelProto, ctx, tensors: list[str], *,
                           ) -> dict[str, ChannelStats]:
     """One onnxruntime run over the (first `max_batches`) calibration data with `tensors`
     exposed."""
-    from onnxpress.backends import ort
+    from onnxpress.passes.quant.calibrate import calibration_outputs
 
-    calib = ctx.require_calib(model)
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    del aug.graph.output[:]
-    aug.graph.output.extend(helper.make_tensor_value_info(t, FLOAT, None) for t in tensors)
-    sess = ort.session(aug, optimization="basic")
     rng = ctx.rng(15)
     out: dict[str, ChannelStats] = {}
-    for i, batch in enumerate(ctx.progress_bar(calib, desc="smoothing stats",
-                                               total=getattr(calib, "length", None))):
-        if max_batches is not None and i >= max_batches:
-            break
-        for t, v in zip(tensors, sess.run(tensors, batch)):
+    for _, values in calibration_outputs(model, ctx, tensors, desc="smoothing stats",
+                                         max_batches=max_batches):
+        for t in tensors:
+            v = values[t]
             rows = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
             keys = rng.random(len(rows))
             st = out.get(t)
