@@ -120,13 +120,7 @@ def _captures(model: onnx.ModelProto, bodies: list[Body], calib, shapes: dict,
         for t in list(b.node.input) + b.reads:
             if t and t not in inits and t not in inputs and t not in want and t in shapes:
                 want.append(t)
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    outs = {o.name for o in aug.graph.output}
-    for t in want:
-        if t not in outs:
-            aug.graph.output.append(helper.make_tensor_value_info(t, shapes[t][0], None))
-    sess = ort.session(aug, optimization="basic")
+    sess = ort.session(_augment(model, want, shapes), optimization="basic")
     got = []
     for i, batch in enumerate(calib):
         if i >= max_batches:
