@@ -8,7 +8,7 @@ the heavy ops run on integer kernels:
     DQ(x u8) , DQ(W i8 per-channel) , DQ(b i32) -> Conv/MatMul/Gemm [-> Relu/Clip] -> Q(y)
         ==>  onnxpress.int8.QConv / QMatMul (x u8, W i8, b)  -> y u8
              relax: conv2d/matmul(u8 x i8, out_dtype int32) + int32 bias
-                    -> requantize in float32: round_half_even(float(acc) * (xs*ws) / ys) + zy, clip
+                    -> requantize in float32: round_half_even(float(acc) * (xs*ws/ys)) + zy, clip
     DQ(a), DQ(b) -> Add [-> Relu/Clip] -> Q          ==>  QAdd (requantized in float32)
     DQ(x) -> Relu/Clip -> Q                          ==>  QRequant (a clamp when params agree)
     DQ(x) -> MaxPool/Reshape/Flatten/Transpose/Squeeze/Unsqueeze/Identity -> Q(same params)
@@ -18,11 +18,13 @@ the heavy ops run on integer kernels:
     same QConv/QMatMul converters.
 
 Requantization uses a float32 scale and round-half-to-even, not a fixed-point multiplier and
-shift: onnxruntime's QDQ reference (DequantizeLinear, float op, QuantizeLinear) and its
-QLinearConv both requantize in float with nearbyint, so float is what matches it bit for bit
-(fixed-point differs by one step wherever the product lands near .5); every CPU target here has
-a float unit, and the requantization is a few vector instructions per output element against
-hundreds of multiply-adds per element in the kernel.
+shift: onnxruntime's QLinearConv requantizes in float with nearbyint too, multiplying by one
+folded scale xs*ws/ys per channel, and so does this (fixed-point differs by one step wherever
+the product lands near .5). The QDQ reference (DequantizeLinear, float op, QuantizeLinear)
+divides by ys instead; a divide costs about eight multiplies per output element, which on convs
+with few input channels was more than the dot products, so outputs may sit one step from the
+reference where the two round apart (the share the tests bound and the bench reports). Every
+CPU target here has a float unit.
 
 The private nodes (domain `onnxpress.int8`) exist only between this rewrite and TVM's importer,
 where `integer_converters()` adds their converters. Nodes that cannot become integer stay float;
@@ -670,14 +672,19 @@ def _is_const(expr) -> bool:
     return isinstance(expr, getattr(tvm.ir, "GenericConst", ())) or type(expr).__name__ == "Constant"
 
 
-def _requantize(f, attr: dict):
-    """float32 real value -> the output integer type: round-half-to-even(f / y_scale) + y_zp,
-    clipped (onnxruntime's QuantizeLinear divides by the scale too)."""
+def _requantize(f, attr: dict, *, scaled: bool = False):
+    """float32 real value -> the output integer type: round-half-to-even(f * (1 / y_scale))
+    + y_zp, clipped. A multiply, not onnxruntime's QuantizeLinear divide: a vector divide costs
+    about 8 multiplies, once per output element, which on convs with few input channels (16-24:
+    efficientnet's first blocks) was more than the dot products; where f / y and f * (1 / y)
+    round apart the output moves one step (the flip share the tests and the bench report).
+    scaled: f is already in output steps (the caller folded 1 / y_scale into its own scale)."""
     from tvm import relax
 
     if attr.get("out_float"):
         return f
-    q = relax.op.round(relax.op.divide(f, relax.const(np.float32(attr["y_scale"]))))
+    q = f if scaled else relax.op.multiply(f, relax.const(_reciprocal(attr["y_scale"])))
+    q = relax.op.round(q)
     q = relax.op.add(q, relax.const(np.float32(attr["y_zero_point"])))
     # maximum/minimum, not relax.op.clip: clip has no layout rule, so ConvertLayout wrapped every
     # requantize in NHWC->NCHW->NHWC transposes and kept it out of the conv's fused epilogue
@@ -686,6 +693,10 @@ def _requantize(f, attr: dict):
     q = relax.op.maximum(q, relax.const(np.float32(attr["y_min"])))
     q = relax.op.minimum(q, relax.const(np.float32(attr["y_max"])))
     return relax.op.astype(q, _s(attr["y_dtype"]))
+
+
+def _reciprocal(scale) -> np.float32:
+    return np.float32(np.float32(1.0) / np.float32(scale))
 
 
 def _dequantized(x, scale: float, zp: int):
@@ -719,10 +730,14 @@ def _bias_and_scale(acc, inputs, attr: dict, n_out: int, shape: tuple, wsum: np.
     m = (np.float32(attr["x_scale"]) * _np(inputs[2]).astype(np.float32)).astype(np.float32)
     if float(attr.get("alpha", 1.0)) != 1.0:
         m = (m * np.float32(attr["alpha"])).astype(np.float32)
+    scaled = not attr.get("out_float")
+    if scaled:       # one multiply per element: (xs * ws) / ys folded, as QLinearConv's requantize
+        m = (m / np.float32(attr["y_scale"])).astype(np.float32)
+        fbias = None if fbias is None else (fbias / np.float32(attr["y_scale"])).astype(np.float32)
     f = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(m.reshape(shape)))
     if fbias is not None:
         f = relax.op.add(f, relax.const(fbias.reshape(shape)))
-    return _requantize(f, attr)
+    return _requantize(f, attr, scaled=scaled)
 
 
 def _converters() -> dict:
@@ -859,9 +874,10 @@ def _converters() -> dict:
                 zx = int(attr["x_zero_point"])
                 if zx:
                     s = relax.op.subtract(s, relax.const(np.int32(zx * n)))
-                f = relax.op.multiply(relax.op.astype(s, "float32"), relax.const(np.float32(attr["x_scale"])))
-                f = relax.op.divide(f, relax.const(np.float32(n)))
-                return _requantize(f, attr)
+                # sum * (xs / n / ys): one multiply per channel
+                m = np.float32(np.float32(attr["x_scale"]) / np.float32(n) / np.float32(attr["y_scale"]))
+                f = relax.op.multiply(relax.op.astype(s, "float32"), relax.const(m))
+                return _requantize(f, attr, scaled=True)
             f = bb.normalize(_dequantized(x, attr["x_scale"], int(attr["x_zero_point"])))
             pool_attr = {k: v for k, v in attr.items()
                          if k in ("kernel_shape", "strides", "pads", "ceil_mode", "count_include_pad",
@@ -876,8 +892,8 @@ def _converters() -> dict:
 def _elementwise_qdq(op: str, fallback):
     """A converter for the QuantizeLinear / DequantizeLinear nodes left at float boundaries (SiLU
     gates, softmax, layer norms between quantized ops): per-tensor ones as plain elementwise ops
-    (the same arithmetic as onnxruntime's: divide, round half to even, + zp, saturate; (q - zp) *
-    scale). TVM's own relax quantize/dequantize ops have no layout rule, so ConvertLayout
+    (onnxruntime's arithmetic, but a multiply by 1 / scale for its divide: round half to even,
+    + zp, saturate; (q - zp) * scale). TVM's own relax quantize/dequantize ops have no layout rule, so ConvertLayout
     wrapped each of them in NHWC<->NCHW transposes (efficientnet_b0: the SiLU gates ran
     transpose, dequantize, sigmoid, multiply, transpose, quantize, transpose). Per-channel,
     blocked and non-float32 ones keep TVM's converter."""
