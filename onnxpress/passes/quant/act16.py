@@ -83,6 +83,7 @@ def widen_activations(model: onnx.ModelProto, layers: dict[str, str], stats: Cal
     new_inits: list[onnx.TensorProto] = []
     before_of: dict[int, list[onnx.NodeProto]] = {}      # position -> nodes to put before it
     after_of: dict[int, list[onnx.NodeProto]] = {}
+    replaced: set[str] = set()           # inputs of rewritten layers: dropped if no longer read
 
     def add_init(arr: np.ndarray, base: str) -> str:
         name = names(base)
@@ -122,6 +123,7 @@ def widen_activations(model: onnx.ModelProto, layers: dict[str, str], stats: Cal
             continue
         # MatMulIntegerToFloat(xq, W, xs, ws, xz, wz[, bias]) -> MatMul(x16, W as float) [+ bias]
         inputs = list(n.input)
+        replaced.update(inputs[2:6])        # (wz, a zero point per channel, may now be unread)
         w = float_weight(helper.make_node("DequantizeLinear", [inputs[1], inputs[3], inputs[5]],
                                           [inputs[1] + "_dq"], axis=1), before)
         if w is None:
@@ -143,7 +145,7 @@ def widen_activations(model: onnx.ModelProto, layers: dict[str, str], stats: Cal
     widen_outputs(graph, {n.output[0] for _, n, _, _ in targets}, stats, domain, add_init)
     graph.initializer.extend(new_inits)
     # an 8-bit pair that only fed widened layers now feeds nothing
-    dropped: set[str] = set()
+    dropped: set[str] = set(replaced)
     while True:
         used = _read(graph)
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")

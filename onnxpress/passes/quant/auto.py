@@ -313,16 +313,6 @@ def quant_auto(
                         weight_bits=7 if needs_7_bit_weights(ctx.target) else 8)
     int4_options = dict(block_size=block_size, use_nbits=ctx.for_onnxruntime)
     calib_batches = n_batches - max_batches if held_out else None
-    outlier_figures: dict[str, Any] = {}
-    if outliers and "int8" in levels:
-        from onnxpress.passes.quant.smooth import choose_outlier_fixes
-
-        model, stats, outlier_figures = choose_outlier_fixes(
-            model, ctx, stats, scorer=scorer, int8_options=int8_options, calib_batches=calib_batches)
-    # w8a16 is measured only if the search has to move layers on from it
-    layers, table = layer_sensitivity(model, ctx, precisions=[p for p in measure if p != "w8a16"],
-                                      scorer=scorer, int8_options=int8_options,
-                                      int4_options=int4_options, stats=stats)
     if metric in ("cosine", "top1"):
         def budget_ok(d: float) -> bool:
             return 1.0 - d >= budget
@@ -332,22 +322,66 @@ def quant_auto(
 
     explored: list[dict[str, Any]] = []      # the size/metric trade-off the search walked
 
-    def evaluate(assign: dict[str, str]) -> float:
-        cand = apply_assignment(model, stats, assign, int8_options=int8_options,
-                                int4_options=int4_options, embeddings=embeddings)
-        d = scorer(cand)
-        explored.append({"bytes": cand.ByteSize(), "value": _metric_value(metric, d),
-                         "fp32_layers": sum(v == "fp32" for v in assign.values())})
-        return d
+    def search(m: onnx.ModelProto, st) -> dict[str, Any]:
+        """Sensitivity of m's layers, then the cheapest assignment that meets the budget."""
+        def evaluate(assign: dict[str, str]) -> float:
+            cand = apply_assignment(m, st, assign, int8_options=int8_options,
+                                    int4_options=int4_options, embeddings=embeddings)
+            d = scorer(cand)
+            explored.append({"bytes": cand.ByteSize(), "value": _metric_value(metric, d),
+                             "fp32_layers": sum(v == "fp32" for v in assign.values())})
+            return d
 
-    def measure_level(level: str, at: list[Layer]) -> None:
-        layer_sensitivity(model, ctx, precisions=[level], scorer=scorer, stats=stats, layers=at,
-                          table=table, int8_options=int8_options, int4_options=int4_options)
+        # w8a16 is measured only if the search has to move layers on from it
+        layers, table = layer_sensitivity(m, ctx, precisions=[p for p in measure if p != "w8a16"],
+                                          scorer=scorer, int8_options=int8_options,
+                                          int4_options=int4_options, stats=st)
 
-    assign, degradation, evaluated = choose_precisions(layers, table, levels, evaluate,
-                                                       budget_ok, ctx, measure=measure_level)
-    out = apply_assignment(model, stats, assign, int8_options=int8_options,
-                           int4_options=int4_options, embeddings=embeddings)
+        def measure_level(level: str, at: list[Layer]) -> None:
+            layer_sensitivity(m, ctx, precisions=[level], scorer=scorer, stats=st, layers=at,
+                              table=table, int8_options=int8_options, int4_options=int4_options)
+
+        assign, d, evaluated = choose_precisions(layers, table, levels, evaluate, budget_ok, ctx,
+                                                 measure=measure_level)
+        out = apply_assignment(m, st, assign, int8_options=int8_options,
+                               int4_options=int4_options, embeddings=embeddings)
+        return dict(model=m, stats=st, layers=layers, table=table, assign=assign,
+                    degradation=d, evaluated=evaluated + sum(map(len, table.values())),
+                    out=out, met=budget_ok(d), bytes=out.ByteSize(),
+                    float_layers=sum(v in ("fp16", "fp32") for v in assign.values()))
+
+    found = search(model, stats)
+    evaluated_total = found["evaluated"]
+    outlier_figures: dict[str, Any] = {}
+    if outliers and "int8" in levels:
+        # SmoothQuant costs a vector (and a Mul) per smoothed tensor that no LayerNorm absorbs.
+        # It is tried only when the search without it fell short of the objective's ideal: for
+        # size, when it missed the target or left layers in float (int8 and w8a16 cost the same
+        # bytes); for latency, when any layer is not int8 (w8a16 computes in float)
+        short = [v for v in found["assign"].values()
+                 if v != "int8" and (objective == "latency" or v in ("fp16", "fp32"))]
+        if found["met"] and not short:
+            outlier_figures["smooth"] = "off (target met without it)"
+        else:
+            from onnxpress.passes.quant.smooth import choose_outlier_fixes
+
+            smoothed, s_stats, outlier_figures = choose_outlier_fixes(
+                model, ctx, stats, scorer=scorer, int8_options=int8_options,
+                calib_batches=calib_batches)
+            if smoothed is not model:
+                other = search(smoothed, s_stats)
+                evaluated_total += other["evaluated"]
+                timing = (model, batches[0]) if (objective == "latency" and latency_aware
+                                                 and ctx.for_onnxruntime) else None
+                keep, why = _better(other, found, objective, timing)
+                outlier_figures["smooth_choice"] = why
+                if keep:
+                    found = other
+                else:
+                    ctx.invalidate()      # (the cached statistics are the smoothed model's)
+                    outlier_figures["smooth"] = "off (the result without it was as good)"
+    model, stats, layers, table = found["model"], found["stats"], found["layers"], found["table"]
+    assign, degradation, out = found["assign"], found["degradation"], found["out"]
     figures: dict[str, Any] = {}
     if latency_aware and objective == "latency" and ctx.for_onnxruntime:
         from onnxpress.passes.quant.latency import relative_costs
@@ -393,7 +427,7 @@ def quant_auto(
         "explored": explored,
         {"cosine": "min_cosine", "top1": "top1_agreement"}.get(metric, "degradation"):
             round(_metric_value(metric, degradation), 6),
-        "layers": len(layers), "models_evaluated": evaluated + sum(map(len, table.values())),
+        "layers": len(layers), "models_evaluated": evaluated_total,
         **{f"layers_{p}": c for p, c in counts.items()},
         "precision": {layer.key: assign[layer.key] for layer in layers},
         "sensitivity": rows,
@@ -403,6 +437,31 @@ def quant_auto(
     })
     ctx.record(**figures)
     return out
+
+
+def _better(a: dict, b: dict, objective: str, timing: tuple | None) -> tuple[bool, str]:
+    """Is search result a better than b, and why: meeting the target first; then for objective
+    size fewer bytes; for latency the faster on onnxruntime (timing = (float model, feeds)),
+    within 3% the smaller, or without timing fewer layers left out of int8."""
+    if a["met"] != b["met"] or not a["met"]:
+        better = a["met"] if a["met"] != b["met"] else a["degradation"] < b["degradation"]
+        return better, "target met" if a["met"] or b["met"] else "closer to the target"
+    smaller = a["bytes"] < b["bytes"]
+    size = f"{a['bytes']} vs {b['bytes']} bytes"
+    if objective == "size":
+        return smaller, size
+    if timing is not None:
+        from onnxpress.passes.quant.latency import relative_costs
+
+        cost, _ = relative_costs([timing[0], a["out"], b["out"]], timing[1])
+        speed = f"{1 / cost[1]:.2f}x vs {1 / cost[2]:.2f}x fp32's speed, {size}"
+        if abs(cost[1] - cost[2]) > 0.03 * min(cost[1], cost[2]):
+            return cost[1] < cost[2], speed
+        return smaller, speed + " (as fast: the smaller)"
+    rest = [sum(v != "int8" for v in r["assign"].values()) for r in (a, b)]
+    if rest[0] != rest[1]:
+        return rest[0] < rest[1], f"{rest[0]} vs {rest[1]} layers not int8"
+    return smaller, size
 
 
 def _metric_value(metric: str, degradation: float) -> float:
