@@ -115,7 +115,7 @@ def _variants(fp32: onnx.ModelProto, path: Path, calib: list[dict], auto_spec: s
         if f.get("bias_corrected"):
             what.append(f"{f['bias_corrected']} biases corrected")
         if label == "quant_auto":        # its trials: 1 - min cosine on its held-out batches
-            trials = {k: "/".join(f"{v:.5f}" for v in f[k].values())
+            trials = {k: "/".join(f"{v:.5f}" for v in f[k].values() if isinstance(v, float))
                       for k in ("smooth_trial", "bias_correction_trial") if f.get(k)}
             what = [f"smooth: {f.get('smooth', '-')}"
                     + (f" (1-cos {trials['smooth_trial']})" if "smooth_trial" in trials else ""),

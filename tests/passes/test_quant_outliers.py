@@ -164,3 +164,31 @@ def test_bias_correction_unshares_a_shared_bias():
         shift = [np.abs((ort.run(m, {"x": x})[y] - ref[y]).mean(0)).mean()
                  for m in (plain, res.model)]
         assert shift[1] < 0.01 * shift[0], (y, shift)   # exact on the data it saw
+
+
+def test_quant_auto_keeps_bias_correction_only_when_both_halves_gain(case):
+    """quant_auto judges bias correction on a few held-out batches: it is kept when the corrected
+    model scores better on each half of them, not when one half carries the whole gain. The
+    scorer is onnxruntime's min cosine on real batches of the seeded data."""
+    from onnxpress.passes.quant.auto import Scorer
+    from onnxpress.passes.quant.smooth import choose_bias_correction
+
+    model, calib, held_out, _ = case
+    ctx = PassContext(calib=calib, progress=False)
+    q = quantized(model, calib, "quant_int8:latency_aware=false").model
+    fresh = [{"x": held_out["x"][4 * i:4 * i + 4]} for i in range(4)]
+    for batches, kept in (([calib[0], calib[1]] + fresh[:2], True), (fresh, False)):
+        scorer = Scorer(model, batches, "cosine", None)
+        assert scorer.halves() == [[0, 1], [2, 3]]
+        out, figures, d = choose_bias_correction(model, q, ctx, scorer=scorer, calib_batches=None)
+        trial = figures["bias_correction_trial"]
+        assert trial["corrected"] < trial["plain"]           # better overall, both times
+        (a0, b0), (a1, b1) = trial["halves"]
+        if kept:
+            assert b0 < a0 and b1 < a1 and figures["bias_correction"] == "on"
+            assert d is not None and out is not q
+        else:       # the worse half decides
+            assert (b0 < a0) != (b1 < a1) and d is None and out is q
+            assert "one half" in figures["bias_correction"]
+    # a single evaluation batch cannot be split: the overall score decides alone
+    assert Scorer(model, fresh[:1], "cosine", None).halves() == []

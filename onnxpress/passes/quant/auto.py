@@ -84,7 +84,16 @@ class Scorer:
             sess = ort.session(reference)
             self.ref = [sess.run(None, b) for b in batches]
 
-    def __call__(self, model: onnx.ModelProto) -> float:
+    def halves(self) -> list[list[int]]:
+        """The evaluation batches in two disjoint halves ([] when they cannot be split: one
+        batch, or a callback that scores the whole model)."""
+        n = len(self.batches)
+        if self.metric == "callback" or n < 2:
+            return []
+        return [list(range(n // 2)), list(range(n // 2, n))]
+
+    def __call__(self, model: onnx.ModelProto, subset: list[int] | None = None) -> float:
+        """Degradation on the evaluation batches (or on the batches numbered in subset)."""
         from onnxpress.backends import ort
 
         if self.metric == "callback":
@@ -92,7 +101,8 @@ class Scorer:
         sess = ort.session(model)
         worst_cos, num, den = 1.0, 0.0, 0.0
         agree = total = 0
-        for b, ref in zip(self.batches, self.ref):
+        pairs = list(zip(self.batches, self.ref))
+        for b, ref in (pairs if subset is None else [pairs[i] for i in subset]):
             got = sess.run(None, b)
             first = np.asarray(ref[0])
             if self.metric == "top1":

@@ -552,8 +552,18 @@ def choose_bias_correction(reference: onnx.ModelProto, quantized: onnx.ModelProt
         return quantized, {"bias_correction": "off (no integer layer with a bias)"}, None
     before, after = scorer(quantized), scorer(corrected)
     figures["bias_correction_trial"] = {"plain": round(before, 6), "corrected": round(after, 6)}
+    why = "off (did not improve the metric)"
     if after < before:
-        figures["bias_correction"] = "on"
-        return corrected, figures, after
-    return quantized, {"bias_correction": "off (did not improve the metric)",
+        # the shifts are estimated on calibration data and judged on a few held-out batches: a
+        # gain on both halves of them, not one lucky batch (ViT-tiny on 4 held-out photos gained
+        # 35% on the worst cosine, and lost a little on 96 others)
+        split = [(scorer(quantized, h), scorer(corrected, h)) for h in scorer.halves()]
+        if split:
+            figures["bias_correction_trial"]["halves"] = [[round(a, 6), round(b, 6)]
+                                                          for a, b in split]
+        if all(b < a for a, b in split):
+            figures["bias_correction"] = "on"
+            return corrected, figures, after
+        why = "off (improved the metric on one half of the evaluation batches only)"
+    return quantized, {"bias_correction": why,
                        "bias_correction_trial": figures["bias_correction_trial"]}, None
