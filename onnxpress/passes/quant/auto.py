@@ -459,8 +459,8 @@ def _better(a: dict, b: dict, objective: str, params: dict[str, int]) -> tuple[b
     size fewer bytes; for latency fewer weights off int8 kernels (w8a16, fp16 and fp32 layers
     compute in float on onnxruntime), then fewer bytes. Not by timing the two: on MiniLM the two
     candidates (all int8 with SmoothQuant's Muls, or 5 layers at w8a16) timed 1.14x vs 1.10x fp32
-    in one run and 1.06x vs 1.12x in the next, while the bench measured them at 1.62x and 1.40x
-    fp32 in CPU time (two runs, each interleaved with fp32)."""
+    in one run and 1.06x vs 1.12x in the next, while the bench measured them at 1.68x and 1.41x
+    fp32 in CPU time (one run, interleaved)."""
     if a["met"] != b["met"] or not a["met"]:
         better = a["met"] if a["met"] != b["met"] else a["degradation"] < b["degradation"]
         return better, "target met" if a["met"] or b["met"] else "closer to the target"
