@@ -30,10 +30,10 @@ from onnxpress.passes.quant.common import FLOAT
 from onnxpress.passes.quant.latency import node_key
 from onnxpress.passes.registry import Range, register
 
-PRECISIONS = ("int8", "w8a16", "int4", "fp16", "fp32")
+PRECISIONS = ("int8", "w8a16", "int4", "fp16", "fp32")    # w8a16: int8 weights, 16-bit activations
 # objective=latency gives the mix up for fp32 only when it times this much slower: the same model
 # timed twice on a shared 2-core machine differs by a few percent (bench/bench_quant.py)
-SLOWER = 1.05    # w8a16: int8 weights, 16-bit activations
+SLOWER = 1.05
 
 
 @dataclasses.dataclass
@@ -95,25 +95,32 @@ class Scorer:
             return []
         return [list(range(n // 2)), list(range(n // 2, n))]
 
-    def __call__(self, model: onnx.ModelProto, subset: list[int] | None = None) -> float:
-        """Degradation on the evaluation batches (or on the batches numbered in subset)."""
+    def __call__(self, model: onnx.ModelProto) -> float:
+        """Degradation on the evaluation batches (lower is better)."""
+        return self.scores(model, [None])[0]
+
+    def scores(self, model: onnx.ModelProto, subsets: list[list[int] | None]) -> list[float]:
+        """The degradation on each subset of the evaluation batches (None: all of them), from one
+        run of the model over the batches."""
         from onnxpress.backends import ort
 
         if self.metric == "callback":
-            return self.base - float(self.callback(model))
+            if any(sub is not None for sub in subsets):
+                raise PassOptionError("quant_auto: a callback scores the whole model only")
+            return [self.base - float(self.callback(model))] * len(subsets)
         sess = ort.session(model)
-        worst_cos, num, den = 1.0, 0.0, 0.0
-        agree = total = 0
-        pairs = list(zip(self.batches, self.ref))
-        for b, ref in (pairs if subset is None else [pairs[i] for i in subset]):
+        tallies = []       # per batch: [worst cosine, squared error, squared norm, agree, total]
+        for b, ref in zip(self.batches, self.ref):
             got = sess.run(None, b)
             first = np.asarray(ref[0])
+            t = [1.0, 0.0, 0.0, 0, 0]
+            tallies.append(t)
             if self.metric == "top1":
                 if first.ndim < 2 or not np.issubdtype(first.dtype, np.floating):
                     raise PassOptionError("quant_auto: metric=top1 needs a first output of shape "
                                           "[batch, classes, ...]; use cosine or a callback")
-                agree += int((first.argmax(-1) == np.asarray(got[0]).argmax(-1)).sum())
-                total += int(first.argmax(-1).size)
+                t[3] = int((first.argmax(-1) == np.asarray(got[0]).argmax(-1)).sum())
+                t[4] = int(first.argmax(-1).size)
                 continue
             for x, y in zip(ref, got):
                 x = np.asarray(x)
@@ -124,14 +131,18 @@ class Scorer:
                 nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
                 c = (x * y).sum(1) / np.maximum(nx * ny, 1e-30)
                 c = np.where((nx == 0) & (ny == 0), 1.0, c)
-                worst_cos = min(worst_cos, float(c.min()))
-                num += float(((x - y) ** 2).sum())
-                den += float((x ** 2).sum())
+                t[0] = min(t[0], float(c.min()))
+                t[1] += float(((x - y) ** 2).sum())
+                t[2] += float((x ** 2).sum())
+        return [self._aggregate([tallies[i] for i in (range(len(tallies)) if sub is None else sub)])
+                for sub in subsets]
+
+    def _aggregate(self, tallies: list[list]) -> float:
         if self.metric == "top1":
-            return 1.0 - agree / max(total, 1)
+            return 1.0 - sum(t[3] for t in tallies) / max(sum(t[4] for t in tallies), 1)
         if self.metric == "cosine":
-            return 1.0 - worst_cos
-        return float(np.sqrt(num / max(den, 1e-30)))
+            return 1.0 - min([1.0] + [t[0] for t in tallies])
+        return float(np.sqrt(sum(t[1] for t in tallies) / max(sum(t[2] for t in tallies), 1e-30)))
 
 
 def apply_assignment(model: onnx.ModelProto, stats, assignment: dict[str, str], *,
@@ -360,8 +371,7 @@ def quant_auto(
                                int4_options=int4_options, embeddings=embeddings)
         return dict(model=m, stats=st, layers=layers, table=table, assign=assign,
                     degradation=d, evaluated=evaluated + sum(map(len, table.values())),
-                    out=out, met=budget_ok(d), bytes=out.ByteSize(),
-                    float_layers=sum(v in ("fp16", "fp32") for v in assign.values()))
+                    out=out, met=budget_ok(d), bytes=out.ByteSize())
 
     found = search(model, stats)
     evaluated_total = found["evaluated"]
