@@ -90,28 +90,15 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
 
 
-def _content_key(model: onnx.ModelProto) -> bytes:
-    """A digest of what a runtime executes (nodes, weights, inputs, outputs, opsets): two models
-    that differ only in doc strings or metadata get the same key."""
-    import hashlib
-
-    h = hashlib.sha256()
-    g = model.graph
-    for part in (g.node, g.initializer, g.input, g.output, model.opset_import):
-        for x in part:
-            h.update(x.SerializeToString(deterministic=True))
-        h.update(b"|")
-    return h.digest()
-
-
 def latencies(models: list[onnx.ModelProto], feeds: dict, *, quick: bool) -> tuple[list, list]:
     """(wall ms at 2 threads, CPU ms at 1 thread) for each model, interleaved. Identical models
     (a pass that gave the model back as it was) are timed once and share the figures: two
     draws of the same model had printed efficientnet's unchanged quant_int8 as 0.80x fp32."""
+    from onnxpress.passes.pipeline import fingerprint
     from onnxpress.passes.quant.latency import time_models
 
-    slot: dict[bytes, int] = {}
-    which = [slot.setdefault(_content_key(m), len(slot)) for m in models]
+    slot: dict[str, int] = {}
+    which = [slot.setdefault(fingerprint(m), len(slot)) for m in models]
     unique = [models[which.index(k)] for k in range(len(slot))]
     rounds = 3 if quick else 6
     wall = time_models(unique, feeds, threads=2, rounds=rounds, runs=5, clock="wall")
