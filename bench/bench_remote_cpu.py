@@ -151,6 +151,34 @@ def _load(name: str):
     return model, {"input": zoo.photo_batch(224)[:1]}, cnn_calib(), None
 
 
+def build_peers(out: Path, name: str, fp32, calib: list[dict], feeds: dict) -> list[str]:
+    """onnxruntime-only variants, timed there against onnxruntime fp32 (no TVM): the
+    `quant_int8` model a user of the default (onnxruntime) target gets and onnxruntime's own
+    quantize_static for resnet18; the int4 MatMulNBits models at accuracy_level 0 and 4 for
+    MiniLM (level 4 runs on int8 dot products, which is where VNNI and AMX should pay). Written
+    as NAME_x_LABEL.onnx; the labels are returned for the manifest."""
+    import tempfile
+
+    import onnx
+
+    from bench.bench_int4 import nbits_at_levels
+    from bench.bench_quant import ort_quantize_static
+    from onnxpress import passes
+
+    variants = {"oxint8": passes.apply(fp32, ["quant_int8:latency_aware=false"], calib=calib)}
+    if name == "resnet18":
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx.save(fp32, f"{tmp}/fp32.onnx")
+            variants["qstatic"] = ort_quantize_static(Path(tmp) / "fp32.onnx", Path(tmp) / "s.onnx", calib)
+    if name == "minilm":
+        for label, model in nbits_at_levels(fp32).items():
+            if label != "b128 accuracy_level=0":
+                variants["int4_" + label.replace(" accuracy_level=", "_l")] = model
+    for label, model in variants.items():
+        onnx.save(model, str(out / f"{name}_x_{label}.onnx"))
+    return list(variants)
+
+
 def build_cases(out: Path, mcpu: str, quick: bool) -> list[dict]:
     import onnx
     import tvm
@@ -187,6 +215,7 @@ def build_cases(out: Path, mcpu: str, quick: bool) -> list[dict]:
                     f"{info.get('int8_kernels', 0)}/{info.get('int8_io', 0)}/{info.get('float', 0)}"
                 row["x86_dot_instructions"] = " ".join(
                     f"{k} {v}" for k, v in _count(str(art.library), ("vpdpbusd", "vpmaddubsw")).items())
+        row["onnxruntime_only"] = build_peers(out, name, fp32, calib, feeds)
         row["build_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(row, flush=True)
@@ -233,6 +262,31 @@ def _p50(fn, runs: int = RUNS, warmup: int = 3) -> float:
     return float(np.median(times))
 
 
+def time_peers(out: Path, name: str, fp32, feeds: dict, labels) -> dict:
+    """Each onnxruntime-only variant against onnxruntime fp32, interleaved: p50 ms, the speed-up
+    over fp32 and the output's cosine to fp32's (pattern weights: a check that it computes the
+    same net, not a measure of accuracy)."""
+    if not labels:
+        return {}
+    sessions = {"fp32": fp32}
+    sessions.update({label: _ort_session(out / f"{name}_x_{label}.onnx") for label in labels})
+    base = fp32.run(None, feeds)[0].ravel().astype(np.float64)
+    row = {}
+    for label in labels:
+        got = sessions[label].run(None, feeds)[0].ravel().astype(np.float64)
+        row[f"ort_{label}_cosine_to_fp32"] = round(
+            float(got @ base / (np.linalg.norm(got) * np.linalg.norm(base) + 1e-30)), 4)
+    t = {k: [] for k in sessions}
+    for _ in range(3):
+        for label, s in sessions.items():
+            t[label].append(_p50(lambda s=s: s.run(None, feeds)))
+    ms = {k: float(np.median(v)) for k, v in t.items()}
+    for label in labels:
+        row[f"ort_{label}_ms"] = round(ms[label], 3)
+        row[f"ort_{label}_speedup_vs_fp32"] = round(ms["fp32"] / ms[label], 2)
+    return row
+
+
 def run_cases(out: Path) -> dict:
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     from bench.bench_cuda import _compare
@@ -273,6 +327,7 @@ def run_cases(out: Path) -> dict:
             row["tvm_fp32_vs_ort_fp32"] = round(ms["tvm_fp32"] / ms["ort_fp32"], 2)
             row["tvm_int8_vs_ort_int8"] = round(ms["tvm_int8"] / ms["ort_int8"], 2)
             row["tvm_fp32_vs_tvm_int8"] = round(ms["tvm_fp32"] / ms["tvm_int8"], 2)
+            row.update(time_peers(out, name, sessions["fp32"], feeds, case.get("onnxruntime_only", ())))
             try:
                 row["int8_slowest_kernels"] = arts["int8"].profile(feeds).slowest(3)
             except Exception as exc:       # the profile is extra information

@@ -203,12 +203,26 @@ def tvm_int8() -> list[str]:
         out.append([r["model"], _num(r.get("ort_fp32_ms"), "{:.3g}"), _num(r.get("ort_int8_ms"), "{:.3g}"),
                     _num(r.get("tvm_fp32_ms"), "{:.3g}"), _num(r.get("tvm_int8_ms"), "{:.3g}"),
                     _x(r.get("tvm_fp32_vs_tvm_int8")), _x(r.get("tvm_int8_vs_ort_int8")),
-                    str(r.get("int8_kernels/int8_io/float", "")), acc,
-                    str(r.get("x86_dot_instructions") or r.get("arm_dot_instructions") or "")])
+                    str(r.get("int8_kernels/int8_io/float", "")), _exactness(r), acc,
+                    str(r.get("x86_dot_instructions") or r.get("aarch64_dot_instructions") or "")])
     return _table(["model", "ORT fp32 ms", "ORT int8 ms", "TVM fp32 ms", "TVM int8 ms",
                    "TVM int8 speed-up over TVM fp32", "TVM int8 / ORT int8 latency",
-                   "integer kernels / 8-bit io / float", "task accuracy TVM / ORT int8",
-                   "dot instructions"], out) + ["", _stamp(data, "tvm_int8")]
+                   "integer kernels / 8-bit io / float",
+                   "vs ORT's reference: one-step share (max steps); same top-1",
+                   "task accuracy TVM / ORT int8", "dot instructions"], out) + ["", _stamp(data, "tvm_int8")]
+
+
+def _exactness(r: dict) -> str:
+    """The 8-bit features against onnxruntime's QDQ reference and the top-1 agreement with
+    onnxruntime int8, where the row measured them (or why it could not)."""
+    parts = []
+    if r.get("feature_one_step_share") is not None:
+        parts.append(f"{r['feature_one_step_share']:.3f} ({r.get('feature_max_steps')})")
+    if r.get("top1_agree_ort_int8"):
+        parts.append(str(r["top1_agree_ort_int8"]))
+    if str(r.get("qemu", "")).startswith("not run"):
+        parts.append(r["qemu"])
+    return "; ".join(parts)
 
 
 def tvm_schedules() -> list[str]:
@@ -285,6 +299,35 @@ def remote_cpu() -> list[str]:
         ["", f"_{cpu.get('cpu', '?')} ({flags}; L2 {cpu.get('L2 cache', '?')}), 2 threads, onnxruntime "
              f"{data.get('onnxruntime', '?')}, {data.get('date', '?')}; built on {data.get('built_on', '?')} with "
              "`python -m bench.bench_remote_cpu build DIR --mcpu M`, run there with `run DIR`_"]
+
+
+PEER_NAMES = {"oxint8": "onnxpress `quant_int8` (onnxruntime target)",
+              "qstatic": "onnxruntime quantize_static (QDQ, per-channel)",
+              "int4_b32_l0": "onnxpress `quant_int4` block 32, MatMulNBits accuracy_level 0",
+              "int4_b32_l4": "onnxpress `quant_int4` block 32, MatMulNBits accuracy_level 4",
+              "int4_b128_l4": "onnxpress `quant_int4` block 128, MatMulNBits accuracy_level 4"}
+
+
+def remote_cpu_onnxruntime() -> list[str]:
+    """docs/quant.md: the onnxruntime-only variants of the remote run (quantized models against
+    onnxruntime fp32 on the other CPU), one row per variant and build."""
+    data = _load("remote_cpu")
+    cpu = data["cpu"]
+    out = []
+    for run in data["runs"]:
+        for r in run["rows"]:
+            for label in r.get("onnxruntime_only", ()):
+                if f"ort_{label}_ms" not in r:
+                    continue
+                out.append([r["model"], f"run {run['mcpu']}", PEER_NAMES.get(label, label),
+                            _num(r["ort_fp32_ms"]), _num(r[f"ort_{label}_ms"]),
+                            _x(r[f"ort_{label}_speedup_vs_fp32"])])
+    flags = " ".join(cpu.get("flags", []))
+    return _table(["model", "in the run of", "variant", "ORT fp32 ms", "variant ms",
+                   "speed-up over fp32"], out) + \
+        ["", f"_{cpu.get('cpu', '?')} ({flags}), 2 threads, onnxruntime {data.get('onnxruntime', '?')}, "
+             f"{data.get('date', '?')}; pattern weights; `python -m bench.bench_remote_cpu build DIR` "
+             "here, `run DIR` there_"]
 
 
 def scale() -> list[str]:
@@ -365,6 +408,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-digits": quant_digits, "quant-calibration": quant_calibration, "fuse-detail": fuse_detail,
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
     "tvm-schedules": tvm_schedules, "remote-cpu": remote_cpu,
+    "remote-cpu-onnxruntime": remote_cpu_onnxruntime,
     "quant-outliers": quant_outliers,
     "quant-recurrent": quant_recurrent,
     "quant-int4": quant_int4, "quant-int4-kernels": quant_int4_kernels,
