@@ -94,27 +94,39 @@ def relative_costs(models: list[onnx.ModelProto], feeds: dict, *, threads: int =
     return [max(c / cpu[0], w / wall[0]) for c, w in zip(cpu, wall)], [cpu[0], wall[0]]
 
 
-def tvm_relative_costs(models: list[onnx.ModelProto], feeds: dict, *, threads: int = 2
+def tvm_relative_costs(models: list[onnx.ModelProto], feeds: dict, *, threads: int = 2,
+                       compiled: dict | None = None, work: str | None = None
                        ) -> tuple[list[float], list[float]]:
     """relative_costs measured on TVM: each model compiled for this CPU (target x86, default
     schedules, integer kernels where quantized), p50 wall time interleaved over three rounds
     (the best of each). A layer kept float for onnxruntime may pay in integers on TVM and the
-    reverse, so the decision for a TVM target has to be taken on TVM's own code."""
+    reverse, so the decision for a TVM target has to be taken on TVM's own code. With `compiled`
+    (model digest -> artifact) and `work` (the folder the builds go to, which the caller
+    removes), a model measured again is not built again."""
+    import hashlib
     import shutil
     import tempfile
 
     from onnxpress.backends import tvm as ox_tvm
 
-    work = tempfile.mkdtemp(prefix="onnxpress-latency-tvm-")
+    own = work is None
+    work = tempfile.mkdtemp(prefix="onnxpress-latency-tvm-") if own else work
+    compiled = {} if compiled is None else compiled
     try:
-        arts = [ox_tvm.compile(m, "x86", output_dir=f"{work}/{i}", progress=False)
-                for i, m in enumerate(models)]
+        arts = []
+        for m in models:
+            key = hashlib.sha256(m.SerializeToString(deterministic=True)).hexdigest()
+            if key not in compiled:
+                compiled[key] = ox_tvm.compile(m, "x86", output_dir=f"{work}/{key[:16]}",
+                                               progress=False)
+            arts.append(compiled[key])
         best = [float("inf")] * len(arts)
         for _ in range(3):
             for k, art in enumerate(arts):
                 best[k] = min(best[k], art.benchmark(feeds, runs=10, warmup=2).p50_ms)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
     return [b / best[0] for b in best], [best[0], best[0]]
 
 
@@ -125,7 +137,29 @@ def choose_fastest(original: onnx.ModelProto, quantized: onnx.ModelProto, stats,
     """Compare the quantized model with float on onnxruntime (on_tvm: on TVM builds for this
     CPU); when it does not pay, drop op groups greedily (the one whose removal helps most first)
     until it does, or give back the float model. Models faster than `floor_ms` in float keep
-    int8 (size is what matters there)."""
+    int8 (size is what matters there).
+
+    The candidate that wins is measured again, against float, before it is kept: the winner of
+    several noisy measurements is the one noise favoured most, so its own figure is biased
+    (a mobilenetv3 export kept 1 int8 layer of 54 on a 0.92x "gain" and ran 0.88x in the
+    benchmark). It is kept only if the second measurement also beats float by `margin`, and
+    the speed-up reported is that measurement's."""
+    import tempfile
+
+    if on_tvm:
+        with tempfile.TemporaryDirectory(prefix="onnxpress-latency-tvm-") as work:
+            cache: dict = {}
+            return _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads,
+                           lambda models, feeds, threads: tvm_relative_costs(
+                               models, feeds, threads=threads, compiled=cache, work=work),
+                           "TVM (x86, untuned)")
+    return _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads,
+                   lambda models, feeds, threads: relative_costs(models, feeds, threads=threads),
+                   "onnxruntime")
+
+
+def _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads, costs_of,
+            runtime) -> tuple[onnx.ModelProto, dict]:
     from onnxpress.passes.quant.qdq import COMPUTE, quantize_static
 
     feeds = calib.first()
@@ -144,9 +178,7 @@ def choose_fastest(original: onnx.ModelProto, quantized: onnx.ModelProto, stats,
         full, full_figures = quantize_static(_copy(original), stats, **{
             **kwargs, "op_types": DEFAULT_OPS + ["Mul", "Sigmoid"], "depthwise": True})
         models.append(full)
-    costs_of = tvm_relative_costs if on_tvm else relative_costs
-    runtime = "TVM (x86, untuned)" if on_tvm else "onnxruntime"
-    cost, (cpu_fp, wall_fp) = costs_of(models, feeds, threads=threads)
+    cost, (cpu_fp, wall_fp) = costs_of(models, feeds, threads)
     figures: dict[str, Any] = {"latency_fp32_cpu_ms": round(cpu_fp, 3),
                                "latency_fp32_wall_ms": round(wall_fp, 3), "latency_measured_on": runtime}
     if cpu_fp < floor_ms:
@@ -154,38 +186,47 @@ def choose_fastest(original: onnx.ModelProto, quantized: onnx.ModelProto, stats,
         figures["speedup"] = round(1 / cost[1], 3)
         return quantized, figures
     k = 1 + int(np.argmin(cost[1:]))
-    if cost[k] <= margin:
+    chosen, chosen_cost = models[k], cost[k]
+    dropped: list[str] = []
+    if chosen_cost <= margin:
         if k == 2:
             figures["float_reasons"] = full_figures["float_reasons"]
             figures["int8_chain"] = "full (depthwise, Sigmoid, Mul)"
-        figures["speedup"] = round(1 / cost[k], 3)
-        return models[k], figures
-    dropped: list[str] = []
-    best_model, best_cost = quantized, cost[1]   # the greedy search starts from the default set
-    remaining = dict(groups)
-    while remaining and len(remaining) > 1:
-        trials = []
-        for g in remaining:
-            off = set().union(*(groups[d] for d in dropped + [g]))
-            m, _ = quantize_static(_copy(original), stats, **kwargs,
-                                   names_filter=lambda n, off=off: node_key(n) not in off)
-            trials.append((g, m))
-        costs, _ = costs_of([original] + [m for _, m in trials], feeds, threads=threads)
-        k = int(np.argmin(costs[1:]))
-        if costs[1 + k] >= best_cost:
-            break
-        dropped.append(trials[k][0])
-        best_model, best_cost = trials[k][1], costs[1 + k]
-        del remaining[trials[k][0]]
-        if best_cost <= margin:
-            break
-    figures["int8_dropped_groups"] = ",".join(dropped)
-    if best_cost > margin:
+    else:
+        chosen, chosen_cost = quantized, cost[1]   # the greedy search starts from the default set
+        remaining = dict(groups)
+        while remaining and len(remaining) > 1:
+            trials = []
+            for g in remaining:
+                off = set().union(*(groups[d] for d in dropped + [g]))
+                m, _ = quantize_static(_copy(original), stats, **kwargs,
+                                       names_filter=lambda n, off=off: node_key(n) not in off)
+                trials.append((g, m))
+            costs, _ = costs_of([original] + [m for _, m in trials], feeds, threads)
+            k = int(np.argmin(costs[1:]))
+            if costs[1 + k] >= chosen_cost:
+                break
+            dropped.append(trials[k][0])
+            chosen, chosen_cost = trials[k][1], costs[1 + k]
+            del remaining[trials[k][0]]
+            if chosen_cost <= margin:
+                break
+        figures["int8_dropped_groups"] = ",".join(dropped)
+    if chosen_cost <= margin:
+        confirmed = costs_of([original, chosen], feeds, threads)[0][1]
+        figures["latency_cost_when_chosen"] = round(chosen_cost, 3)
+        if confirmed <= margin:
+            figures["speedup"] = round(1 / confirmed, 3)
+            return chosen, figures
+        figures["latency_decision"] = (
+            f"int8 does not pay on {runtime} here: kept float (the best int8 candidate ran at "
+            f"{chosen_cost:.2f}x float's time, then {confirmed:.2f}x when measured again)")
+    else:
         figures["latency_decision"] = f"int8 does not pay on {runtime} here: kept float"
-        figures["speedup"] = 1.0
-        return _copy(original), figures
-    figures["speedup"] = round(1 / best_cost, 3)
-    return best_model, figures
+    figures.pop("float_reasons", None)
+    figures.pop("int8_chain", None)
+    figures["speedup"] = 1.0
+    return _copy(original), figures
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
