@@ -10,10 +10,13 @@ tensors / float, the share of elements of the last quantized activation (the 512
 classifier reads) that differ from onnxruntime's QDQ reference by one step (and the largest
 difference), max abs logit error, top-1 agreement with onnxruntime int8 on the zoo's photos, and
 the dot-product instructions in the x86 library; the CPU model and ISA flags are in the notes.
-The aarch64 row cross-compiles quant_int8's model for target arm (8-bit weights) with +dotprod and counts sdot/udot with
-aarch64-linux-gnu-objdump (not run: qemu speed says nothing).
+The aarch64 row cross-compiles quant_int8's model for target arm (8-bit weights) with +dotprod, counts sdot/udot with
+aarch64-linux-gnu-objdump, and runs it under qemu-aarch64 on each photo (about 20 s a run): the
+8-bit features' one-step share against onnxruntime's reference and the top-1 agreement, as for
+the x86 rows (not timed: qemu speed says nothing).
 
-Further rows, the same four latencies interleaved in this process: MiniLM at batch 1, sequence
+Further rows, the same four latencies interleaved in this process: the digits CNN's plain torch
+export (top-1 agreement with onnxruntime int8 and accuracy on all 450 test images), MiniLM at batch 1, sequence
 128 (`fuse,quant_int8` target tvm; the Debian task accuracy of TVM int8's embeddings next to
 onnxruntime int8's), and mobilenetv3_small_100, efficientnet_b0, convnext_atto at [1,3,224,224]
 (top-1 agreement with onnxruntime int8 on the zoo's photos; how depthwise convs ran).
@@ -121,7 +124,9 @@ def run(quick: bool) -> dict:
                          "x86_dot_instructions": " ".join(f"{k} {v}" for k, v in dots.items())})
             print(rows[-1], flush=True)
         arm = passes.apply(path, ["fuse", "quant_int8"], calib=calib, target="arm")  # 8-bit: sdot
-        rows.append(_arm_row(arm, work))
+        rows.append(_arm_row(arm, work, photos))
+        print(rows[-1], flush=True)
+        rows.append(_digits_row(work))
         print(rows[-1], flush=True)
         rows.append(_minilm_row(work, quick))
         print(rows[-1], flush=True)
@@ -265,16 +270,65 @@ def _cnn_row(name: str, calib, work: str) -> dict:
             "float_convs_between_8bit": narrow}
 
 
-def _arm_row(model, work: str) -> dict:
+def _digits_row(work: str) -> dict:
+    """The plain torch export of the digits CNN (batch 1, as torch.onnx.export writes it) after
+    `fuse,quant_int8` (target tvm): top-1 agreement with onnxruntime int8 on every test image,
+    and both accuracies."""
+    import onnx
+
+    from onnxpress import passes, zoo
+    from onnxpress.backends import ort
+    from onnxpress.backends import tvm as ox_tvm
+
+    model = onnx.load(zoo.plain_export("digits_cnn"))
+    name, out = model.graph.input[0].name, model.graph.output[0].name
+    calib = [{name: b["input"][i:i + 1]} for b in zoo.digits_calib(64, 16) for i in range(16)]
+    X, y = zoo.digits_data().test
+    fp32 = passes.apply(model, ["fuse"], target="tvm")
+    q = passes.apply(model, ["fuse", "quant_int8"], calib=calib, target="tvm")
+    tvm_fp32 = ox_tvm.compile(fp32, "x86", output_dir=os.path.join(work, "digits_fp32"), progress=False)
+    art = ox_tvm.compile(q, "x86", output_dir=os.path.join(work, "digits_int8"), progress=False)
+    ms = _interleaved(fp32, q, tvm_fp32, art, {name: X[:1]})
+    tvm_top = np.array([np.argmax(art.run({name: X[i:i + 1]})[out]) for i in range(len(X))])
+    ort_top = np.array([np.argmax(ort.run(q, {name: X[i:i + 1]})[out]) for i in range(len(X))])
+    return {"model": "digits CNN (plain export) fuse,quant_int8 (target tvm)", **_latency_cols(ms, art),
+            "top1_agree_ort_int8": f"{int((tvm_top == ort_top).sum())}/{len(X)}",
+            "task_accuracy_tvm_int8": round(float((tvm_top == y).mean()), 4),
+            "task_accuracy_ort_int8": round(float((ort_top == y).mean()), 4)}
+
+
+def _arm_row(model, work: str, photos: np.ndarray) -> dict:
+    from onnxpress.backends import ort
     from onnxpress.backends import tvm as ox_tvm
 
     target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 4}
-    row = {"model": "resnet18 quant_int8 (target arm), aarch64 +dotprod (cross-compiled, not timed)"}
+    row = {"model": "resnet18 quant_int8 (target arm), aarch64 +dotprod (cross-compiled; run under qemu, not timed)"}
+    probe, feature = _with_feature_output(model)
     try:
-        art = ox_tvm.compile(model, target, output_dir=os.path.join(work, "arm"), progress=False)
+        art = ox_tvm.compile(probe, target, output_dir=os.path.join(work, "arm"), progress=False)
     except Exception as exc:   # no cross compiler here
         row["aarch64_dot_instructions"] = f"not built: {str(exc).splitlines()[0]}"
         return row
+    info = art.manifest["integer"]
+    row["int8_kernels/int8_io/float"] = f"{info['int8_kernels']}/{info['int8_io']}/{info['float']}"
+    dots = _count(str(art.library), ("sdot", "udot", "usdot", "smmla"), "aarch64-linux-gnu-objdump")
+    row["aarch64_dot_instructions"] = " ".join(f"{k} {v}" for k, v in dots.items()) or "no aarch64 objdump"
+    steps, agree = [], []
+    try:
+        for i in range(len(photos)):
+            one = {"input": photos[i:i + 1]}
+            got = art.run(one)                     # under qemu-aarch64
+            ref = ort.run(probe, one, optimization="disable")
+            steps.append(np.abs(ref[feature].astype(int) - got[feature].astype(int)))
+            agree.append(int(np.argmax(got["output"])) == int(np.argmax(ref["output"])))
+    except Exception as exc:   # no qemu or aarch64 runtime here
+        row["qemu"] = f"not run: {str(exc).splitlines()[0]}"
+        return row
+    d = np.concatenate([s.ravel() for s in steps])
+    row.update({"feature_one_step_share": round(float((d == 1).mean()), 4),
+                "feature_max_steps": int(d.max()), "top1_agree_ort_int8": f"{sum(agree)}/{len(agree)}",
+                "qemu": "ran under qemu-aarch64"})
+    return row
     info = art.manifest["integer"]
     row["int8_kernels/int8_io/float"] = f"{info['int8_kernels']}/{info['int8_io']}/{info['float']}"
     dots = _count(str(art.library), ("sdot", "udot", "usdot", "smmla"), "aarch64-linux-gnu-objdump")
