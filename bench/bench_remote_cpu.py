@@ -328,10 +328,11 @@ def run_cases(out: Path) -> dict:
             row["tvm_int8_vs_ort_int8"] = round(ms["tvm_int8"] / ms["ort_int8"], 2)
             row["tvm_fp32_vs_tvm_int8"] = round(ms["tvm_fp32"] / ms["tvm_int8"], 2)
             row.update(time_peers(out, name, sessions["fp32"], feeds, case.get("onnxruntime_only", ())))
-            try:
-                row["int8_slowest_kernels"] = arts["int8"].profile(feeds).slowest(3)
-            except Exception as exc:       # the profile is extra information
-                row["int8_slowest_kernels"] = f"no profile: {str(exc).splitlines()[0]}"
+            for kind in ("fp32", "int8"):
+                try:
+                    row[f"{kind}_slowest_kernels"] = arts[kind].profile(feeds).slowest(3)
+                except Exception as exc:       # the profile is extra information
+                    row[f"{kind}_slowest_kernels"] = f"no profile: {str(exc).splitlines()[0]}"
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rows.append(row)

@@ -74,16 +74,16 @@ def _variant(name: str):
     """Build with the default schedules of `name` (module attributes swapped for the compile)."""
     from onnxpress.backends.tvm import schedules as S
 
-    saved = (S.vector_isa, S._attach_layout_free_buffers, S.broadcasts_an_input)
+    saved = (S.vector_isa, S.attach_layout_free_buffers, S.broadcasts_an_input)
     if name == "previous":
         S.vector_isa = lambda target: S.VectorISA("previous", 16, 32)   # 2 x 16 lanes x 8 rows
         S.broadcasts_an_input = lambda mod: S.max_reduction_extent(mod) >= 64
     if name in ("previous", "register block"):
-        S._attach_layout_free_buffers = lambda mod: mod
+        S.attach_layout_free_buffers = lambda mod: mod
     try:
         yield
     finally:
-        S.vector_isa, S._attach_layout_free_buffers, S.broadcasts_an_input = saved
+        S.vector_isa, S.attach_layout_free_buffers, S.broadcasts_an_input = saved
 
 
 def _hot_loop(art, model) -> str:

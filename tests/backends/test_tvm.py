@@ -139,6 +139,12 @@ def test_second_compile_with_the_same_db_does_no_tuning(digits_cnn_path, digits_
     t1 = first.manifest["tuning"]
     assert t1["trials_measured"] >= 1 and t1["tasks_tuned"] == 1
     assert first.manifest["schedules"]["from_db"] >= 1
+    # the tuned kernel reads weights prepacked at build time, as the default ones do: tuning
+    # searched it with its weights layout-free (before, tuned kernels read them as stored)
+    untuned = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]},
+                             output_dir=tmp_path / "u", progress=False)
+    assert first.manifest["schedules"]["prepacked_weights"] == \
+        untuned.manifest["schedules"]["prepacked_weights"] >= 3
     # records live in a sub-directory named for this CPU (MetaSchedule ignores the target when
     # it looks a record up, so a shared directory would hand one CPU another's schedules)
     keyed = Path(t1["db"])

@@ -75,10 +75,15 @@ def test_register_block_fits_the_register_file(isa, max_vectors):
     (ISAS[1], 7, 512, (7, 32)),
     (ISAS[2], 56, 64, (8, 8)),
     (ISAS[2], 7, 512, (7, 8)),
-    # channels that do not fill a vector: one partial register
+    # channels that do not fill a vector: the narrower vector that divides them, else one
+    # partial register
     (ISAS[0], 56, 4, (8, 4)),
     (ISAS[0], 56, 40, (8, 8)),       # 40 = 5 ymm: one vector per row, 8 rows
-    (ISAS[1], 56, 40, (8, 10)),
+    (ISAS[1], 56, 40, (8, 8)),       # AVX-512: 5 ymm too, not a 10-lane zmm split in pieces
+    (ISAS[1], 7, 1000, (7, 8)),      # a 1000-class head: 125 ymm, not 100 10-lane pieces
+    (ISAS[1], 56, 24, (8, 8)),
+    (ISAS[0], 14, 20, (7, 4)),       # AVX2: 20 channels in xmm, not 5-lane pieces
+    (ISAS[1], 56, 6, (8, 6)),        # no narrower vector divides 6: one partial register
 ])
 def test_register_tile_choices(isa, width, channels, tile):
     assert S.register_tile(isa, width, channels) == tile

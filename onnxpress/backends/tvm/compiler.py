@@ -24,6 +24,7 @@ from onnxpress.errors import BackendError, OnnxPressError
 from onnxpress.io import ModelLike, load
 
 from . import rpc as rpc_mod
+from . import schedules as _schedules
 from .artifact import LIBRARY, MANIFEST, RUNNER, Artifact, random_inputs, write_atomically
 from .frontend import bind_shapes, to_relax
 from .int8_cuda import apply_gpu_schedules
@@ -409,6 +410,9 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
         fused = lower_to_fused(relax_mod, resolved, tvm_target, layout_used, fast_math=fast_math)
         schedule_info["conv2d_layout"] = layout_used.get("conv2d")
         schedule_info["fast_math"] = bool(fast_math)
+        # weights layout-free before tuning, as for the default schedules: the tuned kernels
+        # then read weights prepacked at build time too (their tuning records are keyed so)
+        fused = _schedules.attach_layout_free_buffers(fused)
         if tune_trials and tune_trials > 0:
             runner, label = _runner_for(resolved, rpc, key)
             summary = tune(fused, resolved, tvm_target, trials=int(tune_trials), database=database,

@@ -51,7 +51,7 @@ on the target's `num-cores` (physical cores: onnxpress sets TVM_NUM_THREADS from
 MetaSchedule's ParallelizeVectorizeUnroll bounding the loop to 16 jobs per core.
 
 Weights: constant inputs of a kernel (weights, biases) are prepacked at build time into the
-order its register block reads them (`apply_default_schedules`, `_attach_layout_free_buffers`):
+order its register block reads them (`apply_default_schedules`, `attach_layout_free_buffers`):
 read in HWIO order, a task's weight slice strides through memory and never stays in cache.
 """
 
@@ -118,6 +118,16 @@ def register_tile(isa: VectorISA, rows_extent: int | None, cols_extent: int | No
         return cap if extent is None else _largest_divisor(extent, cap)
 
     if cols_extent is not None and cols_extent % lanes != 0:
+        narrow = lanes // 2
+        while narrow >= 4 and cols_extent % narrow != 0:
+            narrow //= 2
+        if narrow >= 4:
+            # the narrower vector of the same ISA that divides the channels (AVX-512's ymm
+            # half, AVX2's xmm half): 40 channels are 5 x 8 lanes; as a 10-lane "vector" LLVM
+            # splits every load, FMA and store into pieces (efficientnet's 24- and 40-channel
+            # convs and every 1000-class head on AVX-512)
+            return register_tile(dataclasses.replace(isa, lanes=narrow), rows_extent, cols_extent,
+                                 max_vectors=max_vectors, max_rows=max_rows)
         # a partial vector: one register, as many rows as fit beside it
         return divisor(rows_extent, min(max_rows, regs - 2)), _largest_divisor(cols_extent, lanes)
     best = None
@@ -641,17 +651,30 @@ def rowwise_schedule(mod, lanes: int):
 def apply_default_schedules(mod, target, *, prepack_weights: bool = True):
     """Schedule every PrimFunc of `mod` not yet scheduled (by the tuning database); returns
     (mod, counts). prepack_weights: constant weights are stored in the order the register block
-    reads them (see `_attach_layout_free_buffers`)."""
+    reads them (see `attach_layout_free_buffers`)."""
     if prepack_weights:
         try:
-            packed, info = _apply(_attach_layout_free_buffers(mod), target)
+            packed, info = _apply(attach_layout_free_buffers(mod), target)
             return _prepack(packed), {**info, "prepacked_weights": _count_prepacked(packed)}
         except Exception as exc:   # the kernels stay correct without it, only slower
             log.debug("weight prepacking failed, kernels read the weights as they are: %s", exc)
+            mod = _without_layout_free_buffers(mod)
     return _apply(mod, target)
 
 
-def _attach_layout_free_buffers(mod):
+def _without_layout_free_buffers(mod):
+    """`mod` with the layout-free marks taken off the kernels still to schedule: a default
+    schedule would otherwise rewrite the weights' layout inside the kernel, on every call."""
+    import tvm
+
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    for gv, func in unscheduled_primfuncs(mod):
+        if func.attrs is not None and "layout_free_buffers" in func.attrs:
+            out[gv] = func.without_attr("layout_free_buffers")
+    return out
+
+
+def attach_layout_free_buffers(mod):
     """Mark the PrimFunc parameters that every call passes a constant (weights, biases) as
     layout-free (attr `layout_free_buffers`), so MetaSchedule's RewriteLayout postproc stores
     them in the order the schedule reads them: a conv's [kh, kw, ic, oc] weights become
