@@ -240,7 +240,9 @@ def run(quick: bool) -> dict:
                 tm = tuned.manifest["tuning"]
                 row.update({"trials": tm["trials_measured"], "tasks_tuned": f"{tm['tasks_tuned']}/{tm['tasks_total']}",
                             "tune_s": round(tune_s, 0), "tvm_tuned_ms": round(tu_ms, 3),
-                            "tuned_vs_ort": round(tu_ms / ort_ms, 2), "tuned_ok": terr.ok})
+                            "tuned_vs_ort": round(tu_ms / ort_ms, 2), "tuned_ok": terr.ok,
+                            # the build's own end-to-end check may have kept the default kernels
+                            "tuned_build": tuned.manifest["schedules"].get("chosen", "")})
             row["slowest_kernels"] = slowest_kernels(tuned or untuned, feeds)
             rows.append(row)
             print(row, flush=True)
