@@ -61,3 +61,14 @@ def test_the_group_search_result_is_measured_again_too(monkeypatch, digits):
     f = res.reports[-1].figures
     assert len(calls) == 3 and calls[-1] == 2
     assert f["int8_compute_nodes"] == 0 and "when measured again" in f["latency_decision"]
+
+
+def test_the_fully_integer_chain_keeps_its_figures_once_confirmed(monkeypatch, digits):
+    """The fully integer chain (depthwise, Sigmoid, Mul too) wins, is confirmed, and the report
+    says so; its float reasons replace the default set's."""
+    model, calib = digits
+    calls = _scripted(monkeypatch, [(0.97, 0.90), (0.85,)])
+    res = passes.run(model, "quant_int8", calib=calib)
+    f = res.reports[-1].figures
+    assert calls == [3, 2]
+    assert f["int8_chain"] == "full (depthwise, Sigmoid, Mul)" and f["speedup"] == round(1 / 0.85, 3)

@@ -94,39 +94,27 @@ def relative_costs(models: list[onnx.ModelProto], feeds: dict, *, threads: int =
     return [max(c / cpu[0], w / wall[0]) for c, w in zip(cpu, wall)], [cpu[0], wall[0]]
 
 
-def tvm_relative_costs(models: list[onnx.ModelProto], feeds: dict, *, threads: int = 2,
-                       compiled: dict | None = None, work: str | None = None
-                       ) -> tuple[list[float], list[float]]:
+def tvm_relative_costs(models: list[onnx.ModelProto], feeds: dict, *, compiled: dict, work: str,
+                       threads: int = 2) -> tuple[list[float], list[float]]:
     """relative_costs measured on TVM: each model compiled for this CPU (target x86, default
     schedules, integer kernels where quantized), p50 wall time interleaved over three rounds
     (the best of each). A layer kept float for onnxruntime may pay in integers on TVM and the
-    reverse, so the decision for a TVM target has to be taken on TVM's own code. With `compiled`
-    (model digest -> artifact) and `work` (the folder the builds go to, which the caller
-    removes), a model measured again is not built again."""
-    import hashlib
-    import shutil
-    import tempfile
-
+    reverse, so the decision for a TVM target has to be taken on TVM's own code. The builds go
+    to `work` (the caller removes it) and stay in `compiled` (model fingerprint -> artifact), so
+    a model measured again is not built again."""
     from onnxpress.backends import tvm as ox_tvm
+    from onnxpress.passes.pipeline import fingerprint
 
-    own = work is None
-    work = tempfile.mkdtemp(prefix="onnxpress-latency-tvm-") if own else work
-    compiled = {} if compiled is None else compiled
-    try:
-        arts = []
-        for m in models:
-            key = hashlib.sha256(m.SerializeToString(deterministic=True)).hexdigest()
-            if key not in compiled:
-                compiled[key] = ox_tvm.compile(m, "x86", output_dir=f"{work}/{key[:16]}",
-                                               progress=False)
-            arts.append(compiled[key])
-        best = [float("inf")] * len(arts)
-        for _ in range(3):
-            for k, art in enumerate(arts):
-                best[k] = min(best[k], art.benchmark(feeds, runs=10, warmup=2).p50_ms)
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
+    arts = []
+    for m in models:
+        key = fingerprint(m)
+        if key not in compiled:
+            compiled[key] = ox_tvm.compile(m, "x86", output_dir=f"{work}/{key}", progress=False)
+        arts.append(compiled[key])
+    best = [float("inf")] * len(arts)
+    for _ in range(3):
+        for k, art in enumerate(arts):
+            best[k] = min(best[k], art.benchmark(feeds, runs=10, warmup=2).p50_ms)
     return [b / best[0] for b in best], [best[0], best[0]]
 
 
@@ -188,11 +176,7 @@ def _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads
     k = 1 + int(np.argmin(cost[1:]))
     chosen, chosen_cost = models[k], cost[k]
     dropped: list[str] = []
-    if chosen_cost <= margin:
-        if k == 2:
-            figures["float_reasons"] = full_figures["float_reasons"]
-            figures["int8_chain"] = "full (depthwise, Sigmoid, Mul)"
-    else:
+    if chosen_cost > margin:
         chosen, chosen_cost = quantized, cost[1]   # the greedy search starts from the default set
         remaining = dict(groups)
         while remaining and len(remaining) > 1:
@@ -216,6 +200,9 @@ def _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads
         confirmed = costs_of([original, chosen], feeds, threads)[0][1]
         figures["latency_cost_when_chosen"] = round(chosen_cost, 3)
         if confirmed <= margin:
+            if full_figures and chosen is models[2]:
+                figures["float_reasons"] = full_figures["float_reasons"]
+                figures["int8_chain"] = "full (depthwise, Sigmoid, Mul)"
             figures["speedup"] = round(1 / confirmed, 3)
             return chosen, figures
         figures["latency_decision"] = (
@@ -223,8 +210,6 @@ def _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads
             f"{chosen_cost:.2f}x float's time, then {confirmed:.2f}x when measured again)")
     else:
         figures["latency_decision"] = f"int8 does not pay on {runtime} here: kept float"
-    figures.pop("float_reasons", None)
-    figures.pop("int8_chain", None)
     figures["speedup"] = 1.0
     return _copy(original), figures
 
