@@ -266,16 +266,15 @@ def time_peers(out: Path, name: str, fp32, feeds: dict, labels) -> dict:
     """Each onnxruntime-only variant against onnxruntime fp32, interleaved: p50 ms, the speed-up
     over fp32 and the output's cosine to fp32's (pattern weights: a check that it computes the
     same net, not a measure of accuracy)."""
+    from bench.bench_cuda import _compare
+
     if not labels:
         return {}
     sessions = {"fp32": fp32}
     sessions.update({label: _ort_session(out / f"{name}_x_{label}.onnx") for label in labels})
-    base = fp32.run(None, feeds)[0].ravel().astype(np.float64)
-    row = {}
-    for label in labels:
-        got = sessions[label].run(None, feeds)[0].ravel().astype(np.float64)
-        row[f"ort_{label}_cosine_to_fp32"] = round(
-            float(got @ base / (np.linalg.norm(got) * np.linalg.norm(base) + 1e-30)), 4)
+    base = {"out": fp32.run(None, feeds)[0]}
+    row = {f"ort_{label}_cosine_to_fp32":
+           _compare(base, {"out": sessions[label].run(None, feeds)[0]})["out_cosine"] for label in labels}
     t = {k: [] for k in sessions}
     for _ in range(3):
         for label, s in sessions.items():
