@@ -351,9 +351,11 @@ def quant_outliers() -> list[str]:
     for r in data["rows"]:
         metric = r.get("accuracy") if r["model"] == "MiniLM" else r.get("top1_agreement")
         out.append([r["model"], r["variant"], _num(r.get("min_cosine"), "{:.4f}"),
-                    _num(r.get("mean_cosine"), "{:.4f}"), _num(metric, "{:.3f}"),
+                    _num(r.get("mean_cosine"), "{:.4f}"),
+                    _num(r.get("inputs_closer_than_quant_int8"), "{:.0%}"),
+                    _num(metric, "{:.3f}"),
                     _x(r.get("size_x"), 3), _x(r.get("speedup_wall")), r.get("what") or ""])
-    return _table(["model", "variant", "min cosine", "mean cosine",
+    return _table(["model", "variant", "min cosine", "mean cosine", "inputs closer than quant_int8",
                    "accuracy (MiniLM) / top-1 agreement (ViT)", "size", "speed (2 threads)",
                    "what it did"], out) + ["", _stamp(data, "quant_outliers")]
 
