@@ -103,3 +103,14 @@ def test_a_local_bench_run_does_not_replace_figures_measured_elsewhere(tmp_path,
     assert json.loads((tmp_path / "cuda.json").read_text())["title"] == "CUDA artifacts on a GPU"
     local = json.loads((tmp_path / "cuda_build.json").read_text())
     assert local["title"] == "built, not run: no GPU here" and "result_name" not in local
+
+
+def test_a_tuned_build_that_kept_the_defaults_reports_the_untuned_figure():
+    """The same kernels timed twice differ by noise: a tuned build whose end-to-end check kept
+    the default kernels is reported at the untuned figure, with its own timing kept beside it."""
+    from bench.bench_tvm import _tuned_figures
+
+    kept = _tuned_figures(32.705, 31.466, 27.117, "default")
+    assert kept["tuned_vs_ort"] == round(31.466 / 27.117, 2) and kept["tuned_artifact_timed_ms"] == 32.705
+    won = _tuned_figures(25.0, 31.466, 27.117, "tuned")
+    assert won == {"tvm_tuned_ms": 25.0, "tuned_vs_ort": round(25.0 / 27.117, 2)}
