@@ -172,7 +172,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--exact-math", action="store_true",
-                   help="keep libm's exp/erf/tanh (default: TVM's vectorised approximations)")
+                   help="keep libm's exp/erf/tanh (default: TVM's vectorised approximations, "
+                        "which requantization in QDQ models amplifies to visible differences)")
     p.add_argument("--report", metavar="HTML",
                    help="write a self-contained HTML report (model, target, tuning, latency)")
     p.set_defaults(func=cmd_compile)

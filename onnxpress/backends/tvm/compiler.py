@@ -353,7 +353,10 @@ def compile(model: ModelLike, target: str | Mapping[str, Any] = "x86", *,
     rpc/key: a TVM RPC tracker "HOST:PORT" and a server key: tuning measures there, and the
         returned artifact runs there by default.
     fast_math: on CPUs, softmax/exp/erf/tanh as TVM's vectorisable approximations (outputs stay
-        within rtol 1e-4 of onnxruntime on the zoo models); False keeps libm's exact functions.
+        within rtol 1e-4 of onnxruntime on the zoo's float models); False keeps libm's exact
+        functions. Quantized (QDQ) models amplify the approximations through requantization
+        (MiniLM after quant_int8: max abs 4e-3 from onnxruntime's QDQ reference, 5e-8 with
+        False): pass False to reproduce onnxruntime's outputs exactly.
     integer: quantized models (QDQ after quant_int8, or QLinearConv/QLinearMatMul/ConvInteger/
         MatMulInteger) run their Conv/MatMul/Gemm on integer kernels with 8-bit activations kept
         between quantized ops (onnxpress/backends/tvm/int8.py); the manifest's "integer" entry
