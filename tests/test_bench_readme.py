@@ -114,3 +114,21 @@ def test_a_tuned_build_that_kept_the_defaults_reports_the_untuned_figure():
     assert kept["tuned_vs_ort"] == round(31.466 / 27.117, 2) and kept["tuned_artifact_timed_ms"] == 32.705
     won = _tuned_figures(25.0, 31.466, 27.117, "tuned")
     assert won == {"tvm_tuned_ms": 25.0, "tuned_vs_ort": round(25.0 / 27.117, 2)}
+
+
+def test_a_qdq_build_as_close_to_fp32_as_the_reference_passes():
+    """A QDQ build that differs from onnxruntime's QDQ reference by requantized rounding passes
+    when it is no further from the fp32 outputs than the reference; a worse one fails."""
+    import numpy as np
+
+    from bench.bench_tvm import _fidelity_to_fp32
+
+    rng = np.random.default_rng(0)
+    fp32 = {"y": rng.standard_normal((1, 384)).astype(np.float32)}
+    ref = {"y": fp32["y"] + 0.05 * rng.standard_normal((1, 384)).astype(np.float32)}
+    same = {"y": fp32["y"] + 0.05 * rng.standard_normal((1, 384)).astype(np.float32)}
+    worse = {"y": fp32["y"] + 0.2 * rng.standard_normal((1, 384)).astype(np.float32)}
+    assert _fidelity_to_fp32(fp32, ref, ref)["as_close_to_fp32_as_reference"]
+    assert not _fidelity_to_fp32(fp32, ref, worse)["as_close_to_fp32_as_reference"]
+    f = _fidelity_to_fp32(fp32, ref, same)
+    assert abs(f["tvm_cos_to_fp32"] - f["reference_cos_to_fp32"]) < 0.01
