@@ -206,17 +206,13 @@ def arm_rows(work: str, names: list[str]) -> tuple[list[dict], str]:
 
 
 def _fidelity_to_fp32(fp32: dict, reference: dict, got: dict, slack: float = 1.05) -> dict:
-    """Worst cosine to the fp32 model's outputs over the float outputs, for onnxruntime's QDQ
-    reference and for the TVM build; the build is as close as the reference when its 1 - cosine
-    is within `slack` times the reference's."""
+    """Worst cosine to the fp32 model's outputs over the float outputs (bench_cuda._compare's
+    `*_cosine`), for onnxruntime's QDQ reference and for the TVM build; the build is as close as
+    the reference when its 1 - cosine is within `slack` times the reference's."""
+    from bench.bench_cuda import _compare
+
     def worst(out):
-        cos = []
-        for k, ref in fp32.items():
-            x = np.asarray(ref, np.float64).ravel()
-            y = np.asarray(out[k], np.float64).ravel()
-            if x.size and np.issubdtype(np.asarray(ref).dtype, np.floating):
-                cos.append(float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30)))
-        return min(cos) if cos else 1.0
+        return min([v for k, v in _compare(fp32, out).items() if k.endswith("_cosine")] or [1.0])
 
     r, g = worst(reference), worst(got)
     return {"reference_cos_to_fp32": round(r, 6), "tvm_cos_to_fp32": round(g, 6),
