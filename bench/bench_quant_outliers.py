@@ -187,6 +187,10 @@ def vit_rows(quick: bool) -> list[dict]:
                                for i in range(len(held))])
 
     ref = outputs(fp32)
+
+    def agreement(out):
+        return round(float((ref.argmax(1) == out.argmax(1)).mean()), 4)
+
     timing = _timing(models, {"input": held[:1]}, quick)
     rows, by_label = [], {}
     for label in ["fp32"] + list(VARIANTS) + ["quant_auto", "ORT quantize_static",
@@ -194,28 +198,26 @@ def vit_rows(quick: bool) -> list[dict]:
         m = models.get(label)
         out = outputs(m) if m is not None else None
         cos = by_label[label] = cosines(ref, out) if out is not None else None
-        agree = round(float((ref.argmax(1) == out.argmax(1)).mean()), 4) if out is not None else None
         rows.append(_row("ViT-tiny", label, m, fp32, cos, notes, seconds, timing,
-                         top1_agreement=agree, plain=by_label.get("quant_int8")))
+                         top1_agreement=agreement(out) if out is not None else None,
+                         plain=by_label.get("quant_int8")))
     # the worst held-out crop of plain quant_int8, calibrated again with that crop added: how
     # much of the min cosine is ranges the 16 calibration crops never reached (which neither
     # smoothing nor bias correction can give back)
     from onnxpress import passes
 
+    label = "quant_int8, its worst held-out crop added to the calibration"
     worst = int(np.argmin(by_label["quant_int8"]))
     t0 = time.perf_counter()
     m = passes.run(fp32, QUANT, calib=calib + [{"input": held[worst:worst + 1]}],
                    progress=False).model
-    seconds["worst in calib"] = time.perf_counter() - t0
+    seconds[label] = time.perf_counter() - t0
     out = outputs(m)
     cos = cosines(ref, out)
-    label = "quant_int8, its worst held-out crop added to the calibration"
     notes[label] = (f"crop {worst}: 1-cos {1 - by_label['quant_int8'][worst]:.5f} -> "
                     f"{1 - cos[worst]:.5f} (its ranges were outside the 16 calibration crops')")
-    seconds[label] = seconds.pop("worst in calib")
     rows.append(_row("ViT-tiny", label, m, fp32, cos, notes, seconds, timing,
-                     top1_agreement=round(float((ref.argmax(1) == out.argmax(1)).mean()), 4),
-                     plain=by_label["quant_int8"],
+                     top1_agreement=agreement(out), plain=by_label["quant_int8"],
                      worst_crop_1cos_before=round(float(1 - by_label["quant_int8"][worst]), 6),
                      worst_crop_1cos_after=round(float(1 - cos[worst]), 6)))
     return rows
