@@ -90,7 +90,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"compiled {args.model} for {m['target']['name']} ({m['target']['tvm']}) -> {art.path}")
     print("  inputs: " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in m["inputs"]))
     sched = m.get("schedules") or {}
-    if sched:
+    if sched.get("chosen") == "default":
+        e2e = sched.get("end_to_end_ms") or {}
+        print(f"  kernels: the default schedules; the build with {sched.get('from_db', 0)} kernels "
+              f"from the tuning DB ran {e2e.get('tuned', float('nan')):.2f} ms end to end against "
+              f"{e2e.get('default', float('nan')):.2f} ms for the defaults, so it was not kept")
+    elif sched:
         print(f"  kernels: {sched.get('from_db', 0)} from the tuning DB, "
               f"{sched.get('default_scheduled', 0)} default-scheduled")
     for line in integer_summary(m.get("integer")):
@@ -102,6 +107,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"  tuning: {t['trials_measured']} trials on {t['tasks_tuned']} task(s) in "
                   f"{t['seconds']:.0f} s; {t['tasks_from_db']} task(s) reused from {t['db']}"
                   + (f", {t['tasks_skipped_budget']} left for a larger budget" if t['tasks_skipped_budget'] else ""))
+            confirmed = t.get("confirmed") or {}
+            if confirmed:
+                won = {k: v for k, v in confirmed.items() if v["kept"] == "tuned"}
+                line = (f"  confirmed side by side: {len(won)} of {len(confirmed)} task(s) beat their "
+                        "default schedule")
+                if won:
+                    name, v = max(won.items(), key=lambda kv: kv[1]["default_ms"] / kv[1]["tuned_ms"])
+                    line += f" (most: {name} {v['default_ms']:.3f} -> {v['tuned_ms']:.3f} ms)"
+                print(line)
     if m["files"].get("ptx"):
         print(f"  PTX: {art.path / m['files']['ptx']} ({m['target']['spec'].get('arch')})")
     if getattr(args, "report", None):

@@ -162,6 +162,47 @@ def test_second_compile_with_the_same_db_does_no_tuning(digits_cnn_path, digits_
     assert second.verify(digits_cnn_path, digits_feeds, rtol=RTOL, atol=ATOL).ok
 
 
+def test_confirmation_keeps_the_default_over_a_lucky_measurement(digits_cnn_path, tmp_path):
+    """The search keeps whatever measured lowest once; a slow schedule timed at a quiet moment
+    (here: the unscheduled loop nest, committed as if it ran in 1 ns) is its pick. Timed side by
+    side against the default schedule it loses, and the compile applies the confirmed default."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from onnxpress.backends.tvm import tuning
+    from onnxpress.backends.tvm.compiler import _runner_for, lower_to_fused
+    from onnxpress.backends.tvm.frontend import bind_shapes, to_relax
+    from onnxpress.backends.tvm.schedules import attach_layout_free_buffers
+    from onnxpress.io import load
+
+    proto = load(digits_cnn_path)
+    resolved = ox_tvm.resolve_target("x86")
+    target = resolved.tvm_target()
+    relax_mod = to_relax(proto, bind_shapes(proto, {"input": [8, 1, 8, 8]}), target=target)
+    fused = attach_layout_free_buffers(lower_to_fused(relax_mod, resolved, target, {}))
+    task = next(t for t in ms.relax_integration.extract_tasks(fused, target) if "conv2d" in t.task_name)
+    mod = task.dispatched[0]
+    db, confirmed = tuning.open_database(tmp_path / "db"), tuning.open_confirmed(tmp_path / "db")
+    builder = tuning.make_in_process_builder(None, str(tmp_path))
+    runner, _ = _runner_for(resolved, None, None)
+    summary = tuning.TuneSummary()
+    defaults = tuning.measure_default_schedules([task], target, db, builder, runner, summary)
+    tuning.commit_default_records(defaults, target, db)
+    plain = s_tir.Schedule(mod)
+    plain.get_loops(plain.get_sblock("conv2d_nhwc"))    # (MetaSchedule's databases skip empty traces)
+    lucky = plain.trace
+    db.commit_tuning_record(ms.database.TuningRecord(lucky, db.commit_workload(mod), [1e-9], target,
+                                                     ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    key = tuning._trace_key
+    assert key(db.query_tuning_record(mod, target, "main").trace) == key(lucky)   # the search's pick
+
+    tuning.confirm_winners([task], defaults, target, db, confirmed, builder, runner, summary)
+    figures = summary.confirmed[task.task_name]
+    assert figures["kept"] == "default" and figures["tuned_ms"] > 1.5 * figures["default_ms"] > 0
+    applied = tuning.database_for_compile(db, confirmed).query_tuning_record(mod, target, "main")
+    assert key(applied.trace) == key(defaults[0][2])
+
+
 def _model_with_op(op_type: str, domain: str = "") -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
