@@ -273,6 +273,13 @@ def run(quick: bool) -> dict:
                 row.update({"trials": tm["trials_measured"], "tasks_tuned": f"{tm['tasks_tuned']}/{tm['tasks_total']}",
                             "tune_s": round(tune_s, 0), "tuned_ok": terr.ok, "tuned_build": chosen})
                 row.update(_tuned_figures(tu_ms, un_ms, ort_ms, chosen))
+                confirmed = tm.get("confirmed") or {}
+                if confirmed:    # each task's default and the search's best, side by side
+                    row["tasks_beating_default"] = (
+                        f"{sum(v['kept'] == 'tuned' for v in confirmed.values())}/{len(confirmed)}")
+                ratio = tuned.manifest["schedules"].get("end_to_end_ratio")
+                if ratio is not None:
+                    row["end_to_end_tuned_over_default"] = ratio
             row["slowest_kernels"] = slowest_kernels(tuned or untuned, feeds)
             rows.append(row)
             print(row, flush=True)

@@ -183,7 +183,9 @@ def tvm() -> list[str]:
     rows = [r for r in data["rows"] if " after " not in r["model"]]
     out = [[r["model"], _num(r.get("ort_fp32_ms"), "{:.3g}"), _x(r.get("untuned_vs_ort")),
             _x(r.get("tuned_vs_ort")) + (" (kept the default kernels: the tuned ones lost end "
-                                         "to end)" if r.get("tuned_build") == "default" else ""),
+                                         "to end)" if r.get("tuned_build") == "default" else "")
+            + (f" ({r['tasks_beating_default']} kernels beat their default side by side)"
+               if r.get("tasks_beating_default") else ""),
             f"{r.get('trials', '')} ({_num(r.get('tune_s'), '{:.0f}')} s)"
             if r.get("trials") else ""] for r in rows]
     header = ["model", "onnxruntime fp32 ms", "TVM untuned / onnxruntime", "TVM tuned / onnxruntime",
