@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -176,6 +177,28 @@ def test_cnn_manifest_says_what_runs_in_integers(cnn):
     lowered, _ = lower_integer(model, resolve_target("x86").tvm_target())
     ops = [n.op_type for n in lowered.graph.node]
     assert "DequantizeLinear" not in ops and ops.count("QuantizeLinear") == 1
+
+
+def test_a_db_tuned_on_int8_kernels_opens_in_a_fresh_process(cnn, tmp_path):
+    """Tuning records name the dot-product intrinsics their schedules tensorize with; a new
+    process (a second `onnxpress compile --db`) must register them before reading the DB."""
+    import sys
+
+    model, _art = cnn
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, path)
+    first = ox_tvm.compile(path, "x86", tune_trials=32, db=tmp_path / "db", output_dir=tmp_path / "a",
+                           progress=False)
+    records = Path(first.manifest["tuning"]["db"]) / "database_tuning_record.json"
+    if int8_isa(resolve_target("x86").tvm_target()) is not None:
+        assert "onnxpress_dot_" in records.read_text()
+    proc = subprocess.run([sys.executable, "-m", "onnxpress", "compile", str(path), "--db",
+                           str(tmp_path / "db"), "-o", str(tmp_path / "b"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert "kernels:" in proc.stdout
+    second = ox_tvm.load_artifact(tmp_path / "b")
+    assert second.manifest["schedules"]["from_db"] == first.manifest["schedules"]["from_db"] >= 1
 
 
 def test_inspect_and_the_compile_report_name_the_integer_nodes(cnn, tmp_path, capsys):

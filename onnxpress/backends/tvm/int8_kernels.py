@@ -188,6 +188,24 @@ def intrinsic(isa: str, lanes: int) -> str:
     return name
 
 
+# every (isa, lanes) int8_isa and lanes_for can answer: the intrinsics a tuning record may name
+DOT_INTRINSICS = (("dotprod", 4), ("avx512vnni", 16), ("avx512vnni", 8), ("avxvnni", 8),
+                  ("avx512bw", 16), ("avx512bw", 8), ("avx2", 8))
+
+
+def register_all_intrinsics() -> None:
+    """Register every dot-product intrinsic, the CPU ones and CUDA's dp4a. A tuning database's
+    records name the intrinsics their schedules tensorize with, and MetaSchedule rebuilds each
+    record's schedule as it opens the database: in a process that has not built an int8 kernel
+    yet, opening a database tuned on an int8 model failed ("TensorIntrin 'onnxpress_dot_8x4_avx2'
+    is not registered")."""
+    from .int8_cuda import register_dp4a
+
+    for isa, lanes in DOT_INTRINSICS:
+        intrinsic(isa, lanes)
+    register_dp4a()
+
+
 # -- legalization ------------------------------------------------------------------------------
 
 def _conv_te(data, wp, strides, padding, dilation, pad_value=0):

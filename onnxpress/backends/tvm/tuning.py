@@ -72,6 +72,9 @@ def open_database(db: str | os.PathLike | None):
     path = Path(db)
     path.mkdir(parents=True, exist_ok=True)
     try:
+        from .int8_kernels import register_all_intrinsics
+
+        register_all_intrinsics()     # before the records that tensorize with them are read
         return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
     except Exception as exc:
         raise BackendError(f"cannot open the tuning database in {path}: {_first_line(exc)}") from None
