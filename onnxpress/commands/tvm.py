@@ -96,8 +96,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"from the tuning DB ran {e2e.get('tuned', float('nan')):.2f} ms end to end against "
               f"{e2e.get('default', float('nan')):.2f} ms for the defaults, so it was not kept")
     elif sched:
+        ratio = sched.get("end_to_end_ratio")
         print(f"  kernels: {sched.get('from_db', 0)} from the tuning DB, "
-              f"{sched.get('default_scheduled', 0)} default-scheduled")
+              f"{sched.get('default_scheduled', 0)} default-scheduled"
+              + (f" (end to end {ratio:.2f}x the default schedules' time; two timings of one "
+                 "build can differ by 5%)" if ratio is not None else ""))
     for line in integer_summary(m.get("integer")):
         print(line)
     if args.tune:
