@@ -53,7 +53,8 @@ class TuneSummary:
     seconds: float = 0.0
     db: str | None = None
     runner: str = "local"
-    best_ms: dict = dataclasses.field(default_factory=dict)     # task name -> best latency (ms)
+    # task name -> the search's lowest single measurement (ms): its pick, before confirmation
+    best_ms: dict = dataclasses.field(default_factory=dict)
     previous_trials: int = 0       # budget already spent on this model and target in this DB
     default_ms: dict = dataclasses.field(default_factory=dict)  # task -> untuned latency (ms)
     # task -> {"default_ms", "tuned_ms" (the best candidate's), "kept": "tuned" | "default"},
