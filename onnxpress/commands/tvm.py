@@ -79,6 +79,7 @@ def _apply_recipe_compile(args: argparse.Namespace) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from onnxpress.backends import tvm
+    from onnxpress.backends.tvm.artifact import kernels_summary
 
     _apply_recipe_compile(args)
     art = tvm.compile(args.model, _parse_target(args.target), shapes=_parse_shapes(args.shape),
@@ -90,17 +91,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"compiled {args.model} for {m['target']['name']} ({m['target']['tvm']}) -> {art.path}")
     print("  inputs: " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in m["inputs"]))
     sched = m.get("schedules") or {}
-    if sched.get("chosen") == "default":
-        e2e = sched.get("end_to_end_ms") or {}
-        print(f"  kernels: the default schedules; the build with {sched.get('from_db', 0)} kernels "
-              f"from the tuning DB ran {e2e.get('tuned', float('nan')):.2f} ms end to end against "
-              f"{e2e.get('default', float('nan')):.2f} ms for the defaults, so it was not kept")
-    elif sched:
-        ratio = sched.get("end_to_end_ratio")
-        print(f"  kernels: {sched.get('from_db', 0)} from the tuning DB, "
-              f"{sched.get('default_scheduled', 0)} default-scheduled"
-              + (f" (end to end {ratio:.2f}x the default schedules' time; two timings of one "
-                 "build can differ by 5%)" if ratio is not None else ""))
+    if sched:
+        print(f"  kernels: {kernels_summary(sched)}")
     for line in integer_summary(m.get("integer")):
         print(line)
     if args.tune:

@@ -131,10 +131,10 @@ def compile_report(
                        ("tasks_from_db", "tasks reused from the tuning DB"), ("db", "tuning DB")):
         if tuning.get(key) is not None:
             extra[label] = tuning[key]
-    for key, label in (("from_db", "kernels from the tuning DB"),
-                       ("default_scheduled", "kernels default-scheduled")):
-        if sched.get(key) is not None:
-            extra[label] = sched[key]
+    if sched:
+        from onnxpress.backends.tvm.artifact import kernels_summary
+
+        extra["kernels"] = kernels_summary(sched)
     integer = manifest.get("integer") or {}
     if integer:
         extra["integer kernels"] = {"quantized nodes on integer kernels": integer.get("int8_kernels", 0),

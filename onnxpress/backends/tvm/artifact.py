@@ -50,6 +50,24 @@ def random_inputs(specs: Mapping[str, Mapping[str, Any]], seed: int = 0) -> dict
     return out
 
 
+def kernels_summary(schedules: Mapping[str, Any]) -> str:
+    """Where an artifact's kernels came from, from its manifest's "schedules" entry ("" when it
+    has none). `from_db` counts the tuned build's kernels from the tuning DB; when the end-to-end
+    check kept the default build instead, that is what runs, and this says so with both timings."""
+    if schedules.get("chosen") == "default":
+        e2e = schedules.get("end_to_end_ms") or {}
+        return (f"the default schedules; the build with {schedules.get('from_db', 0)} kernels from "
+                f"the tuning DB ran {e2e.get('tuned', float('nan')):.2f} ms end to end against "
+                f"{e2e.get('default', float('nan')):.2f} ms for the defaults, so it was not kept")
+    if not schedules:
+        return ""
+    ratio = schedules.get("end_to_end_ratio")
+    return (f"{schedules.get('from_db', 0)} from the tuning DB, "
+            f"{schedules.get('default_scheduled', 0)} default-scheduled"
+            + (f" (end to end {ratio:.2f}x the default schedules' time; two timings of one build "
+               "can differ by 5%)" if ratio is not None else ""))
+
+
 def _bench_result(times_ms: list[float], threads: int | None) -> BenchResult:
     t = sorted(times_ms)
     if not t:
