@@ -162,6 +162,24 @@ def test_second_compile_with_the_same_db_does_no_tuning(digits_cnn_path, digits_
     assert second.verify(digits_cnn_path, digits_feeds, rtol=RTOL, atol=ATOL).ok
 
 
+def tuning_tasks(model, shapes):
+    """(resolved x86 target, its TVM target, the tuning tasks of `model`) as compile() extracts
+    them: lowered, fused and with weights layout-free."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from onnxpress.backends.tvm.compiler import lower_to_fused
+    from onnxpress.backends.tvm.frontend import bind_shapes, to_relax
+    from onnxpress.backends.tvm.schedules import attach_layout_free_buffers
+    from onnxpress.io import load
+
+    proto = load(model)
+    resolved = ox_tvm.resolve_target("x86")
+    target = resolved.tvm_target()
+    relax_mod = to_relax(proto, bind_shapes(proto, shapes), target=target)
+    fused = attach_layout_free_buffers(lower_to_fused(relax_mod, resolved, target, {}))
+    return resolved, target, ms.relax_integration.extract_tasks(fused, target)
+
+
 def test_confirmation_keeps_the_default_over_a_lucky_measurement(digits_cnn_path, tmp_path):
     """The search keeps whatever measured lowest once; a slow schedule timed at a quiet moment
     (here: the unscheduled loop nest, committed as if it ran in 1 ns) is its pick. Timed side by
@@ -170,17 +188,10 @@ def test_confirmation_keeps_the_default_over_a_lucky_measurement(digits_cnn_path
     from tvm.s_tir import meta_schedule as ms
 
     from onnxpress.backends.tvm import tuning
-    from onnxpress.backends.tvm.compiler import _runner_for, lower_to_fused
-    from onnxpress.backends.tvm.frontend import bind_shapes, to_relax
-    from onnxpress.backends.tvm.schedules import attach_layout_free_buffers
-    from onnxpress.io import load
+    from onnxpress.backends.tvm.compiler import _runner_for
 
-    proto = load(digits_cnn_path)
-    resolved = ox_tvm.resolve_target("x86")
-    target = resolved.tvm_target()
-    relax_mod = to_relax(proto, bind_shapes(proto, {"input": [8, 1, 8, 8]}), target=target)
-    fused = attach_layout_free_buffers(lower_to_fused(relax_mod, resolved, target, {}))
-    task = next(t for t in ms.relax_integration.extract_tasks(fused, target) if "conv2d" in t.task_name)
+    resolved, target, tasks = tuning_tasks(digits_cnn_path, {"input": [8, 1, 8, 8]})
+    task = next(t for t in tasks if "conv2d" in t.task_name)
     mod = task.dispatched[0]
     db, confirmed = tuning.open_database(tmp_path / "db"), tuning.open_confirmed(tmp_path / "db")
     builder = tuning.make_in_process_builder(None, str(tmp_path))

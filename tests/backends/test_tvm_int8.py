@@ -187,23 +187,19 @@ def test_a_db_tuned_on_int8_kernels_opens_in_a_fresh_process(cnn, tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
     from onnxpress.backends.tvm import tuning
-    from onnxpress.backends.tvm.compiler import lower_to_fused
-    from onnxpress.backends.tvm.frontend import bind_shapes, to_relax
     from onnxpress.backends.tvm.int8_kernels import has_int8_conv
-    from onnxpress.backends.tvm.schedules import attach_layout_free_buffers, default_schedule
+    from onnxpress.backends.tvm.schedules import default_schedule
     from onnxpress.backends.tvm.targets import db_key
+
+    from .test_tvm import tuning_tasks
 
     model, _art = cnn
     path = tmp_path / "cnn.onnx"
     onnx.save(model, path)
-    resolved = resolve_target("x86")
-    target = resolved.tvm_target()
-    if int8_isa(target) is None:
+    if int8_isa(resolve_target("x86").tvm_target()) is None:
         pytest.skip("no u8 x s8 dot product on this CPU")
-    fused = attach_layout_free_buffers(lower_to_fused(to_relax(model, bind_shapes(model, {}), target=target),
-                                                      resolved, target, {}))
-    task = next(t for t in ms.relax_integration.extract_tasks(fused, target)
-                if has_int8_conv(t.dispatched[0]))
+    resolved, target, tasks = tuning_tasks(path, {})
+    task = next(t for t in tasks if has_int8_conv(t.dispatched[0]))
     mod = task.dispatched[0]
     db = tuning.open_database(tmp_path / "db" / db_key(resolved))
     db.commit_tuning_record(ms.database.TuningRecord(
