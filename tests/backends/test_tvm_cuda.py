@@ -1,6 +1,7 @@
 """CUDA artifacts: integer convolutions and matmuls on dp4a, PTX for every module kept in the
-artifact and handed to the driver at load (no compiler where the artifact runs), tuning that
-refuses instead of building untuned. Building needs nvcc only; the `gpu` tests run the builds
+artifact and handed to the driver at load (no compiler where the artifact runs), tuning of the
+float kernels (checked here with a runner that measures nothing; refused where no GPU is).
+Building needs nvcc only; the `gpu` tests run the builds
 where a GPU is present (elsewhere they are reported as skipped: no GPU)."""
 
 from __future__ import annotations
@@ -103,20 +104,81 @@ def test_the_load_callback_answers_with_the_stored_ptx(cuda_cnn):
             tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
 
 
-def test_cuda_tuning_refuses_instead_of_building_untuned(digits_cnn_path, tmp_path):
-    with pytest.raises(BackendError, match="tuning for CUDA"):
+def _no_gpu() -> bool:
+    from onnxpress.backends.tvm.compiler import _local_gpu
+
+    return not _local_gpu()
+
+
+@pytest.mark.skipif("not _no_gpu()", reason="a GPU is present: tuning runs there")
+def test_cuda_tuning_without_a_gpu_fails_with_a_clear_error(digits_cnn_path, tmp_path):
+    with pytest.raises(BackendError, match="tuning for CUDA needs a GPU"):
         ox_tvm.compile(digits_cnn_path, "cuda", tune_trials=8, output_dir=tmp_path / "t", progress=False)
     assert not (tmp_path / "t").exists()
 
 
-def test_cli_cuda_tune_fails_with_a_clear_error(digits_cnn_path, tmp_path, capsys):
+@pytest.mark.skipif("not _no_gpu()", reason="a GPU is present: tuning runs there")
+def test_cli_cuda_tune_without_a_gpu_fails_with_a_clear_error(digits_cnn_path, tmp_path, capsys):
     from onnxpress.commands import tvm as cli
 
     code = cli.main(["compile", str(digits_cnn_path), "--target", "cuda", "--tune", "8",
                      "-o", str(tmp_path / "t"), "--quiet"])
     assert code != 0
     err = capsys.readouterr().err
-    assert "tuning for CUDA" in err and "Traceback" not in err
+    assert "tuning for CUDA needs a GPU" in err and "Traceback" not in err
+
+
+def _fake_gpu_runner():
+    """A MetaSchedule runner that measures nothing: each candidate library's "time" is drawn
+    from its bytes (1-2 ms), so a search, its confirmation and the database they fill can be
+    checked where no GPU is."""
+    import hashlib
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerFuture, RunnerResult
+
+    @derived_object
+    class FakeRunner(PyRunner):
+        def run(self, inputs):
+            out = []
+            for inp in inputs:
+                with open(inp.artifact_path, "rb") as f:
+                    secs = 1e-3 * (1 + hashlib.sha256(f.read()).digest()[0] / 256)
+                out.append(RunnerFuture(lambda: True, lambda s=secs: RunnerResult([s], None)))
+            return out
+
+    return FakeRunner()
+
+
+def test_cuda_tuning_searches_confirms_and_builds_its_picks(digits_cnn_path, tmp_path, monkeypatch):
+    """MetaSchedule's CUDA space on the digits CNN's hottest task: candidates are scheduled and
+    built with nvcc, the dlight default is measured beside them, the confirmed pick is what the
+    artifact's kernel is compiled from, and a second compile reuses the database (on a GPU,
+    test_gpu_tuned_digits_matches_onnxruntime measures for real)."""
+    from onnxpress.backends.tvm import compiler
+
+    monkeypatch.setattr(compiler, "_runner_for", lambda *a, **k: (_fake_gpu_runner(), "fake"))
+    db = tmp_path / "db"
+    art = ox_tvm.compile(digits_cnn_path, "cuda:sm_80", tune_trials=16, db=db,
+                         output_dir=tmp_path / "tuned", progress=False)
+    tuning = art.manifest["tuning"]
+    assert tuning["tasks_tuned"] == 1 and tuning["trials_measured"] >= 8, tuning
+    (task, row), = tuning["confirmed"].items()
+    assert task in tuning["default_ms"]                      # dlight's schedule was measured
+    assert row["kept"] == ("tuned" if row["tuned_ms"] < 0.98 * row["default_ms"] else "default"), row
+    assert art.manifest["schedules"]["from_db"] == 1
+    untuned = ox_tvm.compile(digits_cnn_path, "cuda:sm_80", output_dir=tmp_path / "untuned", progress=False)
+
+    def kernel(a):
+        ptx = (a.path / "kernels.ptx").read_text()
+        start = ptx.index(f".entry {task}_kernel(")
+        return ptx[start:ptx.index(".entry", start + 1) if ".entry" in ptx[start + 1:] else None]
+
+    assert (kernel(art) != kernel(untuned)) == (row["kept"] == "tuned")
+    again = ox_tvm.compile(digits_cnn_path, "cuda:sm_80", tune_trials=16, db=db,
+                           output_dir=tmp_path / "again", progress=False)
+    assert again.manifest["tuning"]["trials_measured"] == 0
+    assert kernel(again) == kernel(art)
 
 
 # -- on a GPU ------------------------------------------------------------------------------------
@@ -139,5 +201,17 @@ def test_gpu_encoder_matches_onnxruntime_qdq_reference(cuda_encoder):
 @pytest.mark.gpu
 def test_gpu_fp32_digits_matches_onnxruntime(digits_cnn_path, digits_feeds, tmp_path):
     art = ox_tvm.compile(digits_cnn_path, "cuda:sm_80", output_dir=tmp_path / "fp32", progress=False)
+    result = art.verify(digits_cnn_path, digits_feeds, rtol=1e-3, atol=1e-4)
+    assert result.ok, str(result)
+
+
+@pytest.mark.gpu
+def test_gpu_tuned_digits_matches_onnxruntime(digits_cnn_path, digits_feeds, tmp_path):
+    art = ox_tvm.compile(digits_cnn_path, "cuda:sm_80", tune_trials=32, db=tmp_path / "db",
+                         output_dir=tmp_path / "tuned", progress=False)
+    tuning = art.manifest["tuning"]
+    assert tuning["runner"] == "local GPU" and tuning["trials_measured"] >= 16, tuning
+    assert tuning["default_ms"] and tuning["confirmed"], tuning
+    assert art.manifest["schedules"]["from_db"] >= 1
     result = art.verify(digits_cnn_path, digits_feeds, rtol=1e-3, atol=1e-4)
     assert result.ok, str(result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -167,23 +168,25 @@ def lower_to_fused(relax_mod, resolved: ResolvedTarget, target, layout_used: dic
         ])(mod)
 
 
-def _time_build(executable, specs: Mapping[str, dict], runs: int = 10) -> float:
-    """p50 ms of one run of a built module on this host's CPU, on random inputs."""
+def _time_build(executable, specs: Mapping[str, dict], runs: int = 10, device: str = "cpu") -> float:
+    """p50 ms of one run of a built module on this host's CPU (or GPU), on random inputs."""
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    dev = tvm.cpu(0)
+    dev = tvm.device(device, 0)
     vm = VirtualMachine(executable, dev)
     args = [tvm.runtime.tensor(arr, dev) for arr in random_inputs(specs).values()]
     t0 = time.perf_counter()
     for _ in range(2):
         vm["main"](*args)
+    dev.sync()
     once = (time.perf_counter() - t0) / 2
     runs = max(3, min(runs, int(1.5 / max(once, 1e-6))))   # about 1.5 s per build and round
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         vm["main"](*args)
+        dev.sync()                       # GPU launches return before the kernels finish
         times.append(time.perf_counter() - t0)
     return 1e3 * sorted(times)[len(times) // 2]
 
@@ -191,7 +194,8 @@ def _time_build(executable, specs: Mapping[str, dict], runs: int = 10) -> float:
 END_TO_END_MARGIN = 0.05   # what two timings of one build differ by here (see _faster_build)
 
 
-def _faster_build(tuned_mod, default_mod, target, specs, rounds: int = 5) -> tuple[Any, dict]:
+def _faster_build(tuned_mod, default_mod, target, specs, rounds: int = 5,
+                  device: str = "cpu") -> tuple[Any, dict]:
     """Tuned kernels are measured one by one, in isolation; together in the model they can be
     slower than the defaults (resnet18: 23.4 ms tuned vs 19.6 ms untuned after 578 trials). Time
     both builds end to end and keep the faster one.
@@ -214,7 +218,7 @@ def _faster_build(tuned_mod, default_mod, target, specs, rounds: int = 5) -> tup
         ms: dict[str, list[float]] = {k: [] for k in built}
         for r in range(rounds):
             for k in (("tuned", "default") if r % 2 == 0 else ("default", "tuned")):
-                ms[k].append(_time_build(built[k], specs))
+                ms[k].append(_time_build(built[k], specs, device=device))
     except Exception as exc:  # the check is an optimisation, never a reason to fail a build
         return None, {"end_to_end_check": f"skipped: {_first_line(exc)}"}
     ratio = statistics.median(t / d for t, d in zip(ms["tuned"], ms["default"]))
@@ -265,6 +269,33 @@ def _nvcc_ptx(arch: str, sink: list):
     finally:
         if previous is not None:
             tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+
+
+def register_nvcc_loader(arch: str) -> None:
+    """Answer TVM's requests for device code (a CUDA library loading) with nvcc's PTX for
+    `arch`: MetaSchedule's runner workers load tuning candidates this way."""
+    import tvm
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    def compile_to_ptx(code, *_):
+        with tvm.target.Target({"kind": "cuda", "arch": arch}):
+            ptx = nvcc.compile_cuda(code, target_format="ptx", arch=arch, compiler="nvcc")
+        return bytes(ptx) + b"\0"           # cuModuleLoadData reads PTX as a C string
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_to_ptx, override=True)
+
+
+def _local_gpu() -> bool:
+    import tvm
+
+    from .run_artifact import ensure_cuda_runtime
+
+    ensure_cuda_runtime()
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:
+        return False
 
 
 def _cuda_sources(module) -> list[str]:
@@ -339,14 +370,17 @@ def _runner_for(resolved: ResolvedTarget, rpc: str | None, key: str | None):
         raise BackendError(f"tuning for {resolved.name} needs the board: pass rpc='HOST:PORT' and key "
                            "(CLI: --rpc HOST:PORT --key K); compiling without --tune works offline")
     if resolved.family == "gpu":
-        import tvm
-
-        if not tvm.cuda(0).exist:
-            raise BackendError("tuning for CUDA needs a GPU here or a GPU board over RPC")
-        # MetaSchedule's GPU search space is not wired in yet: building with the default GPU
-        # schedules while the user asked for tuning would print a tuned artifact that is not
-        raise BackendError("tuning for CUDA is not supported yet: compile without --tune (the "
-                           "default GPU schedules: dp4a integer kernels, dlight for the rest)")
+        if not _local_gpu():
+            raise BackendError("tuning for CUDA needs a GPU: none is visible here (tvm.cuda(0)); "
+                               "tune on a GPU machine or board over RPC (--rpc HOST:PORT --key K), "
+                               "or compile without --tune (dp4a integer kernels, dlight for the rest)")
+        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20,
+                                              enable_cpu_cache_flush=False)
+        # the runner's workers load each candidate's CUDA C and ask for its device code: nvcc's
+        # PTX for the target's arch, as the build does (TVM's default wants NVRTC's bindings)
+        init = functools.partial(register_nvcc_loader, resolved.spec.get("arch", "sm_80"))
+        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator,
+                                     initializer=init), "local GPU"
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20,
                                           enable_cpu_cache_flush=False)
     return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator), "local"
@@ -452,16 +486,39 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
             schedule_info.update(pick)
             timings["check_s"] = time.perf_counter() - t0
     else:
-        if tune_trials:
-            _runner_for(resolved, rpc, key)   # raises with the reason (no GPU here)
+        runner = None
+        if tune_trials and tune_trials > 0:
+            runner, label = _runner_for(resolved, rpc, key)   # raises where it cannot tune
         t0 = time.perf_counter()
         layout_used = {}
         fused = lower_to_fused(relax_mod, resolved, tvm_target, layout_used, fast_math=False)
         schedule_info["conv2d_layout"] = layout_used.get("conv2d")
-        fused, info = apply_gpu_schedules(fused, tvm_target)
+        # the dp4a integer kernels first: fixed schedules, never tuning tasks
+        fused, info = apply_gpu_schedules(fused, tvm_target, floats=False)
         schedule_info.update(info)
+        arch = resolved.spec.get("arch", "sm_80")
+        if runner is not None:
+            with _nvcc_ptx(arch, []):         # candidates' PTX: built, measured, dropped
+                summary = tune(fused, resolved, tvm_target, trials=int(tune_trials), database=database,
+                               runner=runner, runner_label=label, progress=progress, db_dir=db_dir,
+                               confirmed=confirmed)
+            summary.db = db_dir
+        untuned = fused
+        scheduled_before = _count_scheduled(fused)
+        if database is not None:
+            with tvm_target, database_for_compile(database, confirmed):
+                fused = tvm.relax.transform.MetaScheduleApplyDatabase()(fused)
+        schedule_info["from_db"] = _count_scheduled(fused) - scheduled_before
+        fused, _ = apply_gpu_schedules(fused, tvm_target)
         build_mod = fused
         timings["schedule_s"] = time.perf_counter() - t0
+        if schedule_info["from_db"] and not rpc and _local_gpu():
+            t0 = time.perf_counter()
+            with _nvcc_ptx(arch, []):
+                prebuilt, pick = _faster_build(fused, apply_gpu_schedules(untuned, tvm_target)[0],
+                                               tvm_target, specs, device="cuda")
+            schedule_info.update(pick)
+            timings["check_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     ptx_sink: list = []

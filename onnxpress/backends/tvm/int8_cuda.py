@@ -180,30 +180,46 @@ def _is_bound(sch, block) -> bool:
 
 
 def _dlight(func, target):
-    """TVM's default GPU schedule of `func` (dlight's rules in the CUDA pipeline's order), checked
-    for what dlight cannot know: a cross-thread reduction it chose over loops that are not the
-    deepest (grouped convolutions in NHWC) fails to lower, and gets dlight's fallback instead
-    (None: neither lowers; TVM's pipeline will say why)."""
+    """TVM's default GPU schedule of `func` as a traced s_tir.Schedule (dlight's rules in the
+    CUDA pipeline's order, the first that applies), checked for what dlight cannot know: a
+    cross-thread reduction it chose over loops that are not the deepest (grouped convolutions in
+    NHWC) fails to lower, and gets dlight's fallback instead (None: neither lowers; TVM's
+    pipeline will say why)."""
     import tvm
     from tvm.s_tir import dlight as dl
 
     from .schedules import max_reduction_extent
 
-    mod = tvm.IRModule({"main": func})
     rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
              dl.gpu.Fallback()]
-    reduces = max_reduction_extent(mod) > 1
+    reduces = max_reduction_extent(tvm.IRModule({"main": func})) > 1
     with target:
         for chosen in (rules, [dl.gpu.Fallback()]):
             try:
-                out = dl.ApplyDefaultSchedule(*chosen)(mod)
+                sch = next(s for s in (rule.apply(func, target, False) for rule in chosen) if s is not None)
+                if isinstance(sch, list):
+                    sch = sch[0]
                 if reduces:                              # lowering is where it fails
-                    tvm.compile(tvm.IRModule({"main": out["main"].with_attr("global_symbol", "main")}),
+                    checked = sch.mod["main"].with_attr("global_symbol", "main")
+                    tvm.compile(tvm.IRModule({"main": checked.with_attr("tirx.is_scheduled", True)}),
                                 target=target)
-                return out["main"]
+                return sch
             except Exception as exc:
                 log.debug("dlight schedule rejected: %s", exc)
     return None
+
+
+def gpu_default_schedule(func, target):
+    """The untuned GPU schedule of a float PrimFunc as a traced s_tir.Schedule: dlight's, or one
+    thread per output where dlight's does not lower (None: neither applies). Its trace is the
+    default that GPU tuning has to beat (tuning.measure_default_schedules)."""
+    sch = _dlight(func, target)
+    if sch is None:
+        try:
+            sch = _thread_per_output(func)
+        except Exception as exc:    # TVM's pipeline will say what it cannot lower
+            log.debug("no GPU schedule: %s", exc)
+    return sch
 
 
 def _thread_per_output(func):
@@ -225,26 +241,35 @@ def _thread_per_output(func):
         spatial = sum(1 for iv in sch.get(b).iter_vars if int(iv.iter_type) == 0)
         if spatial:
             _bind_flat(sch, b, spatial=spatial)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
 
 
-def apply_gpu_schedules(mod, target):
-    """Schedule every PrimFunc of `mod` for the GPU: integer ones around dp4a, the rest with
-    TVM's default GPU schedules; returns (mod, manifest info)."""
+def gpu_space_generator():
+    """MetaSchedule's CUDA search space without its tensor-core rules: those need the wmma
+    intrinsics registered (TVM's blanket import, about a minute per process), and the models
+    tuned here are fp32 (tensor cores take fp16) or int8 (dp4a kernels, not tuned)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.space_generator.PostOrderApply(
+        sch_rules=ms.schedule_rule.ScheduleRule.create("cuda"),
+        postprocs=ms.postproc.Postproc.create("cuda"),
+        mutator_probs=ms.mutator.Mutator.create("cuda"))
+
+
+def apply_gpu_schedules(mod, target, *, floats: bool = True):
+    """Schedule every unscheduled PrimFunc of `mod` for the GPU: integer ones around dp4a, the
+    rest (unless floats=False: tuning comes first for those) with TVM's default GPU schedules;
+    returns (mod, manifest info)."""
     from .int8_kernels import has_int8_conv
     from .schedules import unscheduled_primfuncs, with_attrs_of
 
     done = failed = 0
     for gv, func in unscheduled_primfuncs(mod):
         if not has_int8_conv(func):
-            scheduled = _dlight(func, target)
-            if scheduled is None:
-                try:
-                    scheduled = _thread_per_output(func)
-                except Exception as exc:    # TVM's pipeline will say what it cannot lower
-                    log.debug("no GPU schedule for %s: %s", gv.name_hint, exc)
-                    continue
-            mod[gv] = scheduled
+            if floats:
+                sch = gpu_default_schedule(func, target)
+                if sch is not None:
+                    mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
             continue
         scheduled = schedule_dp4a(func, target)
         if scheduled is None:

@@ -194,14 +194,20 @@ def measure_default_schedules(tasks, target, database, builder, runner, summary:
     records = []
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules import default_schedule, vector_tile
-
-    lanes = vector_tile(target)
     device = "cuda" if target.kind.name == "cuda" else "cpu"
+    if device == "cuda":
+        from .int8_cuda import gpu_default_schedule as default_of
+    else:
+        from .schedules import default_schedule, vector_tile
+
+        lanes = vector_tile(target)
+
+        def default_of(func, target):
+            return default_schedule(func, target, lanes=lanes)
     for task in tasks:
         mod = task.dispatched[0]
         try:
-            sch = default_schedule(mod["main"], target, lanes=lanes)
+            sch = default_of(mod["main"], target)
             if sch is None:
                 continue
             built = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
@@ -390,12 +396,13 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
     per_task = max(MIN_TRIALS_PER_TASK, trials // len(selected))
     own_dir = work_dir is None
     work = work_dir or tempfile.mkdtemp(prefix="onnxpress-tune-")
+    from .int8_cuda import gpu_space_generator
     from .int8_kernels import has_int8_conv
     from .schedules import cpu_space_generator, tune_context
 
     contexts, weights = [], []
     for i, task in enumerate(selected):
-        space = cpu_space_generator() if resolved.family == "cpu" else ms.space_generator.PostOrderApply()
+        space = cpu_space_generator() if resolved.family == "cpu" else gpu_space_generator()
         # small budgets need no 512-strong population: the search itself would dominate
         strategy = ms.search_strategy.EvolutionarySearch(
             population_size=256 if per_task < 128 else 512, init_measured_ratio=0.2,
@@ -411,9 +418,8 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
         weights.append(float(task.weight))
     names = [t.task_name for t in selected]
     builder = make_in_process_builder(fcompile, work)
-    defaults = []
-    if resolved.family == "cpu":
-        defaults = measure_default_schedules(selected, target, database, builder, runner, summary)
+    # CPU: onnxpress's default schedules; GPU: dlight's (the dp4a kernels are never tasks)
+    defaults = measure_default_schedules(selected, target, database, builder, runner, summary)
     bar = None
     if progress:
         from tqdm.auto import tqdm
