@@ -486,62 +486,64 @@ def run(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(steps), desc="passes", leave=False, dynamic_ncols=True)
-    for step in steps:
-        if bar is not None:
-            bar.set_postfix_str(step.name)
-        for inst in instruments:
-            inst.before_pass(step, working, ctx)
-        if state is None:
+    try:
+        for step in steps:
+            if bar is not None:
+                bar.set_postfix_str(step.name)
+            for inst in instruments:
+                inst.before_pass(step, working, ctx)
+            if state is None:
+                state = _model_state(working)
+            before_fp, nodes_b, params_b, bytes_b = state
+            ctx._figures = {}
+            ctx._children = []
+            ctx._preserved = set()
+            ctx._current_pass = step.name
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = step.info.func(working, ctx, **step.options)
+            except OnnxPressError:
+                raise
+            except Exception as exc:
+                raise PassError(f"pass '{step}' failed: {type(exc).__name__}: {exc}") from exc
+            seconds = time.perf_counter() - t0
+            # what a pass warns about goes into its report and on to the caller, once
+            said = list(dict.fromkeys(str(w.message) for w in caught
+                                      if issubclass(w.category, UserWarning)))
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            if out is None:
+                out = working
+            if not isinstance(out, onnx.ModelProto):
+                raise PassError(f"pass '{step.name}' returned {type(out).__name__}, expected a ModelProto")
+            if out is not working:
+                keep_model_fields(working, out)
+            working = out
+            # the state after this pass is the state before the next: measured once per pass
             state = _model_state(working)
-        before_fp, nodes_b, params_b, bytes_b = state
-        ctx._figures = {}
-        ctx._children = []
-        ctx._preserved = set()
-        ctx._current_pass = step.name
-        t0 = time.perf_counter()
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = step.info.func(working, ctx, **step.options)
-        except OnnxPressError:
-            raise
-        except Exception as exc:
-            raise PassError(f"pass '{step}' failed: {type(exc).__name__}: {exc}") from exc
-        seconds = time.perf_counter() - t0
-        # what a pass warns about goes into its report and on to the caller, once
-        said = list(dict.fromkeys(str(w.message) for w in caught
-                                  if issubclass(w.category, UserWarning)))
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if out is None:
-            out = working
-        if not isinstance(out, onnx.ModelProto):
-            raise PassError(f"pass '{step.name}' returned {type(out).__name__}, expected a ModelProto")
-        if out is not working:
-            keep_model_fields(working, out)
-        working = out
-        # the state after this pass is the state before the next: measured once per pass
-        state = _model_state(working)
-        modified = state[0] != before_fp
-        if modified:
-            ctx.invalidate(keep=ctx._preserved)
-            if not step.info.changes_io:
-                _check_io(io_before, _io_signature(working), step)
-            io_before = _io_signature(working)
-        report = PassReport(
-            name=step.name, options=dict(step.options),
-            nodes_before=nodes_b, nodes_after=state[1],
-            params_before=params_b, params_after=state[2],
-            bytes_before=bytes_b, bytes_after=state[3],
-            seconds=seconds, modified=modified, figures=dict(ctx._figures),
-            children=list(ctx._children), warnings=said)
-        for inst in instruments:
-            inst.after_pass(step, working, ctx, report)
-        reports.append(report)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            modified = state[0] != before_fp
+            if modified:
+                ctx.invalidate(keep=ctx._preserved)
+                if not step.info.changes_io:
+                    _check_io(io_before, _io_signature(working), step)
+                io_before = _io_signature(working)
+            report = PassReport(
+                name=step.name, options=dict(step.options),
+                nodes_before=nodes_b, nodes_after=state[1],
+                params_before=params_b, params_after=state[2],
+                bytes_before=bytes_b, bytes_after=state[3],
+                seconds=seconds, modified=modified, figures=dict(ctx._figures),
+                children=list(ctx._children), warnings=said)
+            for inst in instruments:
+                inst.after_pass(step, working, ctx, report)
+            reports.append(report)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:   # an error then starts on a line of its own
+            bar.close()
     ctx._current_pass = None
     return PipelineResult(working, reports)
 
