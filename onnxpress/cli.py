@@ -280,6 +280,18 @@ def _bench_one(path: str, feeds, args):
                          optimization=args.ort_opt, shapes=parse_shapes(args.shape))
 
 
+def _runs_on(path: str, args) -> str:
+    """What `_bench_one` timed `path` with, for the table: a TVM artifact runs on TVM's own
+    runtime (its thread pool, not --threads or --ort-opt)."""
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        from onnxpress.backends import tvm
+
+        art = tvm.load_artifact(p)
+        return f"TVM {art.target_name} artifact ({art.where()})"
+    return f"onnxruntime, {args.threads} threads, optimization={args.ort_opt}"
+
+
 def _profile_one(path: str, feeds, args):
     from onnxpress.backends import ort
 
@@ -362,12 +374,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"model": m, "p50_ms": a, "p90_ms": b} for m, a, b in rows], indent=2))
         return 0
-    t = Table(title=f"latency ({args.threads} threads, onnxruntime optimization={args.ort_opt})")
-    for c in ("model", "p50 ms", "p90 ms", "speed-up vs --vs"):
-        t.add_column(c, justify="left" if c == "model" else "right")
+    t = Table(title="latency")
+    for c in ("model", "runs on", "p50 ms", "p90 ms", "speed-up vs --vs"):
+        t.add_column(c, justify="left" if c in ("model", "runs on") else "right")
     base = rows[-1][1] if args.vs else None
     for m, p50, p90 in rows:
-        t.add_row(m, f"{p50:.3f}", f"{p90:.3f}", f"{base / p50:.2f}x" if base else "-")
+        t.add_row(m, _runs_on(m, args), f"{p50:.3f}", f"{p90:.3f}", f"{base / p50:.2f}x" if base else "-")
     _console().print(t)
     return 0
 

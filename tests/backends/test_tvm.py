@@ -132,6 +132,17 @@ def test_cli_bench_profile_prints_the_top_kernels(x86_artifact, tmp_path, capsys
     assert "not a TVM artifact: no manifest.json" in capsys.readouterr().err
 
 
+def test_cli_bench_says_what_each_model_ran_on(x86_artifact, digits_cnn_path, capsys):
+    """An artifact runs on TVM's runtime: the table must not call it onnxruntime's figure."""
+    from onnxpress.cli import main
+
+    assert main(["bench", str(x86_artifact.path), "--vs", str(digits_cnn_path), "--runs", "5",
+                 "--rounds", "1", "--shape", "input=8,1,8,8"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ /")]
+    assert "TVM x86" in rows[0] and "onnxruntime" not in rows[0], rows
+    assert "onnxruntime" in rows[-1], rows
+
+
 def test_second_compile_with_the_same_db_does_no_tuning(digits_cnn_path, digits_feeds, tmp_path):
     db = tmp_path / "db"
     first = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, tune_trials=16,
