@@ -158,7 +158,7 @@ def search(model: onnx.ModelProto, ctx: PassContext, *,
     """
     calib = ctx.require_calib(model)
     remember_teacher(model, ctx)
-    batches = calibration_sample(calib, max_samples)
+    batches = calibration_sample(calib, max_samples, model=model)
     res = search_ratios(model, batches, budget=budget, metric=metric, step=step,
                         max_ratio=max_ratio, criterion=criterion, ctx=ctx,
                         round_to=round_to or AUTO_ROUND_TO,

@@ -421,3 +421,15 @@ def test_structured_prune_goes_through_a_written_out_layernorm(mean):
     x = rng.standard_normal((1, 5, 6)).astype(np.float32)
     want = ort.run(helper.make_model(ref, opset_imports=[helper.make_opsetid("", 17)]), {"x": x})["y"]
     np.testing.assert_allclose(ort.run(res.model, {"x": x})["y"], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("step", ["prune", "prune:structured=true", "clip", "search:budget=0.7"])
+def test_calibrated_passes_run_on_a_plain_export_whose_batch_is_fixed(step, digits):
+    """torch.onnx.export fixes the batch dimension (x: [1, 1, 8, 8]); the calibration samples
+    these passes score with must reach onnxruntime one at a time, not stacked into 64s."""
+    model = onnx.load(zoo.plain_export("digits_cnn"))
+    calib = [{"x": digits.train[0][i:i + 1]} for i in range(24)]
+    res = passes.run(model, [step], calib=calib, progress=False)
+    figures = res.reports[-1].figures
+    assert -1.0 <= figures["min_cosine"] < 1.0, figures
+    assert figures["rel_l2"] > 0, figures

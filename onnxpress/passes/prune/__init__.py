@@ -43,9 +43,15 @@ def remember_teacher(model: onnx.ModelProto, ctx: PassContext) -> None:
         ctx.options[TEACHER_KEY] = copy.deepcopy(model)
 
 
-def calibration_sample(calib, max_samples: int, batch_size: int = 64) -> list[dict]:
+def calibration_sample(calib, max_samples: int, batch_size: int = 64,
+                       model: onnx.ModelProto | None = None) -> list[dict]:
     """The first `max_samples` calibration samples, re-cut into batches of `batch_size` when the
-    batches stack (an .npz gives one sample per batch), else the batches as they come."""
+    batches stack (an .npz gives one sample per batch), else the batches as they come. A
+    `model` whose inputs have a fixed batch dimension (plain torch exports: 1) gets batches of
+    that size: onnxruntime rejects any other."""
+    fixed = static_batch(model) if model is not None else None
+    if fixed:
+        batch_size = fixed
     batches, n = [], 0
     for b in calib:
         batches.append(b)
@@ -57,7 +63,19 @@ def calibration_sample(calib, max_samples: int, batch_size: int = 64) -> list[di
     except ValueError:
         return batches
     total = len(next(iter(stacked.values())))
+    if fixed:
+        total -= total % fixed            # a ragged last batch would not fit the model either
     return [{k: v[i:i + batch_size] for k, v in stacked.items()} for i in range(0, total, batch_size)]
+
+
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every graph input of `model` fixes in its first dimension (None: some
+    input's is symbolic or absent, so batches of any size run)."""
+    from onnxpress.data import graph_input_specs
+
+    sizes = {dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+             for _dtype, dims in graph_input_specs(model).values()}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
 def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
@@ -68,7 +86,7 @@ def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContex
         return {}
     from onnxpress.passes.error import output_error
 
-    return output_error(before, after, calibration_sample(ctx.calib, max_samples))
+    return output_error(before, after, calibration_sample(ctx.calib, max_samples, model=before))
 
 
 def _blockers(cg: ChannelGroups, groups: list[ChannelGroup] | None = None) -> str:
