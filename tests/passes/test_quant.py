@@ -112,6 +112,23 @@ def test_quant_auto_digits_reports_sensitivity_and_calibrates_once(digits_cnn, d
     assert res.model.ByteSize() < digits_cnn.ByteSize()
 
 
+def test_quant_auto_figures_describe_the_float_model_it_returns(digits_cnn, digits_calib,
+                                                                 monkeypatch):
+    """Where the int8 mix runs slower than fp32, quant_auto returns fp32 layers: its speed-up
+    and cosine must be that model's, not the mix's (mobilenetv3 on an AVX2 host said
+    'speedup 0.842, min_cosine 0.9995' beside 54 fp32 layers)."""
+    from onnxpress.passes.quant import latency
+
+    monkeypatch.setattr(latency, "relative_costs",
+                        lambda models, feeds, *a, **k: (np.array([1.0] + [1.25] * (len(models) - 1)),
+                                                        (2.0, 2.0)))
+    res = passes.run(digits_cnn, "quant_auto", calib=digits_calib)
+    f = res.reports[0].figures
+    assert "int8 slower than fp32" in f["latency_decision"]
+    assert f["layers_int8"] == 0 and f["speedup_of_the_int8_mix"] == 0.8
+    assert f["speedup"] == 1.0 and f["min_cosine"] == 1.0
+
+
 def test_quant_auto_user_callback(digits_cnn, digits, digits_calib):
     Xte, yte = digits.test
     score = lambda m: zoo.accuracy(m, Xte[:200], yte[:200])  # noqa: E731

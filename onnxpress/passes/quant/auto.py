@@ -420,6 +420,12 @@ def quant_auto(
                                    int4_options=int4_options, embeddings=embeddings)
             figures["latency_decision"] = ("int8 slower than fp32 on onnxruntime: int8 and w8a16 "
                                            "layers kept fp32")
+            # the figures describe the model returned, not the mix that was turned down
+            figures["speedup_of_the_int8_mix"] = figures["speedup"]
+            degradation = scorer(out)
+            figures["speedup"] = 1.0
+            if any(v != "fp32" for v in assign.values()):
+                figures["speedup"] = round(1 / relative_costs([model, out], batches[0])[0][1], 3)
     figures.update(outlier_figures)
     if outliers and "int8" in assign.values():
         from onnxpress.passes.quant.smooth import choose_bias_correction
