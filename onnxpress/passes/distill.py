@@ -63,17 +63,41 @@ def distill_model(student: onnx.ModelProto, teacher: onnx.ModelProto, batches: l
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     module = OnnxGraphModule(student)
+    batch_size, batch_note = _batch_size_that_runs(torch, module, student, data, n, batch_size)
     # small models train fastest on one thread (thread hand-offs cost more than the math)
     threads_before = torch.get_num_threads()
     if sum(p.numel() for p in module.parameters()) < 2_000_000:
         torch.set_num_threads(1)
     try:
-        return _train(torch, module, student, batches, targets, data, tdata, n, labels, names_s,
-                      gen, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
-                      batch_size=batch_size, loss=loss, keep_sparsity=keep_sparsity,
-                      weight_decay=weight_decay, progress=progress)
+        figures = _train(torch, module, student, batches, targets, data, tdata, n, labels, names_s,
+                         gen, epochs=epochs, lr=lr, temperature=temperature, alpha=alpha,
+                         batch_size=batch_size, loss=loss, keep_sparsity=keep_sparsity,
+                         weight_decay=weight_decay, progress=progress)
     finally:
         torch.set_num_threads(threads_before)
+    if batch_note:
+        figures["batch_size"] = batch_note
+    return figures
+
+
+def _batch_size_that_runs(torch, module, student, data, n, batch_size: int) -> tuple[int, str]:
+    """The training batch: `batch_size`, unless the model fixes its batch dimension and a
+    bigger batch does not run through it (a plain torch export of a ViT bakes batch 1 into the
+    class token's Expand; resnet18's export trains at 64 all the same). Returns (size, a note
+    for the figures, empty when unchanged)."""
+    from onnxpress.passes.prune import static_batch
+
+    fixed = static_batch(student)
+    if n is None or not fixed or min(batch_size, n) == fixed:
+        return batch_size, ""
+    probe = {k: torch.from_numpy(v[:min(batch_size, n)]) for k, v in data.items()}
+    try:
+        with torch.no_grad():
+            module(**probe)
+        return batch_size, ""
+    except Exception:      # noqa: BLE001 -- whatever a baked-in shape breaks, batch `fixed` runs
+        return fixed, (f"{fixed} (the model fixes its batch dimension at {fixed} and "
+                       f"batches of {min(batch_size, n)} do not run through it)")
 
 
 def _train(torch, module, student, batches, targets, data, tdata, n, labels, names_s, gen, *,

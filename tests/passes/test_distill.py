@@ -122,3 +122,30 @@ def test_distill_errors_name_what_is_missing(digits_cnn_path, digits, tmp_path):
         [onnx.helper.make_tensor_value_info("logits", 1, [])]))
     with pytest.raises(UnsupportedOpError, match="my_trees"):
         OnnxGraphModule(odd)
+
+
+def test_distill_trains_a_plain_export_that_bakes_its_batch_of_one(tmp_path):
+    """torch.onnx.export writes a flatten as Reshape(x, [1, -1]) when the module asks for
+    x.reshape(1, -1) (a ViT's class token Expand does the same): batches of 8 cannot run through
+    that graph, so distill trains at the batch the model fixes and says so."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).reshape(1, -1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), torch.zeros(1, 1, 8, 8), str(path), input_names=["x"],
+                      output_names=["y"], opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)} for _ in range(16)]
+    res = passes.run(str(path), ["prune:sparsity=0.7", "distill:epochs=3,batch_size=8,lr=0.001"],
+                     calib=calib, progress=False)
+    f = res.reports[-1].figures
+    assert f["batch_size"].startswith("1 (the model fixes its batch dimension at 1")
+    assert f["loss_after"] < f["loss_before"]
