@@ -168,6 +168,9 @@ def minilm_int4_rows(quick: bool) -> list[dict]:
             timed(f"onnxpress int4 {method} b{bs}",
                   lambda bs=bs, method=method: onnxpress_int4(
                       f"quant_int4:method={method},block_size={bs}"))
+    for method in ("rtn", "gptq"):
+        timed(f"onnxpress int4 {method} b32 + awq",
+              lambda method=method: onnxpress_int4(f"quant_int4:method={method},block_size=32,awq=true"))
     timed(f"onnxpress int4 gptq b32 + int8 (int8_above={SENSITIVE})",
           lambda: onnxpress_int4(f"quant_int4:method=gptq,block_size=32,int8_above={SENSITIVE}"))
     # int4 weights expanded to int8 when the session loads, on the dynamic int8 kernels

@@ -341,6 +341,7 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
                symmetric: bool = False,
                format: Literal["auto", "nbits", "qdq", "int8_kernels"] = "auto",
                method: Literal["rtn", "gptq"] = "rtn",
+               awq: bool = False,
                accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = "auto",
                damp: Annotated[float, Range(0, 1, lo_inclusive=False)] = 0.01,
                int8_above: Annotated[float, Range(0, 1, lo_inclusive=False)] | None = None,
@@ -360,6 +361,11 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
     the rows of W in order and feeds each rounding error forward through the inverse Hessian
     of the layer's input (damped by damp * its mean diagonal), so the layer's output on the
     calibration inputs stays closest to fp32.
+    awq=true (needs calibration data; with either method): AWQ-style scaling first. Each
+    activation channel j read by int4 layers is divided by s_j = mean|x_j|^alpha and the
+    weights' row j multiplied by it (exact in float; 1/s goes into the LayerNorm before, or a
+    Mul), alpha searched per tensor on calibration rows against the int4 simulation, so the
+    channels with the largest activations get the finest 4-bit steps.
     accuracy_level (MatMulNBits): 4 computes with int8 activations, 0 in fp32; auto times both
     on one calibration sample on this machine and keeps the faster (a CPU rule without data).
     int8_above: layers whose int4 form alone lowers the outputs' min cosine on calibration data
@@ -378,13 +384,26 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
             original, ctx, threshold=int8_above, block_size=block_size,
             int4_options=dict(use_nbits=use_nbits, int8_kernels=int8_kernels))
         extra.update(int4_sensitivity=drops, int8_layers=sorted(int8))
+    if awq:
+        from onnxpress.passes.quant.smooth import smooth_model
+
+        ctx.require_calib(original)
+        excluded = set(exclude_nodes or ())
+        model, f_awq = smooth_model(
+            model, ctx, "auto", method="awq", block_size=block_size, symmetric=symmetric,
+            layer_filter=lambda n: node_key(n) not in int8 and n.name not in excluded)
+        extra.update(awq_groups=f_awq["smooth_groups"], awq_layers=f_awq["smooth_layers"],
+                     awq_groups_searched=f_awq.get("smooth_groups_searched", 0),
+                     awq_alphas=f_awq.get("smooth_alphas", {}),
+                     awq_error_reduction=f_awq.get("smooth_error_reduction"),
+                     awq_mul_inserted=f_awq["smooth_mul_inserted"])
     hessians = None
     if method == "gptq":
         from onnxpress.passes.quant.gptq import input_hessians
 
-        inits = {t.name: t for t in original.graph.initializer}
-        hessians = input_hessians(original, ctx, [
-            n.input[0] for n in original.graph.node if n.op_type in ("MatMul", "Gemm")
+        inits = {t.name: t for t in model.graph.initializer}
+        hessians = input_hessians(model, ctx, [
+            n.input[0] for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
             and n.input[0] not in inits and matmul_weight(n, inits) is not None])
     out, figures = int4_quantize(model, block_size=block_size, symmetric=symmetric,
                                  use_nbits=use_nbits, accuracy_level=0,

@@ -11,6 +11,11 @@ SmoothQuant moves the range of outlier activation channels into the weights (exa
     calibration rows: the alpha (or no smoothing) whose int8 simulation Q(h/s) Q(diag(s) W) is
     closest to h W wins.
 
+AWQ (quant_int4's `awq=true`) moves the same kind of per-channel scale into weights that stay
+4-bit while activations stay float: s_j = mean|h_j|^alpha (normalised), alpha searched per group
+against the int4 simulation (h/s) Q4(diag(s) W), so that the input channels that carry the
+largest activations get the finest 4-bit steps.
+
 Bias correction (fast bias correction, as NNCF's): after quantization, each integer layer's bias
 absorbs the mean shift of its output on the calibration data, per output channel:
 
@@ -36,6 +41,8 @@ from onnxpress.passes.quant.common import FLOAT, Names, quantize_weight
 from onnxpress.stats import iter_graphs
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+AWQ_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)   # (0 is "no scaling", the base)
+AWQ_MIN_GAIN = 1.1
 # smooth=auto smooths a group only when its simulated error drops at least this much: on ViT-tiny
 # (no trained outliers) every group gained under 1.5x and min cosine did not improve; on MiniLM's
 # real outlier channels most gained 2-10x (bench/bench_quant_outliers.py)
@@ -192,14 +199,64 @@ def simulated_error(st: ChannelStats, weights: list[np.ndarray], s: np.ndarray, 
     return err
 
 
+def awq_scale(act_mean: np.ndarray, alpha: float) -> np.ndarray:
+    """AWQ's s_j = mean|X_j|^alpha, normalised so that max(s) * min(s) = 1."""
+    a = np.maximum(act_mean.astype(np.float64), 1e-8) ** alpha
+    return np.clip(a / np.sqrt(a.max() * a.min()), 1e-4, 1e4)
+
+
+def int4_error(st: ChannelStats, weights: list[np.ndarray], s: np.ndarray, *,
+               block_size: int, symmetric: bool) -> float:
+    """Relative squared error of weight-only int4 (blocks of `block_size` along K, round to
+    nearest) with AWQ scaling s: ||x W - (x/s) Q4(diag(s) W)||^2 / ||x W||^2 on the sampled
+    rows, summed over the group's layers (activations stay float)."""
+    from onnxpress.passes.quant.int4 import quantize_blocks
+
+    x = st.rows.astype(np.float64)
+    err = 0.0
+    for w in weights:
+        k, n = w.shape
+        q, scale, zp = quantize_blocks((w * s[:, None]).astype(np.float32), block_size, symmetric)
+        wq = ((q.reshape(-1, block_size, n).astype(np.float64) - zp[:, None, :])
+              * scale[:, None, :]).reshape(-1, n)[:k]
+        y = x @ w
+        err += float(((y - (x / s) @ wq) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
+    return err
+
+
+def _choose_scale(st: ChannelStats, ws: list[np.ndarray], smooth, method: str, kw: dict):
+    """(scale or None to leave the group alone, its error gain) for one group."""
+    if method == "awq":
+        act_mean = np.abs(st.rows.astype(np.float64)).mean(axis=0)
+        base = int4_error(st, ws, np.ones_like(act_mean), **kw)
+        errors = {a: int4_error(st, ws, awq_scale(act_mean, a), **kw) for a in AWQ_ALPHAS}
+        best = min(errors, key=errors.get)
+        if base < AWQ_MIN_GAIN * errors[best]:
+            return None, best, 1.0
+        return awq_scale(act_mean, best), best, base / max(errors[best], 1e-30)
+    act_max = np.maximum(np.abs(st.cmin), np.abs(st.cmax))
+    w_max = np.max(np.abs(np.concatenate(ws, axis=1)), axis=1)
+    if smooth != "auto":
+        return smoothing_scale(act_max, w_max, float(smooth)), float(smooth), 1.0
+    base = simulated_error(st, ws, np.ones_like(act_max, dtype=np.float64), **kw)
+    errors = {a: simulated_error(st, ws, smoothing_scale(act_max, w_max, a), **kw) for a in ALPHAS}
+    best = min(errors, key=errors.get)
+    if base < MIN_GAIN * errors[best]:       # a clear gain only: smoothing may cost a Mul
+        return None, best, 1.0
+    return smoothing_scale(act_max, w_max, best), best, base / max(errors[best], 1e-30)
+
+
 def smooth_model(model: onnx.ModelProto, ctx, smooth: float | str, *, weight_bits: int = 8,
                  signed: bool = False, symmetric: bool = False, layer_filter=None,
-                 max_rows: int = 512, max_batches: int | None = None
+                 max_rows: int = 512, max_batches: int | None = None,
+                 method: str = "smoothquant", block_size: int = 32
                  ) -> tuple[onnx.ModelProto, dict]:
     """SmoothQuant on a copy of `model` (float function unchanged). smooth: 'auto' searches
     alpha per group among ALPHAS and no smoothing; a float applies that alpha everywhere.
-    When it changed the model, ctx's analyses are invalidated (calibration must be redone on
-    the smoothed activations). Returns (model, figures)."""
+    method="awq": AWQ's scaling for weight-only int4 instead (s = mean|x|^alpha, alpha searched
+    per group among AWQ_ALPHAS against the int4 simulation with `block_size` and `symmetric`;
+    smooth must be "auto"). When it changed the model, ctx's analyses are invalidated
+    (calibration must be redone on the smoothed activations). Returns (model, figures)."""
     smooth = parse_smooth(smooth)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -229,24 +286,14 @@ def smooth_model(model: onnx.ModelProto, ctx, smooth: float | str, *, weight_bit
             continue
         ws = [_row_weight(n, numpy_helper.to_array(inits[n.input[1]]).astype(np.float64))
               for n in g.layers]
-        act_max = np.maximum(np.abs(st.cmin), np.abs(st.cmax))
-        w_max = np.max(np.abs(np.concatenate(ws, axis=1)), axis=1)
-        kw = dict(weight_bits=weight_bits, signed=signed, symmetric=symmetric)
+        kw = dict(block_size=block_size, symmetric=symmetric) if method == "awq" else \
+            dict(weight_bits=weight_bits, signed=signed, symmetric=symmetric)
+        s, best_alpha, gain = _choose_scale(st, ws, smooth, method, kw)
+        alphas[g.tensor] = None if s is None else best_alpha
+        if s is None:
+            continue
         if smooth == "auto":
-            base = simulated_error(st, ws, np.ones_like(act_max, dtype=np.float64), **kw)
-            errors = {a: simulated_error(st, ws, smoothing_scale(act_max, w_max, a), **kw)
-                      for a in ALPHAS}
-            best_alpha = min(errors, key=errors.get)
-            best = errors[best_alpha]
-            if base < MIN_GAIN * best:       # a clear gain only: smoothing may cost a Mul
-                alphas[g.tensor] = None
-                continue
-            alphas[g.tensor] = best_alpha
-            gains.append(base / max(best, 1e-30))
-        else:
-            best_alpha = float(smooth)
-            alphas[g.tensor] = best_alpha
-        s = smoothing_scale(act_max, w_max, best_alpha)
+            gains.append(gain)
         # weights: row j times s_j (a private copy when another node reads the same weight)
         def rewrite(node: onnx.NodeProto, k: int, value: np.ndarray) -> None:
             """node.input[k] := value, in place, or as a private copy when shared."""
