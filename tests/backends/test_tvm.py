@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("tvm")
 
@@ -416,3 +416,50 @@ def test_tvm_binds_shapes_with_the_projects_one_binder():
         bind_shapes(model, {"nope": [1]})
     with pytest.raises(BackendError, match="fixed to 4"):
         bind_shapes(model, {"empty": [0, 5], "seq": 4})
+
+
+def _tokens_matmul(tokens: int, width: int, out: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((width, out)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, out])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_matmul_over_197_tokens_is_padded_to_whole_register_blocks(tmp_path):
+    """A ViT's 197 tokens are prime: tiled by divisors, its attention scores got no vector lanes
+    (ViT-tiny 186 ms against onnxruntime's 24). The default schedule pads the matmul's rows and
+    columns first (pad_einsum, in its trace); the result matches onnxruntime, and the trace,
+    committed to a tuning database as tuning commits defaults, replays in a compile."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from onnxpress.backends.tvm import tuning
+    from onnxpress.backends.tvm.schedules import default_schedule, einsum_padding
+    from onnxpress.backends.tvm.targets import db_key
+
+    path = tmp_path / "t197.onnx"
+    onnx.save(_tokens_matmul(197, 64, 197), path)
+    resolved, target, tasks = tuning_tasks(path, {})
+    (task,) = tasks
+    mod = task.dispatched[0]
+    assert einsum_padding(mod, 8, 8) == ("matmul", [1, 8, 8, 1])
+    sch = default_schedule(mod["main"], target)
+    assert "pad_einsum" in str(sch.trace)
+    db = tuning.open_database(tmp_path / "db" / db_key(resolved))
+    db.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, db.commit_workload(mod), [1e-5], target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 197, 64)).astype(np.float32)}
+    ref = ort.run(str(path), feeds)["y"]
+    for db_dir in (None, tmp_path / "db"):
+        art = ox_tvm.compile(path, "x86", db=db_dir, output_dir=tmp_path / f"a{db_dir is None}",
+                             progress=False)
+        np.testing.assert_allclose(art.run(feeds)["y"], ref, rtol=1e-4, atol=1e-4)
+    assert art.manifest["schedules"]["from_db"] == 1
+    # extents that tile by divisors are left as they are
+    onnx.save(_tokens_matmul(196, 64, 192), tmp_path / "t196.onnx")
+    (task,) = tuning_tasks(tmp_path / "t196.onnx", {})[2]
+    assert einsum_padding(task.dispatched[0], 8, 8) is None
