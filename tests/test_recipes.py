@@ -104,6 +104,20 @@ def test_recipe_file_with_calibration_beside_it(tmp_path, digits_cnn_path):
     assert data["memory"]["arena_bytes"] >= data["memory"]["lower_bound_bytes"] > 0
 
 
+def test_recipe_report_goes_beside_the_output_the_user_names(tmp_path, digits_cnn_path):
+    """`-o out/model.onnx --recipe lossless` from another directory: the report the recipe names
+    is written beside the model, not into the working directory."""
+    (tmp_path / "cwd").mkdir()
+    out = tmp_path / "out" / "digits.lossless.onnx"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "onnxpress", "optimize", str(digits_cnn_path),
+                           "--recipe", "lossless", "-o", str(out), "-q", "--no-latency"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path / "cwd")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists() and (out.parent / "digits_cnn.lossless.html").exists()
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 def test_recipes_command_lists_builtins():
     proc = subprocess.run([sys.executable, "-m", "onnxpress", "recipes", "--json"],
                           capture_output=True, text=True, timeout=120)

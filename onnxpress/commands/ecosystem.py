@@ -82,6 +82,7 @@ def apply_recipe_args(args: argparse.Namespace) -> None:
                       for k, v in r.shapes.items()]
     calib = r.calibration(args.calib)
     args.calib = calib
+    output_given = bool(args.output)
     if not args.output:
         out = r.output_path("model", args.model)
         if out is None:
@@ -90,6 +91,9 @@ def apply_recipe_args(args: argparse.Namespace) -> None:
     if not getattr(args, "report", None):
         rep = r.output_path("report", args.model)
         if rep is not None:
+            if output_given and not rep.is_absolute():
+                # the report goes with the model the user placed, not into the working directory
+                rep = Path(args.output).parent / rep
             args.report = str(rep)
     args.target = args.target or "ort"
 
