@@ -89,6 +89,14 @@ def graph_input_specs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list]
     return specs
 
 
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every graph input of `model` fixes in its first dimension (None: some
+    input's is symbolic or absent, so batches of any size run). Plain torch exports fix 1."""
+    sizes = {dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+             for _dtype, dims in graph_input_specs(model).values()}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
 def check_feed(feed: Mapping[str, np.ndarray], specs: dict, where: str) -> None:
     missing = [n for n in specs if n not in feed]
     extra = [n for n in feed if n not in specs]

@@ -13,7 +13,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("model")
     p.add_argument("--calib", required=True,
                    help=".npz with arrays named after the inputs, batch on axis 0")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per calibration batch (default: the batch the model's inputs "
+                        "fix, as plain torch exports fix 1; else 8)")
     p.add_argument("--max-batches", type=int, default=4, help="calibration batches compared")
     p.add_argument("--metric", choices=["cosine", "rel_l2"], default="cosine",
                    help="cosine: 1 - min cosine to fp32; rel_l2: relative L2 error")
@@ -41,7 +43,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     if bad:
         raise PassOptionError(f"--precisions: unknown {', '.join(bad)}; use int8, int4, fp16")
     model = load(args.model)
-    calib = data.npz(args.calib, batch_size=args.batch_size)
+    calib = data.npz(args.calib, batch_size=args.batch_size or data.static_batch(model) or 8)
     rows = sensitivity_table(model, calib, metric=args.metric, precisions=precisions,
                              max_batches=args.max_batches, method=args.method,
                              target=args.target, progress=not args.json)

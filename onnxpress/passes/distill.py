@@ -85,7 +85,7 @@ def _batch_size_that_runs(torch, module, student, data, n, batch_size: int) -> t
     bigger batch does not run through it (a plain torch export of a ViT bakes batch 1 into the
     class token's Expand; resnet18's export trains at 64 all the same). Returns (size, a note
     for the figures, empty when unchanged)."""
-    from onnxpress.passes.prune import static_batch
+    from onnxpress.data import static_batch
 
     fixed = static_batch(student)
     if n is None or not fixed or min(batch_size, n) == fixed:

@@ -341,6 +341,11 @@ def test_sensitivity_command(digits_cnn_path, tmp_path, capsys):
 
     out = json.loads(capsys.readouterr().out)
     assert len(out["layers"]) == 4 and {"int8", "int4"} <= set(out["layers"][0])
+    # a plain torch export fixes its batch at 1: the .npz's 32 samples are fed one at a time
+    np.savez(tmp_path / "x.npz", x=X)
+    assert main(["sensitivity", str(zoo.plain_export("digits_cnn")), "--calib",
+                 str(tmp_path / "x.npz"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["layers"]) == 4
 
 
 def test_tvm_frontend_accepts_qdq_dynamic_and_fp16(digits_cnn, digits_calib):

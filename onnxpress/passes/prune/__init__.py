@@ -49,6 +49,8 @@ def calibration_sample(calib, max_samples: int, batch_size: int = 64,
     batches stack (an .npz gives one sample per batch), else the batches as they come. A
     `model` whose inputs have a fixed batch dimension (plain torch exports: 1) gets batches of
     that size: onnxruntime rejects any other."""
+    from onnxpress.data import static_batch
+
     fixed = static_batch(model) if model is not None else None
     if fixed:
         batch_size = fixed
@@ -66,16 +68,6 @@ def calibration_sample(calib, max_samples: int, batch_size: int = 64,
     if fixed:
         total -= total % fixed            # a ragged last batch would not fit the model either
     return [{k: v[i:i + batch_size] for k, v in stacked.items()} for i in range(0, total, batch_size)]
-
-
-def static_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size every graph input of `model` fixes in its first dimension (None: some
-    input's is symbolic or absent, so batches of any size run)."""
-    from onnxpress.data import graph_input_specs
-
-    sizes = {dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
-             for _dtype, dims in graph_input_specs(model).values()}
-    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
 def calib_error(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
