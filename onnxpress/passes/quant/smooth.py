@@ -225,7 +225,8 @@ def int4_error(st: ChannelStats, weights: list[np.ndarray], s: np.ndarray, *,
 
 
 def _choose_scale(st: ChannelStats, ws: list[np.ndarray], smooth, method: str, kw: dict):
-    """(scale or None to leave the group alone, its error gain) for one group."""
+    """(s, or None to leave the group alone; the alpha chosen; the simulated error's drop) for
+    one group: SmoothQuant's int8 simulation, or AWQ's int4 one (method="awq")."""
     if method == "awq":
         act_mean = np.abs(st.rows.astype(np.float64)).mean(axis=0)
         base = int4_error(st, ws, np.ones_like(act_mean), **kw)
