@@ -229,22 +229,22 @@ def _choose_scale(st: ChannelStats, ws: list[np.ndarray], smooth, method: str, k
     one group: SmoothQuant's int8 simulation, or AWQ's int4 one (method="awq")."""
     if method == "awq":
         act_mean = np.abs(st.rows.astype(np.float64)).mean(axis=0)
-        base = int4_error(st, ws, np.ones_like(act_mean), **kw)
-        errors = {a: int4_error(st, ws, awq_scale(act_mean, a), **kw) for a in AWQ_ALPHAS}
-        best = min(errors, key=errors.get)
-        if base < AWQ_MIN_GAIN * errors[best]:
-            return None, best, 1.0
-        return awq_scale(act_mean, best), best, base / max(errors[best], 1e-30)
-    act_max = np.maximum(np.abs(st.cmin), np.abs(st.cmax))
-    w_max = np.max(np.abs(np.concatenate(ws, axis=1)), axis=1)
-    if smooth != "auto":
-        return smoothing_scale(act_max, w_max, float(smooth)), float(smooth), 1.0
-    base = simulated_error(st, ws, np.ones_like(act_max, dtype=np.float64), **kw)
-    errors = {a: simulated_error(st, ws, smoothing_scale(act_max, w_max, a), **kw) for a in ALPHAS}
+        alphas, min_gain, error = AWQ_ALPHAS, AWQ_MIN_GAIN, int4_error
+        scale_of = lambda a: awq_scale(act_mean, a)                      # noqa: E731
+    else:
+        act_max = np.maximum(np.abs(st.cmin), np.abs(st.cmax))
+        w_max = np.max(np.abs(np.concatenate(ws, axis=1)), axis=1)
+        # a clear gain only: smoothing may cost a Mul
+        alphas, min_gain, error = ALPHAS, MIN_GAIN, simulated_error
+        scale_of = lambda a: smoothing_scale(act_max, w_max, a)         # noqa: E731
+        if smooth != "auto":
+            return scale_of(float(smooth)), float(smooth), 1.0
+    base = error(st, ws, np.ones(len(st.cmin), dtype=np.float64), **kw)
+    errors = {a: error(st, ws, scale_of(a), **kw) for a in alphas}
     best = min(errors, key=errors.get)
-    if base < MIN_GAIN * errors[best]:       # a clear gain only: smoothing may cost a Mul
+    if base < min_gain * errors[best]:
         return None, best, 1.0
-    return smoothing_scale(act_max, w_max, best), best, base / max(errors[best], 1e-30)
+    return scale_of(best), best, base / max(errors[best], 1e-30)
 
 
 def smooth_model(model: onnx.ModelProto, ctx, smooth: float | str, *, weight_bits: int = 8,
