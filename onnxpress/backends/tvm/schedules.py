@@ -462,12 +462,16 @@ def default_schedule(func, target, *, lanes: int | None = None, rows: int | None
         max_vectors = 1
     max_rows = rows or MAX_ROWS
     padding = einsum_padding(mod, isa.lanes, max_rows)
-    space_mod = mod
-    if padding is not None:
-        padded = s_tir.Schedule(mod)
-        padded.pad_einsum(padded.get_sblock(padding[0]), padding[1])
-        space_mod = padded.mod
-    ctx = tune_context(space_mod, target, cpu_space_generator(), rand_state=1)
+
+    def start():
+        """A schedule of `mod`, its einsum padded first when it is (the pad is in the trace)."""
+        sch = s_tir.Schedule(mod)
+        if padding is not None:
+            sch.pad_einsum(sch.get_sblock(padding[0]), padding[1])
+        return sch
+
+    # the design space of the padded function: its trace replays onto start()
+    ctx = tune_context(start().mod, target, cpu_space_generator(), rand_state=1)
     spaces = ctx.generate_design_space()
     if not spaces:
         return None
@@ -485,13 +489,6 @@ def default_schedule(func, target, *, lanes: int | None = None, rows: int | None
         rowwise = rowwise_schedule(mod, isa.lanes)
         if rowwise is not None:
             return rowwise
-    def start():
-        """A schedule of `mod`, its einsum padded first when it is (the pad is in the trace)."""
-        sch = s_tir.Schedule(mod)
-        if padding is not None:
-            sch.pad_einsum(sch.get_sblock(padding[0]), padding[1])
-        return sch
-
     sch = start()
     planned_cols: list = []         # [channels seen by the rows decision, channel tile chosen]
     planned_rows: list = []         # [width seen by the height decision, rows of the width]
