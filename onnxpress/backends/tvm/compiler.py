@@ -271,17 +271,22 @@ def _nvcc_ptx(arch: str, sink: list):
             tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
 
 
+def _nvcc_to_ptx(code: str, arch: str):
+    """nvcc's PTX of one CUDA module's source, for `arch`."""
+    import tvm
+    from tvm.support import nvcc
+
+    with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        return nvcc.compile_cuda(code, target_format="ptx", arch=arch, compiler="nvcc")
+
+
 def register_nvcc_loader(arch: str) -> None:
     """Answer TVM's requests for device code (a CUDA library loading) with nvcc's PTX for
     `arch`: MetaSchedule's runner workers load tuning candidates this way."""
-    import tvm
     import tvm_ffi
-    from tvm.support import nvcc
 
     def compile_to_ptx(code, *_):
-        with tvm.target.Target({"kind": "cuda", "arch": arch}):
-            ptx = nvcc.compile_cuda(code, target_format="ptx", arch=arch, compiler="nvcc")
-        return bytes(ptx) + b"\0"           # cuModuleLoadData reads PTX as a C string
+        return bytes(_nvcc_to_ptx(code, arch)) + b"\0"   # cuModuleLoadData reads a C string
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_to_ptx, override=True)
 
@@ -335,17 +340,12 @@ def _write_ptx(build_dir: Path, pairs: list) -> list[dict]:
 
 
 def _ptx_from_source_modules(executable, arch: str) -> list:
-    from tvm.support import nvcc
-
     if shutil.which("nvcc") is None:
         raise BackendError("CUDA targets need nvcc (the CUDA toolkit) on PATH to produce PTX")
-    import tvm
-
     out = []
     for code in _cuda_sources(executable.mod):
         try:
-            with tvm.target.Target({"kind": "cuda", "arch": arch}):
-                ptx = nvcc.compile_cuda(code, target_format="ptx", arch=arch, compiler="nvcc")
+            ptx = _nvcc_to_ptx(code, arch)
         except Exception as exc:
             raise BackendError(f"nvcc failed on the generated CUDA for {arch}: {_first_line(exc)}") from None
         out.append((code, ptx))
