@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_cuda import _gpu_name
+
 CASES = {"digits_cnn": 96, "mobilenetv3_small_100": 160}     # case -> trials
 QUICK = {"digits_cnn": 48}
 ROUNDS = 5
@@ -165,7 +167,7 @@ def measure(out: Path) -> dict:
                 times.setdefault(i, []).append(float(f(*args).mean))
             except Exception as exc:
                 errors[i] = str(exc).splitlines()[0][:200]
-    result = {"gpu": _gpu(), "rounds": ROUNDS,
+    result = {"gpu": _gpu_name(), "rounds": ROUNDS,
               "median_s": {str(i): statistics.median(t) for i, t in times.items() if len(t) == ROUNDS},
               "errors": {str(k): v for k, v in errors.items()}}
     (out / "times.json").write_text(json.dumps(result, indent=1))
@@ -246,7 +248,7 @@ def run(quick: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="onnxpress-bench-cuda-tune-"))
     try:
         built = candidates(work, "sm_90", quick)
-        gpu = _gpu()
+        gpu = _gpu_name()
         if gpu.startswith("no nvidia-smi") or not gpu:
             return {"title": "CUDA tuning candidates (searched and built, not measured: no GPU here)",
                     "rows": [built], "result_name": "cuda_tune_build",
@@ -267,12 +269,6 @@ def run(quick: bool) -> dict:
             "rows": rows, "tasks": summary["tasks"],
             "notes": f"{summary['tasks_beating_default']} of {len(summary['tasks'])} tasks beat "
                      "dlight's schedule side by side; outputs against onnxruntime fp32."}
-
-
-def _gpu() -> str:
-    from bench.bench_cuda import _gpu_name
-
-    return _gpu_name()
 
 
 def main(argv=None) -> int:
