@@ -663,7 +663,7 @@ def timm_model(name: str) -> Path:
     return path
 
 
-def plain_export(name: str, *, legacy: bool = False) -> Path:
+def plain_export(name: str, *, legacy: bool = False, dynamo: bool = False) -> Path:
     """A zoo architecture exported the way users export it, with nothing of onnxpress in between:
     `torch.onnx.export(net, x, path, input_names=["x"], output_names=["y"], opset_version=17,
     dynamo=False)` (no shape annotations, weights deduplicated by the exporter). `name` is a
@@ -672,13 +672,19 @@ def plain_export(name: str, *, legacy: bool = False) -> Path:
     legacy=True writes the file as exporters before ONNX 1.3 did (the classic model-zoo files):
     IR version 3, opset 9, every weight also listed as a graph input, BatchNormalization left
     unfolded. Architectures with ops newer than opset 9 (HardSwish, LayerNormalization...)
-    cannot be written so; they raise ValueError."""
+    cannot be written so; they raise ValueError.
+
+    dynamo=True exports as torch 2.9+ does by default, `torch.onnx.export(net, (x,), path,
+    input_names=["x"], output_names=["y"])`: torch.export's graph at opset 20 after onnxscript's
+    optimizer (native LayerNormalization and Gelu, `unbind` as Slice+Squeeze, named weights)."""
     if name not in TIMM_MODELS + ("digits_cnn",):
         raise ValueError(f"unknown zoo model '{name}'; choose from "
                          f"{', '.join(TIMM_MODELS + ('digits_cnn',))}")
     if legacy and name not in ("resnet18", "digits_cnn"):
         raise ValueError(f"'{name}' uses ops newer than opset 9: no legacy export")
-    path = cache_dir() / f"{name}.{'ir3' if legacy else 'plain'}.onnx"
+    if legacy and dynamo:
+        raise ValueError("legacy=True and dynamo=True: choose one")
+    path = cache_dir() / f"{name}.{'ir3' if legacy else 'dynamo' if dynamo else 'plain'}.onnx"
     with _locked(path.stem):
         if not path.exists():
             import warnings
@@ -694,8 +700,12 @@ def plain_export(name: str, *, legacy: bool = False) -> Path:
                          keep_initializers_as_inputs=True) if legacy else dict(opset_version=17)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(module, example, str(tmp), input_names=["x"],
-                                  output_names=["y"], dynamo=False, **extra)
+                if dynamo:
+                    torch.onnx.export(module, (example,), str(tmp), input_names=["x"],
+                                      output_names=["y"], verbose=False)
+                else:
+                    torch.onnx.export(module, example, str(tmp), input_names=["x"],
+                                      output_names=["y"], dynamo=False, **extra)
             if legacy:
                 import onnx
 

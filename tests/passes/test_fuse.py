@@ -298,15 +298,39 @@ def test_layout_identities():
         helper.make_node("MatMul", ["r", "w"], ["y"]),
     ]
     inits = [numpy_helper.from_array(np.array([0], np.int64), "ax"),
-             numpy_helper.from_array(np.array([2, 12], np.int64), "shape"),
-             init("wt", rand(5, 12))]
-    m = make(nodes, [vi("x", [2, 4, 3])], [vi("y", [2, 5])], inits, opset=18)
+             numpy_helper.from_array(np.array([2, 3, 4], np.int64), "shape"),
+             init("wt", rand(1100, 4))]       # over fuse's shape-folding limit: stays a Transpose
+    m = make(nodes, [vi("x", [2, 4, 3])], [vi("y", [2, 3, 1100])], inits, opset=18)
     out, figs = run_fuse(m, target="tvm")
     assert ops(out) == {"Reshape": 1, "MatMul": 1}, ops(out)
-    for name in ("transpose_pair", "unsqueeze_squeeze", "split_concat", "single_concat",
+    # the single-input Concat goes with onnxscript's folding of no-ops, before the fusions
+    for name in ("transpose_pair", "unsqueeze_squeeze", "split_concat",
                  "flatten_reshape_chain", "transpose_constant"):
         assert name in figs["fused"], figs["fused"]
     assert_same(m, out, {"x": rand(2, 4, 3)})
+
+
+@pytest.mark.parametrize("every_index", [True, False])
+def test_unit_slices_become_one_split_and_reshaped_transpose_one_transpose(every_index):
+    """torch's dynamo export writes unbind as one-index Slices and k.transpose(-2, -1) of a
+    rank-4 tensor through 3-D Reshapes: both become the forms fusions match, outputs kept."""
+    c = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    n = 3 if every_index else 2
+    nodes = [helper.make_node("Slice", ["x", f"s{i}", f"e{i}", "ax"], [f"p{i}"]) for i in range(n)]
+    nodes += [helper.make_node("Squeeze", ["p0", "ax"], ["q"]),
+              helper.make_node("Reshape", ["q", "s3d"], ["r3"]),
+              helper.make_node("Transpose", ["r3"], ["t3"], perm=[0, 2, 1]),
+              helper.make_node("Reshape", ["t3", "s4d"], ["y"])]
+    inits = [c("ax", [0]), c("s3d", [-1, 5, 4]), c("s4d", [1, 2, 4, 5])]
+    inits += [c(f"s{i}", [i]) for i in range(n)] + [c(f"e{i}", [i + 1]) for i in range(n)]
+    outs = [vi("y", [1, 2, 4, 5])] + [vi(f"p{i}", [1, 1, 2, 5, 4]) for i in range(1, n)]
+    m = make(nodes, [vi("x", [3, 1, 2, 5, 4])], outs, inits, opset=18)
+    out, figs = run_fuse(m, target="tvm")
+    assert figs["fused"].get("slices_to_split", 0) == (1 if every_index else 0), figs["fused"]
+    assert figs["fused"]["transpose_via_reshape"] == 1
+    assert ops(out)["Slice"] == (0 if every_index else 2)
+    assert [o.name for o in out.graph.output] == [o.name for o in m.graph.output]
+    assert_same(m, out, {"x": rand(3, 1, 2, 5, 4)})
 
 
 def test_graph_output_names_kept_when_ops_cancel():
@@ -426,6 +450,28 @@ def test_transformers_get_layernorm_gelu_attention(real, name):
     assert counts["SkipLayerNormalization"] + counts["LayerNormalization"] == 2 * layers + 1
     assert "Softmax" not in counts and "Erf" not in counts
     assert figs["fused"]["attention_bert" if name == "minilm" else "attention_vit"] == layers
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_vit_plain_exports_get_attention_from_fuse_alone(dynamo):
+    """The API's own example runs `fuse` first with no cleanup before it: on torch's plain
+    exports of ViT (TorchScript: the scale computed from Shape; dynamo, torch's default: unbind
+    as Slice+Squeeze, k transposed through 3-D reshapes, native Gelu) attention still fuses."""
+    from onnxpress import zoo
+
+    path = zoo.plain_export("vit_tiny_patch16_224", dynamo=dynamo)
+    result = passes.run(str(path), "fuse")
+    fused, figs = result.model, result.reports[-1].figures
+    counts = ops(fused)
+    assert counts["Attention"] == 12 and counts["BiasGelu"] == 12, counts
+    assert not {"Softmax", "Shape", "Slice", "Sqrt", "Erf"} & set(counts), counts
+    if dynamo:
+        assert figs["fused"]["slices_to_split"] == 12
+        assert figs["fused"]["transpose_via_reshape"] == 12
+        assert figs["fused"]["bias_gelu_native_ort"] == 12
+    else:
+        assert figs["shape_arithmetic_folded"] > 0
+    assert_same(onnx.load(path), fused, {"x": zoo.photo_batch()[:1]}, rtol=1e-3, atol=1e-4)
 
 
 def test_minilm_plain_ops_for_tvm(minilm_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from onnxpress.passes.fuse.api import MS_DOMAIN, fusion, is_float, rank, shape
+from onnxpress.passes.fuse.api import MS_DOMAIN, attr, fusion, is_float, rank, shape
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -97,6 +97,29 @@ fusion("bias_gelu_ort", family="gelu", priority=32, targets=("ort",),
        condition=_bias_gelu_condition,
        replacement=lambda op, x, b: op.BiasGelu(x, b, _domain=MS_DOMAIN),
        doc="com.microsoft.Gelu(x + b[C]) -> com.microsoft.BiasGelu(x, b)")
+
+
+def _native_gelu_condition(approximate: str):
+    def condition(ctx, x, b, g):
+        return attr(g, "approximate", "none") == approximate and _bias_gelu_condition(ctx, x, b)
+
+    return condition
+
+
+fusion("bias_gelu_native_ort", family="gelu", priority=33, targets=("ort",),
+       pattern=lambda op, x, b: op.Gelu(op.Add(x, b), _outputs=["g"]),
+       condition=_native_gelu_condition("none"),
+       replacement=lambda op, x, b, g: op.BiasGelu(x, b, _domain=MS_DOMAIN),
+       doc="Gelu(x + b[C]) (opset 20, as torch's dynamo export writes F.gelu) -> "
+           "com.microsoft.BiasGelu(x, b)")
+
+fusion("bias_fast_gelu_native_ort", family="gelu", priority=33, targets=("ort",),
+       pattern=lambda op, x, b: op.Gelu(op.Add(x, b), _outputs=["g"]),
+       condition=_native_gelu_condition("tanh"),
+       replacement=lambda op, x, b, g: op.FastGelu(x, b, _domain=MS_DOMAIN),
+       approximation="FastGelu evaluates the same tanh formula with onnxruntime's tanh "
+                     "approximation: compare within 1e-3",
+       doc="Gelu(x + b[C], approximate=tanh) (opset 20) -> com.microsoft.FastGelu(x, b)")
 
 
 # -- SiLU / Swish ----------------------------------------------------------------------------

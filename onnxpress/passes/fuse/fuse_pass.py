@@ -26,6 +26,7 @@ from onnxpress.passes.graph import copy_model_fields, light_copy, restore_graph_
 from onnxpress.passes.registry import Range, register
 from onnxpress.weights import adopt, is_weight, stub_of
 
+SHAPE_FOLD_BYTES = 4096          # shape vectors and scalars, never a weight
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater",
                 "Where", "And", "Or"}
 
@@ -91,6 +92,26 @@ def _attach_shapes(work, types: dict[str, onnx.TypeProto]) -> None:
                                     (d.dim_param or None) for d in tt.shape.dim])
 
 
+def _fold_shape_arithmetic(model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, int | None]:
+    """Fold what exports compute from static shapes (a plain torch export computes attention's
+    scale as Sqrt(Cast(Slice(Shape(q))))), so that patterns see constants where the values are
+    known: `fold_constants` (never grows the model; no result over SHAPE_FOLD_BYTES, so no
+    weight is rewritten), on graphs that read a Shape or Size."""
+    if not any(n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx")
+               for n in model.graph.node):
+        return model, None
+    from onnxpress.passes.cleanup import fold_constants
+
+    def computed(m):
+        return sum(n.op_type != "Constant" for n in m.graph.node)
+
+    before = computed(model)
+    sub = PassContext(target=ctx.target, shapes=ctx.shapes, progress=False)
+    out = fold_constants(model, sub, max_bytes=SHAPE_FOLD_BYTES)     # (may fold in place)
+    folded = before - computed(out)
+    return out, folded if folded or out is not model else None
+
+
 def _constants_second(model) -> None:
     """Put the constant operand of Add/Mul second, so patterns need not try both orders."""
     for node in model.graph:
@@ -154,6 +175,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
                and (f.name in chosen if chosen is not None else (f.default or f.name in extra))]
     nodes_before = len(model.graph.node)
 
+    model, folded = _fold_shape_arithmetic(model, ctx)
     types = _inferred_shapes(model)
     try:
         work = ir.serde.deserialize_model(model)
@@ -183,7 +205,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
         if not fired:
             break
     identities = _eliminate_identities(work)
-    if not counts and not identities and not lifted:
+    if not counts and not identities and not lifted and folded is None:
         # nothing to fuse: hand the model back as it came (no serialization churn)
         ctx.record(fused={}, fusions_fired=0, rounds=rounds, nodes_before=nodes_before,
                    nodes_after=nodes_before, fuse_seconds=round(time.perf_counter() - t0, 3))
@@ -205,7 +227,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
             not any(o.domain == api.MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(api.MS_DOMAIN, 1))
     ctx.record(fused=dict(sorted(counts.items())), fusions_fired=sum(counts.values()),
-               rounds=rounds, constants_scalarized=scalarized, identities_removed=identities,
+               rounds=rounds, shape_arithmetic_folded=folded or 0, constants_scalarized=scalarized, identities_removed=identities,
                nodes_before=nodes_before, nodes_after=len(out.graph.node),
                fuse_seconds=round(time.perf_counter() - t0, 3))
     return adopt(model, out)

@@ -6,6 +6,11 @@
     before: y = Squeeze(Unsqueeze(x, a), a)             after: y = x   (and Unsqueeze(Squeeze))
     before: y = Concat(x)                               after: y = x
     before: y = Concat(Split(x, axis a)..., axis a)     after: y = x   (all outputs, in order)
+    before: Slice(x, i, i+1, a) for every i (unbind)    after: Split(x, a) (one node, same outputs)
+    before: Reshape(Transpose(Reshape(x, [-1,S,d]), [0,2,1]), [..,d,S])   after: Transpose(x, ..)
+
+The last two are how torch's dynamo exporter writes `unbind` and a transpose of a rank-4
+tensor; the fusions downstream (attention) match the forms they become.
 """
 
 from __future__ import annotations
@@ -178,3 +183,97 @@ def split_concat(model) -> int:
     return count
 
 
+
+
+# -- the dynamo exporter's forms of Split and Transpose ----------------------------------------
+def _unit_slice(node, dims) -> tuple[int, int] | None:
+    """(axis, start) of a Slice that takes one index, with constant operands and step 1."""
+    if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+        return None
+    ops = [const(v) if v is not None else None for v in list(node.inputs[1:]) + [None] * 2][:4]
+    starts, ends, axes, steps = ops
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    if (len(node.inputs) > 3 and node.inputs[3] is not None and (axes is None or axes.size != 1)) \
+            or (len(node.inputs) > 4 and node.inputs[4] is not None
+                and (steps is None or int(np.ravel(steps)[0]) != 1)):
+        return None
+    axis = int(np.ravel(axes)[0]) if axes is not None else 0
+    axis %= len(dims)
+    dim = dims[axis]
+    if not isinstance(dim, int) or dim <= 0:
+        return None
+    start = int(np.ravel(starts)[0])
+    start = start + dim if start < 0 else start
+    end = int(np.ravel(ends)[0])
+    end = end + dim if end < 0 else min(end, dim)
+    return (axis, start) if 0 <= start < dim and end == start + 1 else None
+
+
+@fusion("slices_to_split", family="layout", priority=87)
+def slices_to_split(model) -> int:
+    """One-index Slices of x along one axis that take every index -> one Split of x."""
+    from onnxscript import ir
+
+    count = 0
+    for value in list(model.graph.inputs) + [o for n in list(model.graph) for o in n.outputs]:
+        dims = shape(value)
+        if dims is None or not dims or value.const_value is not None:
+            continue
+        taken: dict[int, dict[int, object]] = {}
+        for use in value.uses():
+            node = use.node
+            picked = _unit_slice(node, dims) if use.idx == 0 else None
+            if picked is not None and node.graph is model.graph:
+                taken.setdefault(picked[0], {}).setdefault(picked[1], node)
+        for axis, by_start in taken.items():
+            if len(by_start) < 2 or sorted(by_start) != list(range(dims[axis])):
+                continue
+            sizes = ir.Value(name=f"{value.name}_split_sizes",
+                             const_value=ir.tensor(np.ones(dims[axis], np.int64)))
+            model.graph.register_initializer(sizes)
+            split = ir.Node("", "Split", [value, sizes], attributes=[ir.AttrInt64("axis", axis)],
+                            num_outputs=dims[axis], name=f"{value.name}_unbind")
+            nodes = [by_start[i] for i in range(dims[axis])]
+            ids = {id(n) for n in nodes}
+            model.graph.insert_before(next(n for n in model.graph if id(n) in ids), split)
+            renamed = []
+            for out, node in zip(split.outputs, nodes):
+                old = node.outputs[0]
+                out.name = old.name + "_unbind"
+                out.shape, out.type = old.shape, old.type
+                if old.is_graph_output():
+                    renamed.append((out, old.name))
+                ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+            for node in nodes:
+                model.graph.remove(node, safe=True)
+            for out, name in renamed:
+                out.name = name
+            count += 1
+    return count
+
+
+def _transpose_via_reshape(x, t, out) -> list[int] | None:
+    """The perm of the rank-r Transpose that Reshape(Transpose(Reshape(x, [-1, S, d]),
+    [0, 2, 1]), L + [d, S]) is, for x of static shape L + [S, d]; None when it is not one."""
+    sx, st, so = shape(x), shape(t), shape(out)
+    if sx is None or st is None or so is None or len(sx) < 3 or len(st) != 3:
+        return None
+    if not all(isinstance(d, int) and d > 0 for d in list(sx) + list(st) + list(so)):
+        return None
+    lead, (s_, d) = list(sx[:-2]), sx[-2:]
+    if list(st) != [int(np.prod(lead)), d, s_] or list(so) != lead + [d, s_] or \
+            _perm(t, 3) != [0, 2, 1]:
+        return None
+    r = len(sx)
+    return list(range(r - 2)) + [r - 1, r - 2]
+
+
+fusion("transpose_via_reshape", family="layout", priority=88,
+       pattern=lambda op, x, s1, s2: op.Reshape(
+           op.Transpose(op.Reshape(x, s1, _allow_other_attributes=True), _outputs=["t"]), s2,
+           _allow_other_attributes=True, _outputs=["out"]),
+       condition=lambda ctx, x, t, out, **_: _transpose_via_reshape(x, t, out) is not None,
+       replacement=lambda op, x, t, out, **_: op.Transpose(x, perm=_transpose_via_reshape(x, t, out)),
+       doc="Reshape(Transpose(Reshape(x, [-1,S,d]), [0,2,1]), L+[d,S]) -> Transpose(x) swapping "
+           "the last two axes (torch's dynamo export of k.transpose(-2, -1))")
