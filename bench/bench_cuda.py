@@ -99,11 +99,14 @@ def _compare(expected: dict, actual: dict) -> dict:
     return row
 
 
-def run_cases(out: Path) -> dict:
+def run_cases(out: Path, rounds: int = 1) -> dict:
+    """Load, check and time every case; with rounds > 1, also time all of them again in that
+    many interleaved rounds (alternating order) and add each case's median p50, and for
+    NAME_tuned beside NAME_untuned their ratio."""
     from onnxpress.backends.tvm import load_artifact
 
     spec = json.loads((out / "cases.json").read_text())
-    rows = []
+    rows, loaded = [], {}
     for case in spec["cases"]:
         name = case["case"]
         row = dict(case)
@@ -115,6 +118,7 @@ def run_cases(out: Path) -> dict:
             row.update(_compare(expected, art.run(feeds)))
             bench = art.benchmark(feeds, runs=100, warmup=10)
             row["p50_ms"] = round(bench.p50_ms, 4)
+            loaded[name] = (art, feeds)
             try:
                 row["slowest_kernels"] = art.profile(feeds).slowest(3)
             except Exception as exc:  # the profile is extra information
@@ -123,7 +127,27 @@ def run_cases(out: Path) -> dict:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rows.append(row)
         print(row, flush=True)
+    if rounds > 1:
+        _interleaved(rows, loaded, rounds)
     return {"arch": spec["arch"], "gpu": _gpu_name(), "rows": rows}
+
+
+def _interleaved(rows: list[dict], loaded: dict, rounds: int) -> None:
+    import statistics
+
+    times: dict[str, list[float]] = {name: [] for name in loaded}
+    for r in range(rounds):
+        for name in (list(loaded) if r % 2 == 0 else list(reversed(list(loaded)))):
+            art, feeds = loaded[name]
+            times[name].append(art.benchmark(feeds, runs=200, warmup=20).p50_ms)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for row in rows:
+        name = row["case"]
+        if name in median:
+            row["p50_ms_interleaved_median"] = round(median[name], 4)
+        base = name[:-len("tuned")] + "untuned" if name.endswith("_tuned") else None
+        if base in median and name in median:
+            row["tuned_over_untuned"] = round(median[name] / median[base], 3)
 
 
 def run(quick: bool) -> dict:
@@ -169,11 +193,13 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run: also time every case in this many interleaved rounds (median)")
     args = ap.parse_args(argv)
     if args.phase == "build":
         build_cases(args.dir, args.arch, args.quick)
         return 0
-    result = run_cases(args.dir)
+    result = run_cases(args.dir, args.rounds)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if all("error" not in r for r in result["rows"]) else 1

@@ -3,7 +3,7 @@
     python -m bench.bench_cuda_tune candidates DIR [--arch sm_90] [--quick]  # TVM + nvcc, no GPU
     python -m bench.bench_cuda_tune measure DIR [--json OUT.json]            # GPU, TVM runtime alone
     python -m bench.bench_cuda_tune collect DIR                              # TVM + nvcc, no GPU
-    python -m bench.bench_cuda run DIR/cases [--json OUT.json]               # GPU, TVM runtime alone
+    python -m bench.bench_cuda run DIR/cases --rounds 9 [--json OUT.json]    # GPU, TVM runtime alone
 
 `onnxpress compile --target cuda:sm_XX --tune N` measures with MetaSchedule's local runner, so
 it needs a GPU and TVM's compiler on one machine. The GPU machines lent to this project carry
@@ -256,15 +256,10 @@ def run(quick: bool) -> dict:
                              "python -m bench.bench_cuda_tune measure DIR."}
         measure(work)
         summary = collect(work)
-        result = run_cases(work / "cases")
+        result = run_cases(work / "cases", rounds=9)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = result["rows"]
-    for row in rows:
-        if row["case"].endswith("_tuned"):
-            base = next((r for r in rows if r["case"] == row["case"][:-len("tuned")] + "untuned"), None)
-            if base and base.get("p50_ms") and row.get("p50_ms"):
-                row["tuned_over_untuned"] = round(row["p50_ms"] / base["p50_ms"], 3)
     return {"title": f"CUDA tuning on {result['gpu']}: tuned vs untuned (dlight) builds",
             "rows": rows, "tasks": summary["tasks"],
             "notes": f"{summary['tasks_beating_default']} of {len(summary['tasks'])} tasks beat "
