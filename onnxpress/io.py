@@ -105,9 +105,16 @@ def load(model: ModelLike, *, check: bool = True, load_external_data: bool = Tru
             raise ModelLoadError(f"{path} is empty")
         proto = _parse_bytes(data, str(path))
         if load_external_data and _uses_external_data(proto):
+            missing = sorted({loc for loc in _external_locations(proto)
+                              if not (path.parent / loc).is_file()})
+            if missing:
+                raise ModelLoadError(
+                    f"{path}: its weights are stored in {', '.join(repr(m) for m in missing)}, "
+                    f"which is not beside it in {path.parent}; copy or move the model together "
+                    "with its data file (a model renamed after export still names the old file)")
             try:
                 onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, onnx.checker.ValidationError) as exc:
                 raise ModelLoadError(
                     f"{path}: its external data could not be read ({exc}); keep the data file "
                     "beside the model"
@@ -186,6 +193,12 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
         t.data_location == onnx.TensorProto.EXTERNAL
         for t in onnx.external_data_helper._get_all_tensors(model)
     )
+
+
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    return {e.value for t in onnx.external_data_helper._get_all_tensors(model)
+            if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
 
 
 def save(

@@ -701,8 +701,9 @@ def plain_export(name: str, *, legacy: bool = False, dynamo: bool = False) -> Pa
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if dynamo:
+                    # one file (torch writes weights beside it as .data by default)
                     torch.onnx.export(module, (example,), str(tmp), input_names=["x"],
-                                      output_names=["y"], verbose=False)
+                                      output_names=["y"], verbose=False, external_data=False)
                 else:
                     torch.onnx.export(module, example, str(tmp), input_names=["x"],
                                       output_names=["y"], dynamo=False, **extra)

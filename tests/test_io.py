@@ -52,6 +52,16 @@ def test_external_data_round_trip_keeps_metadata(tmp_path):
     assert not list(tmp_path.glob(".m.onnx.*")), "no temporary files left behind"
 
 
+def test_a_model_moved_without_its_data_file_names_the_missing_file(tmp_path):
+    """torch's dynamo exporter (torch.onnx.export's default) writes m.onnx + m.onnx.data; a
+    model renamed or copied alone still names its old data file: say which, in our words."""
+    ox.save(_model_with_weight(), tmp_path / "m.onnx", external_data=True)
+    (tmp_path / "m.onnx").rename(tmp_path / "renamed.onnx")
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(ModelLoadError, match=r"'m\.onnx\.data', which is not beside it"):
+        ox.load(tmp_path / "renamed.onnx")
+
+
 def test_auto_external_data_over_threshold(tmp_path, monkeypatch):
     import onnxpress.io as io
 
