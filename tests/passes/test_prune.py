@@ -433,3 +433,18 @@ def test_calibrated_passes_run_on_a_plain_export_whose_batch_is_fixed(step, digi
     figures = res.reports[-1].figures
     assert -1.0 <= figures["min_cosine"] < 1.0, figures
     assert figures["rel_l2"] > 0, figures
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_structured_prune_after_fuse_equals_prune_before_it(dynamo):
+    """`fuse` (target ort) writes com.microsoft.FusedConv for Conv+residual Add+Relu; the channel
+    analysis reads it as the Conv and Add it replaced, so `fuse,prune` removes what
+    `prune,fuse` does (it removed nothing: every FusedConv froze its channels)."""
+    path = zoo.plain_export("resnet18", dynamo=dynamo)
+    after = passes.run(str(path), "cleanup,fuse,prune:0.5,structured=true").model
+    before = passes.run(str(path), "cleanup,prune:0.5,structured=true,fuse").model
+    assert any(n.op_type == "FusedConv" for n in after.graph.node)
+    p_after, p_before = stats.model_stats(after).params, stats.model_stats(before).params
+    assert p_after == p_before < 0.3 * stats.model_stats(onnx.load(path)).params, (p_after, p_before)
+    x = {"x": zoo.photo_batch()[:1]}
+    np.testing.assert_allclose(ort.run(after, x)["y"], ort.run(before, x)["y"], rtol=1e-3, atol=1e-3)

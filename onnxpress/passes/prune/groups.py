@@ -56,6 +56,11 @@ SOURCE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # reductions over the channel axis that a normalization reads as statistics (mean, variance, a
 # norm): pruning renormalizes over the kept channels, as LayerNormalization does
 CHANNEL_STATISTICS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceL1"}
+# onnxruntime's contrib ops that `fuse` writes (target ort), read with the same rules as the
+# standard ops they stand for: FusedConv = act(Conv(x, W, B) + Z); the Gelus act element-wise
+# (BiasGelu and FastGelu add a per-channel bias first)
+MS_DOMAIN = "com.microsoft"
+MS_UNARY_OPS = {"Gelu", "QuickGelu", "FastGelu", "BiasGelu"}
 
 
 def const_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -257,6 +262,12 @@ class _Builder:
     def visit(self, node: onnx.NodeProto) -> None:
         op = node.op_type
         tracked = self.tracked_inputs(node)
+        if node.domain == MS_DOMAIN and op == "FusedConv" and not has_subgraphs(node):
+            self.visit_fused_conv(node)
+            return
+        if node.domain == MS_DOMAIN and op in MS_UNARY_OPS and tracked:
+            self.visit_ms_unary(node, tracked)
+            return
         if node.domain not in ("", "ai.onnx") or has_subgraphs(node):
             self.unknown(node)
             return
@@ -413,6 +424,42 @@ class _Builder:
             gid = self.new_group(w.shape[1], node.name)
             self.fixups.append(Fixup(node.name, 1, 1, Layout(1, [(gid, w.shape[1])], 1, 1), "out"))
             self.set_layout(out, Layout(rank - 1, [(gid, w.shape[1])], 1, rank))
+
+    def visit_fused_conv(self, node: onnx.NodeProto) -> None:
+        """com.microsoft.FusedConv(X, W, B, Z): a Conv source whose sum input Z (a residual)
+        joins the output's channels, as the Add it replaced did."""
+        z = self.layouts.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        if len(node.input) > 3 and node.input[3] and z is None:
+            self.unknown(node, f"FusedConv '{node.name}' with an untracked sum input")
+            return
+        head = onnx.NodeProto()
+        head.CopyFrom(node)
+        del head.input[3:]
+        head.op_type, head.domain = "Conv", ""
+        self.visit_source(head)
+        out = self.layouts.get(node.output[0])
+        if z is None or out is None:
+            return
+        if z.axis != out.axis or z.inner != out.inner or \
+                [n for _, n in z.segments] != [n for _, n in out.segments]:
+            self.freeze(z, f"FusedConv '{node.name}' adds a tensor of another layout")
+            self.freeze(out, f"FusedConv '{node.name}' adds a tensor of another layout")
+            return
+        for (ga, _), (gb, _) in zip(out.segments, z.segments):
+            self.union(ga, gb, f"FusedConv '{node.name}'")
+
+    def visit_ms_unary(self, node: onnx.NodeProto, tracked: list[tuple[int, Layout]]) -> None:
+        index, x = tracked[0]
+        if index != 0 or len(tracked) > 1:
+            self.unknown(node)
+            return
+        if len(node.input) > 1 and node.input[1]:       # BiasGelu / FastGelu: a bias [C]
+            b = self.const(node.input[1])
+            if b is None or b.ndim != 1 or x.axis != x.rank - 1 or b.shape[0] != x.size:
+                self.unknown(node, f"{node.op_type} '{node.name}' with a bias not over the channels")
+                return
+            self.fixups.append(Fixup(node.name, 1, 0, Layout(0, x.segments, x.inner, 1), "param"))
+        self.set_layout(node.output[0], x)
 
     def sink(self, node: onnx.NodeProto, x: Layout, data_axis: int, weight_axis: int) -> None:
         """`node` mixes the channels of its input on `data_axis` through its weight's `weight_axis`."""
