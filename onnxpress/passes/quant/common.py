@@ -441,3 +441,22 @@ def restore_fused_ops(model: onnx.ModelProto, fused: FusedSplit) -> list[tuple[o
     keep = {t.name for t in graph.initializer} - (own - {i for n in nodes for i in n.input})
     replace_graph_nodes(model, graph, nodes, keep=keep)
     return restored
+
+
+def warn_convs_left_float(pass_name: str, model: onnx.ModelProto, figures: dict,
+                          min_weight: int, quantized: int) -> None:
+    """The MatMul/Gemm-only passes (quant_dynamic, quant_int4) on a model whose weight is in its
+    convolutions: record how many convolutions stayed float and say so, with the pass that
+    quantizes them."""
+    inits = {t.name: t for t in model.graph.initializer}
+    convs = sum(1 for n in model.graph.node
+                if n.op_type in ("Conv", "ConvTranspose", "FusedConv") and len(n.input) > 1
+                and n.input[1] in inits and int(np.prod(inits[n.input[1]].dims)) >= min_weight)
+    figures["conv_layers_float"] = convs
+    if convs:
+        import warnings
+
+        warnings.warn(
+            f"{pass_name}: {convs} convolution(s) stayed float ({pass_name} quantizes MatMul/Gemm "
+            f"weights; {quantized} quantized). For convolutions use quant_int8 with calibration "
+            "data (or quant_auto).", stacklevel=3)

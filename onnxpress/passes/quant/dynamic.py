@@ -26,6 +26,7 @@ from onnxpress.passes.quant.common import (
     quantize_gather_tables,
     quantize_weight,
     replace_graph_nodes,
+    warn_convs_left_float,
 )
 from onnxpress.passes.registry import Range, register
 from onnxpress.stats import iter_graphs
@@ -157,5 +158,6 @@ def quant_dynamic(model: onnx.ModelProto, ctx: PassContext, *, per_channel: bool
         from onnxpress.passes.quant.qdq import output_error
 
         figures.update(output_error(original, out, ctx.require_calib(original)))
+    warn_convs_left_float("quant_dynamic", out, figures, min_weight, figures["matmuls_quantized"])
     ctx.record(**figures)
     return out

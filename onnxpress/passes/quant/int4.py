@@ -36,6 +36,7 @@ from onnxpress.passes.quant.common import (
     quantize_gather_tables,
     replace_graph_nodes,
     set_opset,
+    warn_convs_left_float,
 )
 from onnxpress.passes.quant.dynamic import dynamic_quantize, matmul_weight
 from onnxpress.passes.registry import Range, register
@@ -429,5 +430,7 @@ def quant_int4(model: onnx.ModelProto, ctx: PassContext, *,
         from onnxpress.passes.quant.qdq import output_error
 
         figures.update(output_error(original, out, ctx.require_calib(original)))
+    warn_convs_left_float("quant_int4", out, figures, min_weight,
+                          figures["matmuls_int4"] + figures.get("matmuls_int8", 0))
     ctx.record(**figures)
     return out
