@@ -69,7 +69,10 @@ def to_markdown(name: str, result: dict) -> str:
     if result.get("notes"):
         lines += ["", result["notes"]]
     if result.get("seconds") is not None:
-        lines += ["", f"_{result['seconds']:.0f} s; reproduce with `python -m bench --only {name}"
+        # a kept run (NAME_2026-11-28_0914, NAME_xeon) names the benchmark that measured it
+        bench = max((b for b in discover() if name == b or name.startswith(b + "_")), key=len,
+                    default=name)
+        lines += ["", f"_{result['seconds']:.0f} s; reproduce with `python -m bench --only {bench}"
                       f"{' --quick' if result.get('quick') else ''}`_"]
     return "\n".join(lines) + "\n"
 

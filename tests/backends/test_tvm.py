@@ -463,3 +463,28 @@ def test_a_matmul_over_197_tokens_is_padded_to_whole_register_blocks(tmp_path):
     onnx.save(_tokens_matmul(196, 64, 192), tmp_path / "t196.onnx")
     (task,) = tuning_tasks(tmp_path / "t196.onnx", {})[2]
     assert einsum_padding(task.dispatched[0], 8, 8) is None
+
+
+def test_a_classifier_head_gemv_streams_its_weights_unpadded(tmp_path):
+    """mobilenetv3's head, [1, 1024] x [1024, 1000]: padding 1000 columns to 1008 copied the
+    4 MB weight on every call (0.40 ms against onnxruntime's 0.06 on AVX-512). One row is not
+    padded, and its reduction runs outside the channel tiles: one pass over the weights."""
+    from onnxpress.backends.tvm.schedules import _tile_roles, default_schedule, einsum_padding
+
+    path = tmp_path / "head.onnx"
+    onnx.save(_tokens_matmul(1, 1024, 1000), path)
+    _resolved, target, tasks = tuning_tasks(path, {})
+    (task,) = tasks
+    mod = task.dispatched[0]
+    for lanes in (8, 16):
+        assert einsum_padding(mod, lanes, 8) is None
+    sch = default_schedule(mod["main"], target)
+    assert "pad_einsum" not in str(sch.trace)
+    decisions = {(kind, pos): [int(d) for d in sch.trace.decisions[inst]]
+                 for inst, kind, pos in _tile_roles(sch.trace)}
+    cols = decisions[("spatial", 0)]        # [tasks, 1, tiles inside the reduction, vector]
+    assert cols[2] > 1 and cols[0] >= 2 and np.prod(cols) == 1000, cols
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 1, 1024)).astype(np.float32)}
+    art = ox_tvm.compile(path, "x86", output_dir=tmp_path / "a", progress=False)
+    np.testing.assert_allclose(art.run(feeds)["y"], ort.run(str(path), feeds)["y"],
+                               rtol=1e-4, atol=1e-4)
