@@ -459,6 +459,12 @@ def test_a_matmul_over_197_tokens_is_padded_to_whole_register_blocks(tmp_path):
                              progress=False)
         np.testing.assert_allclose(art.run(feeds)["y"], ref, rtol=1e-4, atol=1e-4)
     assert art.manifest["schedules"]["from_db"] == 1
+    # the record is the default schedule itself: one build, labelled so, no end-to-end check
+    assert art.manifest["schedules"]["from_db_not_default"] == 0
+    assert art.manifest["schedules"]["chosen"] == "default"
+    from onnxpress.backends.tvm.artifact import kernels_summary
+
+    assert "defaults themselves" in kernels_summary(art.manifest["schedules"])
     # extents that tile by divisors are left as they are
     onnx.save(_tokens_matmul(196, 64, 192), tmp_path / "t196.onnx")
     (task,) = tuning_tasks(tmp_path / "t196.onnx", {})[2]

@@ -54,6 +54,9 @@ def kernels_summary(schedules: Mapping[str, Any]) -> str:
     """Where an artifact's kernels came from, from its manifest's "schedules" entry ("" when it
     has none). `from_db` counts the tuned build's kernels from the tuning DB; when the end-to-end
     check kept the default build instead, that is what runs, and this says so with both timings."""
+    if schedules.get("chosen") == "default" and schedules.get("from_db_not_default") == 0:
+        return (f"the default schedules (the tuning DB's {schedules.get('from_db', 0)} kernels are "
+                "the defaults themselves: no searched schedule beat them)")
     if schedules.get("chosen") == "default":
         e2e = schedules.get("end_to_end_ms") or {}
         return (f"the default schedules; the build with {schedules.get('from_db', 0)} kernels from "

@@ -227,6 +227,19 @@ def _faster_build(tuned_mod, default_mod, target, specs, rounds: int = 5,
                            "end_to_end_ratio": round(ratio, 4), "chosen": chosen}
 
 
+def _kernels_differing(mod, default_mod) -> int:
+    """Kernels of `mod` whose code is not `default_mod`'s (a tuning database can hold the
+    default schedules themselves: tuning commits them, and confirmation keeps them)."""
+    import tvm
+    import tvm_ffi
+
+    names = {gv.name_hint for gv in default_mod.functions}
+    return sum(1 for gv, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc)
+               and (gv.name_hint not in names
+                    or not tvm_ffi.structural_equal(f, default_mod[gv.name_hint])))
+
+
 def _count_scheduled(mod) -> int:
     import tvm
 
@@ -479,12 +492,18 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
         schedule_info.update(info)
         build_mod = fused
         timings["schedule_s"] = time.perf_counter() - t0
-        if schedule_info["from_db"] and not resolved.cross and not rpc:
-            t0 = time.perf_counter()
-            prebuilt, pick = _faster_build(fused, apply_default_schedules(untuned, tvm_target)[0],
-                                           tvm_target, specs)
-            schedule_info.update(pick)
-            timings["check_s"] = time.perf_counter() - t0
+        if schedule_info["from_db"]:
+            default_mod = apply_default_schedules(untuned, tvm_target)[0]
+            schedule_info["from_db_not_default"] = _kernels_differing(fused, default_mod)
+            if not schedule_info["from_db_not_default"]:
+                # every kernel the database gave is the default schedule: one build, no check
+                schedule_info.update(chosen="default", end_to_end_check=(
+                    "skipped: the database's kernels are the default schedules"))
+            elif not resolved.cross and not rpc:
+                t0 = time.perf_counter()
+                prebuilt, pick = _faster_build(fused, default_mod, tvm_target, specs)
+                schedule_info.update(pick)
+                timings["check_s"] = time.perf_counter() - t0
     else:
         runner = None
         if tune_trials and tune_trials > 0:
