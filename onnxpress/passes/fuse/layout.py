@@ -229,7 +229,7 @@ def slices_to_split(model) -> int:
         for axis, by_start in taken.items():
             if len(by_start) < 2 or sorted(by_start) != list(range(dims[axis])):
                 continue
-            sizes = ir.Value(name=f"{value.name}_split_sizes",
+            sizes = ir.Value(name=f"{value.name}_split{axis}_sizes",
                              const_value=ir.tensor(np.ones(dims[axis], np.int64)))
             model.graph.register_initializer(sizes)
             split = ir.Node("", "Split", [value, sizes], attributes=[ir.AttrInt64("axis", axis)],
