@@ -438,15 +438,8 @@ class _Builder:
         head.op_type, head.domain = "Conv", ""
         self.visit_source(head)
         out = self.layouts.get(node.output[0])
-        if z is None or out is None:
-            return
-        if z.axis != out.axis or z.inner != out.inner or \
-                [n for _, n in z.segments] != [n for _, n in out.segments]:
-            self.freeze(z, f"FusedConv '{node.name}' adds a tensor of another layout")
-            self.freeze(out, f"FusedConv '{node.name}' adds a tensor of another layout")
-            return
-        for (ga, _), (gb, _) in zip(out.segments, z.segments):
-            self.union(ga, gb, f"FusedConv '{node.name}'")
+        if z is not None and out is not None:
+            self.join(out, z, f"FusedConv '{node.name}'")
 
     def visit_ms_unary(self, node: onnx.NodeProto, tracked: list[tuple[int, Layout]]) -> None:
         index, x = tracked[0]
@@ -460,6 +453,20 @@ class _Builder:
                 return
             self.fixups.append(Fixup(node.name, 1, 0, Layout(0, x.segments, x.inner, 1), "param"))
         self.set_layout(node.output[0], x)
+
+    def join(self, ref: Layout, lay: Layout, where: str) -> None:
+        """The channels of `lay` meet those of `ref` element-wise at `where` (an Add, a Mul, a
+        FusedConv's sum): their groups become one, or both freeze when they do not line up."""
+        if lay.rank - lay.axis != ref.rank - ref.axis or lay.inner != ref.inner:
+            why = f"{where} combines channels on different axes"
+        elif [s for _, s in lay.segments] != [s for _, s in ref.segments]:
+            why = f"{where} combines different layouts"
+        else:
+            for (ga, _), (gb, _) in zip(ref.segments, lay.segments):
+                self.union(ga, gb, where)
+            return
+        self.freeze(lay, why)
+        self.freeze(ref, why)
 
     def sink(self, node: onnx.NodeProto, x: Layout, data_axis: int, weight_axis: int) -> None:
         """`node` mixes the channels of its input on `data_axis` through its weight's `weight_axis`."""
@@ -486,16 +493,7 @@ class _Builder:
         from_end = ref.rank - ref.axis
         for i, name, lay, dims, c, rank in layouts:
             if lay is not None:
-                if lay.rank - lay.axis != from_end or lay.inner != ref.inner:
-                    self.freeze(lay, f"{node.op_type} '{node.name}' combines channels on different axes")
-                    self.freeze(ref, f"{node.op_type} '{node.name}' combines channels on different axes")
-                    continue
-                if [s for _, s in lay.segments] != [s for _, s in ref.segments]:
-                    self.freeze(lay, f"{node.op_type} '{node.name}' combines different layouts")
-                    self.freeze(ref, f"{node.op_type} '{node.name}' combines different layouts")
-                    continue
-                for (ga, _), (gb, _) in zip(ref.segments, lay.segments):
-                    self.union(ga, gb, f"{node.op_type} '{node.name}'")
+                self.join(ref, lay, f"{node.op_type} '{node.name}'")
                 continue
             if rank is None:
                 self.freeze(ref, f"{node.op_type} '{node.name}': input '{name}' of unknown rank")
