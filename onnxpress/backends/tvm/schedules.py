@@ -482,6 +482,8 @@ def default_schedule(func, target, *, lanes: int | None = None, rows: int | None
             sch.pad_einsum(sch.get_sblock(padding[0]), padding[1])
         return sch
 
+    cores = int(target.attrs.get("num-cores", 2) or 2)
+
     # the design space of the padded function: its trace replays onto start()
     ctx = tune_context(start().mod, target, cpu_space_generator(), rand_state=1)
     spaces = ctx.generate_design_space()
@@ -495,15 +497,14 @@ def default_schedule(func, target, *, lanes: int | None = None, rows: int | None
         reduce_outer = reduce_outer_schedule(mod, isa.lanes)
         if reduce_outer is not None:
             return reduce_outer
-        narrow = narrow_injective_schedule(mod, int(target.attrs.get("num-cores", 2) or 2))
+        narrow = narrow_injective_schedule(mod, cores)
         if narrow is not None:
             return narrow
         rowwise = rowwise_schedule(mod, isa.lanes)
         if rowwise is not None:
             return rowwise
     sch = start()
-    gemv: list = []                 # [True] once the rows decision saw a single row
-    cores = int(target.attrs.get("num-cores", 2) or 2)
+    single_row = [False]            # the rows decision saw one row (a GEMV)
     planned_cols: list = []         # [channels seen by the rows decision, channel tile chosen]
     planned_rows: list = []         # [width seen by the height decision, rows of the width]
     height_rows = max_vectors > 1 and weights_shared_across_height(mod)
@@ -537,7 +538,7 @@ def default_schedule(func, target, *, lanes: int | None = None, rows: int | None
                         return [1, extent // rh, rh, 1]
                     return [extent // rh, 1, rh, 1]
             if pos == 1:
-                gemv[:] = [extent == 1]
+                single_row[0] = extent == 1
                 # the rows of the register block, chosen with the channels (the next loop) in view
                 if planned_rows and planned_rows[0] == extent:
                     r = planned_rows[1]
@@ -554,7 +555,7 @@ def default_schedule(func, target, *, lanes: int | None = None, rows: int | None
                 else:
                     c = register_tile(isa, None, extent, max_vectors=max_vectors)[1]
                 planned_cols.clear()
-                if gemv and gemv[0]:
+                if single_row[0]:
                     # one row (a classifier head's GEMV): the reduction runs outside the channel
                     # tiles, so each task streams whole weight rows once into its accumulators
                     tasks = _parallel_tasks(extent // c, cores)
