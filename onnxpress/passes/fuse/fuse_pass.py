@@ -92,7 +92,8 @@ def _attach_shapes(work, types: dict[str, onnx.TypeProto]) -> None:
                                     (d.dim_param or None) for d in tt.shape.dim])
 
 
-def _fold_shape_arithmetic(model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, int | None]:
+def _fold_shape_arithmetic(model: onnx.ModelProto,
+                           ctx: PassContext) -> tuple[onnx.ModelProto, int | None]:
     """Fold what exports compute from static shapes (a plain torch export computes attention's
     scale as Sqrt(Cast(Slice(Shape(q))))), so that patterns see constants where the values are
     known: `fold_constants` (never grows the model; no result over SHAPE_FOLD_BYTES, so no
@@ -227,7 +228,8 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, *, disable: list[str] = (),
             not any(o.domain == api.MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(api.MS_DOMAIN, 1))
     ctx.record(fused=dict(sorted(counts.items())), fusions_fired=sum(counts.values()),
-               rounds=rounds, shape_arithmetic_folded=folded or 0, constants_scalarized=scalarized, identities_removed=identities,
+               rounds=rounds, shape_arithmetic_folded=folded or 0,
+               constants_scalarized=scalarized, identities_removed=identities,
                nodes_before=nodes_before, nodes_after=len(out.graph.node),
                fuse_seconds=round(time.perf_counter() - t0, 3))
     return adopt(model, out)

@@ -183,20 +183,17 @@ def split_concat(model) -> int:
     return count
 
 
-
-
 # -- the dynamo exporter's forms of Split and Transpose ----------------------------------------
 def _unit_slice(node, dims) -> tuple[int, int] | None:
     """(axis, start) of a Slice that takes one index, with constant operands and step 1."""
     if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
         return None
-    ops = [const(v) if v is not None else None for v in list(node.inputs[1:]) + [None] * 2][:4]
-    starts, ends, axes, steps = ops
+    given = (list(node.inputs[1:]) + [None, None])[:4]       # starts, ends, axes, steps
+    starts, ends, axes, steps = (const(v) if v is not None else None for v in given)
     if starts is None or ends is None or starts.size != 1 or ends.size != 1:
         return None
-    if (len(node.inputs) > 3 and node.inputs[3] is not None and (axes is None or axes.size != 1)) \
-            or (len(node.inputs) > 4 and node.inputs[4] is not None
-                and (steps is None or int(np.ravel(steps)[0]) != 1)):
+    if (given[2] is not None and (axes is None or axes.size != 1)) \
+            or (given[3] is not None and (steps is None or int(np.ravel(steps)[0]) != 1)):
         return None
     axis = int(np.ravel(axes)[0]) if axes is not None else 0
     axis %= len(dims)
