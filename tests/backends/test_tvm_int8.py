@@ -593,6 +593,27 @@ def test_quant_int8_for_tvm_picks_the_weight_range_the_dot_product_needs(tmp_pat
     assert check.ok, check
 
 
+def test_weights_with_a_zero_point_get_integer_kernels_once_centred(tmp_path):
+    """onnxruntime's GEMM form of an int8 conv (quant_int8:conv_kernel=gemm: weights - 1, zero
+    point -1) still lowers to TVM's integer kernels: the weights minus their zero point fit
+    int8, and the kernels take them centred. Before, any nonzero weight zero point sent the
+    layer to float."""
+    from onnxpress import passes, zoo
+    from onnxpress.passes.quant.conv_kernels import candidates
+
+    if int8_isa(resolve_target("x86").tvm_target()) is None:
+        pytest.skip("no x86 int8 dot-product ISA here")
+    model = onnx.load(zoo.plain_export("digits_cnn"))
+    calib = [{"x": b["input"][i:i + 1]} for b in zoo.digits_calib(16, 16) for i in range(16)]
+    res = passes.run(model, "quant_int8:conv_kernel=gemm", calib=calib, target="tvm")
+    assert res.reports[-1].figures["conv_kernels_gemm"] >= 2 and not candidates(res.model)
+    art = ox_tvm.compile(res.model, target="x86", output_dir=tmp_path / "art", progress=False)
+    integer = art.manifest["integer"]
+    assert integer["int8_kernels"] >= 4 and integer["float"] == 0, integer
+    check = art.verify(res.model, calib[0])
+    assert check.ok, check
+
+
 def test_latency_aware_quant_times_tvm_builds_for_a_tvm_target():
     """quant_int8:tvm_timing=true decides what stays int8 by timing TVM builds (integer kernels
     included), not onnxruntime: the figures say so, and the model it returns is never slower

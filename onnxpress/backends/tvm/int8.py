@@ -140,6 +140,24 @@ def _dq_activation(gr: _Graph, tensor: str):
     return (n.input[0], qp) if qp is not None else None
 
 
+def _zero_centred(q: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray | None:
+    """The integer weights with their zero point subtracted, when that is exact in 8 bits (the
+    kernels take zero point 0): q itself for zero point 0; q - zp as int8 for others, e.g.
+    onnxruntime's GEMM form (weights - 1, zero point -1) or uint8 weights around 128; None when
+    the difference does not fit int8."""
+    if not np.any(zp != 0):
+        return q
+    z = zp.astype(np.int16)
+    if z.size > 1:
+        shape = [1] * q.ndim
+        shape[axis % q.ndim] = z.size
+        z = z.reshape(shape)
+    d = q.astype(np.int16) - z
+    if d.min() < -128 or d.max() > 127:
+        return None
+    return d.astype(np.int8)
+
+
 def _dq_const(gr: _Graph, tensor: str):
     """(integer array, float32 scale array, zero point array, axis) when `tensor` =
     DequantizeLinear(constant)."""
@@ -279,8 +297,9 @@ class _Rewriter:
         wq, ws, wz, axis = w
         if wq.dtype.type not in INT_TYPES:
             return f"weight is {wq.dtype}, not 8-bit"
-        if np.any(wz != 0):
-            return "weight zero point is not 0"
+        wq = _zero_centred(wq, wz, axis)
+        if wq is None:
+            return "weight zero point is not 0 (and the weights minus it do not fit int8)"
         bias = None
         if len(node.input) > 2 and node.input[2]:
             bias = self._bias(node.input[2])
@@ -514,8 +533,12 @@ class _Rewriter:
         if w not in c:
             return "weight is not a constant"
         wq = c[w]
-        if wz and (wz not in c or np.any(c[wz] != 0)):
-            return "weight zero point is not 0"
+        if wz and wz not in c:
+            return "weight zero point is not a constant"
+        if wz:
+            wq = _zero_centred(wq, c[wz], 0 if op in ("QLinearConv", "ConvInteger") else 1)
+            if wq is None:
+                return "weight zero point is not 0 (and the weights minus it do not fit int8)"
         if op in ("QLinearConv", "ConvInteger"):
             n_out = wq.shape[0]
         else:
