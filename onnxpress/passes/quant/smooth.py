@@ -366,6 +366,7 @@ class _IntLayer:
     w_axis: int
     float_node: onnx.NodeProto
     q_domain: str = ""            # com.microsoft for 16-bit Q/DQ on older opsets
+    w_zero: str = ""              # the weight's zero point, when it has one (the GEMM form: -1)
 
 
 def _integer_layers(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> list[_IntLayer]:
@@ -385,6 +386,7 @@ def _integer_layers(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> l
             continue
         if n.op_type == "MatMulIntegerToFloat":
             xq, wq, xs, ws, xz = n.input[0], n.input[1], n.input[2], n.input[3], n.input[4]
+            wz = n.input[5] if len(n.input) > 5 else ""
             axis = 1
         elif n.op_type == f.op_type:
             dx, dw = producer.get(n.input[0]), producer.get(n.input[1])
@@ -393,6 +395,7 @@ def _integer_layers(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> l
                 continue
             xq, xs, xz = dx.input[0], dx.input[1], dx.input[2] if len(dx.input) > 2 else ""
             wq, ws = dw.input[0], dw.input[1]
+            wz = dw.input[2] if len(dw.input) > 2 else ""
             axis = _attr(dw, "axis", 1)
         else:
             continue
@@ -402,7 +405,8 @@ def _integer_layers(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> l
         x = next((t for t in [q.input[0]] + dq_of.get(xq, []) if t in float_tensors), None)
         if x is None:
             continue
-        out.append(_IntLayer(n, x, xs, xz, wq, ws, axis, f, q.domain))
+        out.append(_IntLayer(n, x, xs, xz, wq, ws, axis, f, q.domain,
+                             wz if wz in qinits else ""))
     return out
 
 
@@ -470,7 +474,7 @@ def correct_biases(reference: onnx.ModelProto, quantized: onnx.ModelProto, ctx, 
     for k, (lay, _) in enumerate(targets):
         f = lay.float_node
         p = f"bias_correction_{k}"
-        for src in (lay.x_scale, lay.x_zero, lay.w_q, lay.w_scale):
+        for src in (lay.x_scale, lay.x_zero, lay.w_q, lay.w_scale) + ((lay.w_zero,) * bool(lay.w_zero)):
             t = onnx.TensorProto()
             t.CopyFrom(qinits[src])
             t.name = f"{p}_{src}"
@@ -482,8 +486,8 @@ def correct_biases(reference: onnx.ModelProto, quantized: onnx.ModelProto, ctx, 
                              [xq], domain=lay.q_domain),
             helper.make_node("DequantizeLinear", [xq, f"{p}_{lay.x_scale}", f"{p}_{lay.x_zero}"],
                              [xd], domain=lay.q_domain),
-            helper.make_node("DequantizeLinear", [f"{p}_{lay.w_q}", f"{p}_{lay.w_scale}"], [wd],
-                             axis=lay.w_axis),
+            helper.make_node("DequantizeLinear", [f"{p}_{lay.w_q}", f"{p}_{lay.w_scale}"]
+                             + [f"{p}_{lay.w_zero}"] * bool(lay.w_zero), [wd], axis=lay.w_axis),
         ]
         attrs = [a for a in f.attribute if f.op_type != "Gemm" or a.name != "beta"]
         for inputs, y in (([lay.x, f.input[1]], yf), ([xd, wd], yq)):
