@@ -270,6 +270,7 @@ def quant_auto(
     max_batches: Annotated[int, Range(1)] = 4,
     latency_aware: bool = True,
     outliers: bool = True,
+    conv_kernel: Literal["auto", "symmetric", "gemm"] = "auto",
 ) -> onnx.ModelProto:
     """Mixed precision: per-layer sensitivity on calibration data, cheapest precisions in budget.
 
@@ -286,6 +287,8 @@ def quant_auto(
     precisions limits the candidates (e.g. int8+fp32). The sensitivity table is in the report.
     outliers: try SmoothQuant (before the sensitivity) and bias correction (on the result), and
     keep each only when it improves the metric on the evaluation batches (smooth.py).
+    conv_kernel: onnxruntime's kernel for each int8 conv, as in quant_int8 (conv_kernels.py;
+    auto measures with latency_aware and objective latency).
     """
     from onnxpress.backends import ort as _ort  # noqa: F401  (fail early if missing)
     from onnxpress.passes.quant.common import restore_fused_ops, split_fused_ops
@@ -404,7 +407,11 @@ def quant_auto(
                     outlier_figures["smooth"] = "off (the result without it was as good)"
     model, stats, layers, table = found["model"], found["stats"], found["layers"], found["table"]
     assign, degradation, out = found["assign"], found["degradation"], found["out"]
-    figures: dict[str, Any] = {}
+    from onnxpress.passes.quant.conv_kernels import apply_choice, gemm_layers
+
+    # onnxruntime's kernel for each int8 conv, before the mix is timed against float
+    out, figures = apply_choice(out, conv_kernel, batches[0], measure=latency_aware and (
+        objective == "latency") and ctx.for_onnxruntime)
     if latency_aware and objective == "latency" and ctx.for_onnxruntime:
         from onnxpress.passes.quant.latency import relative_costs
 
@@ -420,6 +427,9 @@ def quant_auto(
                                    int4_options=int4_options, embeddings=embeddings)
             figures["latency_decision"] = ("int8 slower than fp32 on onnxruntime: int8 and w8a16 "
                                            "layers kept fp32")
+            if "conv_kernels_gemm" in figures:
+                figures["conv_kernels_gemm_layers"] = gemm_layers(out)
+                figures["conv_kernels_gemm"] = len(figures["conv_kernels_gemm_layers"])
             # the figures describe the model returned, not the mix that was turned down
             figures["speedup_of_the_int8_mix"] = figures["speedup"]
             degradation = scorer(out)

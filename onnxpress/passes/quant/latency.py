@@ -121,8 +121,8 @@ def tvm_relative_costs(models: list[onnx.ModelProto], feeds: dict, *, compiled: 
 
 def choose_fastest(original: onnx.ModelProto, quantized: onnx.ModelProto, stats,
                    kwargs: dict[str, Any], calib, ctx, *, margin: float = 0.95,
-                   floor_ms: float = 1.0, threads: int = 2, on_tvm: bool = False
-                   ) -> tuple[onnx.ModelProto, dict]:
+                   floor_ms: float = 1.0, threads: int = 2, on_tvm: bool = False,
+                   post=None) -> tuple[onnx.ModelProto, dict]:
     """Compare the quantized model with float on onnxruntime (on_tvm: on TVM builds for this
     CPU); when it does not pay, drop op groups greedily (the one whose removal helps most first)
     until it does, or give back the float model. Models faster than `floor_ms` in float keep
@@ -132,7 +132,9 @@ def choose_fastest(original: onnx.ModelProto, quantized: onnx.ModelProto, stats,
     several noisy measurements is the one noise favoured most, so its own figure is biased
     (a mobilenetv3 export kept 1 int8 layer of 54 on a 0.92x "gain" and ran 0.88x in the
     benchmark). It is kept only if the second measurement also beats float by `margin`, and
-    the speed-up reported is that measurement's."""
+    the speed-up reported is that measurement's. `post` (model -> model) finishes each
+    candidate the search quantizes again as `quantized` was finished (conv_kernels.py's choice
+    of onnxruntime's conv kernel), so that int8 is timed with the kernels it will run."""
     import tempfile
 
     if on_tvm:
@@ -141,15 +143,20 @@ def choose_fastest(original: onnx.ModelProto, quantized: onnx.ModelProto, stats,
             return _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads,
                            lambda models, feeds, threads: tvm_relative_costs(
                                models, feeds, threads=threads, compiled=cache, work=work),
-                           "TVM (x86, untuned)")
+                           "TVM (x86, untuned)", post)
     return _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads,
                    lambda models, feeds, threads: relative_costs(models, feeds, threads=threads),
-                   "onnxruntime")
+                   "onnxruntime", post)
 
 
 def _choose(original, quantized, stats, kwargs, calib, margin, floor_ms, threads, costs_of,
-            runtime) -> tuple[onnx.ModelProto, dict]:
-    from onnxpress.passes.quant.qdq import COMPUTE, quantize_static
+            runtime, post) -> tuple[onnx.ModelProto, dict]:
+    from onnxpress.passes.quant import qdq
+    from onnxpress.passes.quant.qdq import COMPUTE
+
+    def quantize_static(model, stats, **options):
+        m, figures = qdq.quantize_static(model, stats, **options)
+        return (post(m) if post else m), figures
 
     feeds = calib.first()
     consts = {t.name: t for t in original.graph.initializer}

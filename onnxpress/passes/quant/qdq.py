@@ -643,6 +643,7 @@ def quant_int8(
     tvm_timing: bool = False,
     smooth: str | float = "off",
     bias_correction: bool = False,
+    conv_kernel: Literal["auto", "symmetric", "gemm"] = "auto",
 ) -> onnx.ModelProto:
     """Static int8 QDQ quantization from calibration data (integer kernels on onnxruntime).
 
@@ -664,6 +665,10 @@ def quant_int8(
     channels of MatMul/Gemm inputs are divided by s and the weight rows multiplied by s (exact
     in float); auto searches alpha per layer group on calibration rows. bias_correction: each
     integer layer's bias absorbs its mean output shift on the calibration data.
+    conv_kernel (conv_kernels.py): which of onnxruntime's two int8 conv kernels each conv runs,
+    its symmetric indirect conv or its integer GEMM (AMX where the CPU has it), by the weight
+    zero point (0, or -1 with the weights shifted: the same values). auto: each conv profiled
+    in both forms on this machine (latency_aware, target ort), else symmetric; gemm: all.
     """
     fused = split_fused_ops(model)
     if fused:
@@ -698,18 +703,29 @@ def quant_int8(
 
         raise PassOptionError(f"tvm_timing times TVM builds for this CPU: it needs target tvm or "
                               f"x86, not '{ctx.target}'")
+    from onnxpress.passes.quant.conv_kernels import apply_choice, gemm_form_of, gemm_layers
+
+    # onnxruntime's conv kernel per layer first: int8 is then timed against float as it will run
+    out, kernels = apply_choice(out, conv_kernel, calib.first(),
+                                measure=latency_aware and ctx.for_onnxruntime)
+    figures.update(kernels)
+    gemm_keys = set(kernels.get("conv_kernels_gemm_layers", ()))
     if latency_aware and (ctx.for_onnxruntime or on_tvm):
         from onnxpress.passes.quant.latency import choose_fastest
 
         candidate = layer_precisions(out)
         out, timing = choose_fastest(original, out, stats, kwargs, calib, ctx,
-                                    floor_ms=latency_floor_ms, on_tvm=on_tvm)
+                                    floor_ms=latency_floor_ms, on_tvm=on_tvm,
+                                    post=(lambda m: gemm_form_of(m, gemm_keys)) if gemm_keys else None)
         reasons = timing.pop("float_reasons", reasons)
         figures.update(timing)
         where = "TVM" if on_tvm else "onnxruntime"
         for k, v in layer_precisions(out).items():
             if v != "int8" and candidate.get(k) == "int8":
                 reasons[k] = f"slower in int8 on {where} here (latency_aware)"
+    if gemm_keys:              # (the latency choice may have sent some of them back to float)
+        figures["conv_kernels_gemm_layers"] = gemm_layers(out)
+        figures["conv_kernels_gemm"] = len(figures["conv_kernels_gemm_layers"])
     if bias_correction:
         from onnxpress.passes.quant.smooth import correct_biases
 
