@@ -269,9 +269,10 @@ def speed_rows(quick: bool) -> list[dict]:
                          "size_x": round(size_of(variants[v]) / size_of(fp32), 3),
                          "wall_ms_2t": round(wall[k], 2), "speedup_wall": round(wall[0] / wall[k], 2),
                          "cpu_ms_1t": round(cpu[k], 2), "speedup_cpu": round(cpu[0] / cpu[k], 2),
-                         "decision": (res.reports[0].figures.get("latency_decision", "")
-                                      or res.reports[0].figures.get("int8_dropped_groups", ""))
-                         + conv_kernel_note(res.reports[0].figures)
+                         "decision": "; ".join(filter(None, (
+                             res.reports[0].figures.get("latency_decision", "")
+                             or res.reports[0].figures.get("int8_dropped_groups", ""),
+                             conv_kernel_note(res.reports[0].figures))))
                          if v.startswith("onnxpress") else ""})
     return rows
 
@@ -281,7 +282,7 @@ def conv_kernel_note(figures: dict) -> str:
     n = figures.get("conv_kernels_gemm")
     if not n:
         return ""
-    return (f"; {n} of {figures['conv_kernels_eligible']} convs on onnxruntime's integer GEMM "
+    return (f"{n} of {figures['conv_kernels_eligible']} convs on onnxruntime's integer GEMM "
             f"(conv_kernel=auto)")
 
 
@@ -310,8 +311,8 @@ def plain_export_rows(quick: bool) -> list[dict]:
             res = passes.run(fp32, spec, calib=calib, progress=False)
             variants[f"onnxpress {spec}"] = res.model
             f = res.reports[-1].figures
-            decisions[f"onnxpress {spec}"] = (f.get("float_why") or "every layer int8") + \
-                conv_kernel_note(f)
+            decisions[f"onnxpress {spec}"] = "; ".join(filter(None, (
+                f.get("float_why") or "every layer int8", conv_kernel_note(f))))
         names = list(variants)
         wall, cpu = latencies([variants[n] for n in names], feeds, quick=quick)
         ref = ort.run(fp32, feeds)["y"]

@@ -57,8 +57,9 @@ def _stamp(data: dict, source: str, extra: str = "") -> str:
             f"`python -m bench --only {source}{mode}`{extra}_")
 
 
-def quant_speed() -> list[str]:
-    data = _load("quant")
+def quant_speed(source: str = "quant") -> list[str]:
+    """The quant bench's speed rows; source quant_xeon: the run kept from the Intel Xeon."""
+    data = _load(source)
     rows = [r for r in data["rows"] if r.get("wall_ms_2t") is not None and r["model"] != "MiniLM"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     out = []
@@ -79,7 +80,8 @@ def quant_speed() -> list[str]:
                         r.get("decision") or ""])
     header = ["model", "pipeline", "fp32 ms", "onnxruntime quantize_static", "NNCF quantize", "onnxpress",
               "int8 layers", "cosine to fp32", "kept float / decision"]
-    return _table(header, out) + ["", _stamp(data, "quant")]
+    return _table(header, out) + ["", _stamp(data, "quant", "" if source == "quant" else
+                                             f" (kept as bench/results/{source}.json)")]
 
 
 def quant_minilm() -> list[str]:
@@ -409,7 +411,8 @@ def quant_int4_kernels() -> list[str]:
 
 
 BLOCKS: dict[str, Callable[[], list[str]]] = {
-    "quant-speed": quant_speed, "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
+    "quant-speed": quant_speed, "quant-speed-xeon": lambda: quant_speed("quant_xeon"),
+    "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
     "distill": distill,
     "quant-digits": quant_digits, "quant-calibration": quant_calibration, "fuse-detail": fuse_detail,
     "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
