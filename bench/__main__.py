@@ -44,9 +44,47 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    from bench.bench_tvm_int8 import cpu_description
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": cpu_description()[1],
+            "sgemm_scaling": sgemm_scaling(), "python": platform.python_version(),
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "numpy": numpy.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def sgemm_scaling(n: int = 1024, runs: int = 12) -> dict:
+    """How much this machine's cores add on compute-bound work: onnxruntime's fp32 MatMul
+    [n x n] x [n x n] in GFLOPS at 1 thread and at every core, best of `runs`, two rounds
+    interleaved. A VM whose vCPUs share physical cores (SMT siblings on the host) scales far
+    below the core count: the 2-core Xeon VM gave 1.32-1.37x, so kernels that keep the FMA
+    units busy (TVM's) gain less from the second thread than onnxruntime's, which do more
+    memory work per FMA. Every table's thread ratios are to be read against this figure."""
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "sgemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+        [numpy_helper.from_array(rng.random((n, n), dtype=np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    feeds = {"x": rng.random((n, n), dtype=np.float32)}
+    cores = os.cpu_count() or 1
+    best = {1: 0.0, cores: 0.0}
+    for _ in range(2):
+        for threads in best:
+            so = onnxruntime.SessionOptions()
+            so.intra_op_num_threads = threads
+            sess = onnxruntime.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            sess.run(None, feeds)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                best[threads] = max(best[threads], 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return {"gflops_1t": round(best[1]), f"gflops_{cores}t": round(best[cores]),
+            "scaling": round(best[cores] / best[1], 2), "threads": cores}
 
 
 def to_markdown(name: str, result: dict) -> str:

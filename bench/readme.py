@@ -52,7 +52,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _stamp(data: dict, source: str, extra: str = "") -> str:
     env = data.get("environment") or {}
     mode = " --quick" if data.get("quick") else ""
-    return (f"_{env.get('cpu', '?')}, {env.get('cores', '?')} cores, onnxruntime "
+    isa = f" ({' '.join(env['isa'])})" if env.get("isa") else ""
+    sc = env.get("sgemm_scaling") or {}
+    scaling = (f" (fp32 GEMM from 1 to {sc['threads']} threads: {sc['scaling']}x)"
+               if sc.get("scaling") else "")
+    return (f"_{env.get('cpu', '?')}{isa}, {env.get('cores', '?')} cores{scaling}, onnxruntime "
             f"{env.get('onnxruntime', '?')}, {env.get('date', '?')}; "
             f"`python -m bench --only {source}{mode}`{extra}_")
 
