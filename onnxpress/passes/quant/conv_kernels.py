@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpress.passes.quant.latency import node_key
+from onnxpress.passes.quant.latency import node_key, timing_session
 
 _NAME = "oxkconv{}"
 _NAME_RE = re.compile(r"^oxkconv(\d+)(?:_|$)")
@@ -134,20 +134,9 @@ def node_times(models: list[onnx.ModelProto], feeds: dict, threads: int, *, roun
                runs: int = 5) -> list[dict[int, float]]:
     """Median kernel time (µs) of each conv named oxkconvN, per model, from onnxruntime's own
     profiler; the models run interleaved so that drift hits them alike."""
-    import onnxruntime
-
     with tempfile.TemporaryDirectory(prefix="onnxpress-convk-") as tmp:
-        sessions = []
-        for k, model in enumerate(models):
-            so = onnxruntime.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.log_severity_level = 3
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(tmp, f"m{k}")
-            so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sessions.append(onnxruntime.InferenceSession(
-                model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]))
+        sessions = [timing_session(model, threads, os.path.join(tmp, f"m{k}"))
+                    for k, model in enumerate(models)]
         for s in sessions:
             for _ in range(2):
                 s.run(None, feeds)

@@ -37,7 +37,9 @@ def node_key(node: onnx.NodeProto) -> str:
     return node.name or "weight:" + (node.input[1] if len(node.input) > 1 else node.input[0])
 
 
-def _session(model: onnx.ModelProto, threads: int):
+def timing_session(model: onnx.ModelProto, threads: int, profile_prefix: str | None = None):
+    """An onnxruntime CPU session for timing; with profile_prefix, onnxruntime's own profiler on
+    (per-node kernel times, conv_kernels.py)."""
     import onnxruntime
 
     from onnxpress.backends import ort
@@ -49,6 +51,9 @@ def _session(model: onnx.ModelProto, threads: int):
     # no spin-waiting: CPU time then counts work, not waiting
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     del ort
     return onnxruntime.InferenceSession(model.SerializeToString(), sess_options=so,
                                         providers=["CPUExecutionProvider"])
@@ -72,7 +77,7 @@ def time_models(models: list[onnx.ModelProto], feeds: dict, *, threads: int = 1,
 
     The decision runs single-threaded on CPU time: on a machine shared with other work, wall
     time swings by tens of percent while the CPU time of one inference stays put."""
-    sessions = [_session(m, threads) for m in models]
+    sessions = [timing_session(m, threads) for m in models]
     for s in sessions:
         for _ in range(2):
             s.run(None, feeds)
