@@ -350,3 +350,36 @@ def test_row_reductions_run_in_vector_lanes_where_the_row_is_whole_vectors(shape
     else:
         ref = (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + 1e-5) * data[1] + data[2]
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_softmax_over_rows_of_no_whole_vectors_is_padded_to_whole_vectors(tmp_path):
+    """ViT's 197-token softmax: the row is padded with the lowest float to whole vectors (its
+    exp is 0), so max and sum run in vector lanes, and the padding is sliced off. The kernel is
+    one PrimFunc whose reductions are factored, and the model still matches onnxruntime."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from onnxpress.backends import ort
+    from onnxpress.backends import tvm as ox_tvm
+    from onnxpress.backends.tvm.compiler import lower_to_fused
+    from onnxpress.backends.tvm.frontend import to_relax
+
+    shape = [1, 3, 37, 37]          # 37: no whole number of vectors on any x86 or NEON target
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Softmax", ["xs"], ["y"], axis=-1)],
+        "softmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.125])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    resolved = resolve_target("x86")
+    target = resolved.tvm_target()
+    fused = lower_to_fused(to_relax(model, {"x": {"shape": shape, "dtype": "float32"}}, target=target),
+                           resolved, target)
+    names = [gv.name_hint for gv in fused.functions]
+    padded = [gv for gv in fused.functions if "fast_softmax_padded" in gv.name_hint]
+    assert padded, names
+    sch = S.default_schedule(fused[padded[0]], target)
+    assert "_rf" in sch.mod["main"].script()
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "a", progress=False)
+    feeds = {"x": 8 * np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    np.testing.assert_allclose(art.run(feeds)["y"], ort.run(model, feeds)["y"], rtol=1e-4, atol=1e-6)

@@ -786,9 +786,10 @@ def rowwise_schedule(mod, lanes: int):
     A scalar reduction is one dependent chain, one add per 4 cycles (the add's latency): at 1
     thread ViT-tiny's layer norms [197 x 192] took 2.6 ms of its 30 against onnxruntime's 1.1, and
     MiniLM's softmax [12 x 128 x 128] 0.51 ms a call, 0.14 with the lanes. Rows that are no whole
-    number of vectors (ViT's 197-wide softmax) keep the scalar chain: TVM 0.27's rfactor of an
-    imperfect split dropped the split's bound (reads past the row). None when the function does
-    not have that shape."""
+    number of vectors keep the scalar chain: TVM 0.27's rfactor of an imperfect split dropped
+    the split's bound (reads past the row). A softmax over such rows (ViT's 197 tokens) is padded
+    to whole vectors before it gets here (compiler._softmax_in_whole_vectors). None when the
+    function does not have that shape."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(mod)
