@@ -203,8 +203,9 @@ def tvm() -> list[str]:
     return _table(header, out) + ["", _stamp(data, "tvm")]
 
 
-def tvm_int8() -> list[str]:
-    data = _load("tvm_int8")
+def tvm_int8(source: str = "tvm_int8") -> list[str]:
+    """The tvm_int8 bench's rows; source tvm_int8_xeon: the run kept from the Intel Xeon."""
+    data = _load(source)
     out = []
     for r in data["rows"]:
         acc = ""
@@ -219,7 +220,8 @@ def tvm_int8() -> list[str]:
                    "TVM int8 speed-up over TVM fp32", "TVM int8 / ORT int8 latency",
                    "integer kernels / 8-bit io / float",
                    "vs ORT's reference: one-step share (max steps); same top-1",
-                   "task accuracy TVM / ORT int8", "dot instructions"], out) + ["", _stamp(data, "tvm_int8")]
+                   "task accuracy TVM / ORT int8", "dot instructions"], out) + [
+        "", _stamp(data, "tvm_int8", "" if source == "tvm_int8" else f" (kept as bench/results/{source}.json)")]
 
 
 def _exactness(r: dict) -> str:
@@ -419,7 +421,8 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "quant-minilm": quant_minilm, "fuse": fuse, "prune": prune,
     "distill": distill,
     "quant-digits": quant_digits, "quant-calibration": quant_calibration, "fuse-detail": fuse_detail,
-    "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8, "cuda": cuda, "scale": scale,
+    "memory": memory, "tvm": tvm, "tvm-int8": tvm_int8,
+    "tvm-int8-xeon": lambda: tvm_int8("tvm_int8_xeon"), "cuda": cuda, "scale": scale,
     "tvm-schedules": tvm_schedules, "remote-cpu": remote_cpu,
     "remote-cpu-onnxruntime": remote_cpu_onnxruntime,
     "quant-outliers": quant_outliers,
