@@ -407,12 +407,12 @@ def quant_auto(
                     outlier_figures["smooth"] = "off (the result without it was as good)"
     model, stats, layers, table = found["model"], found["stats"], found["layers"], found["table"]
     assign, degradation, out = found["assign"], found["degradation"], found["out"]
-    from onnxpress.passes.quant.conv_kernels import apply_choice, gemm_layers
+    from onnxpress.passes.quant.conv_kernels import apply_choice, gemm_figures
 
+    timed = latency_aware and objective == "latency" and ctx.for_onnxruntime
     # onnxruntime's kernel for each int8 conv, before the mix is timed against float
-    out, figures = apply_choice(out, conv_kernel, batches[0], measure=latency_aware and (
-        objective == "latency") and ctx.for_onnxruntime)
-    if latency_aware and objective == "latency" and ctx.for_onnxruntime:
+    out, figures = apply_choice(out, conv_kernel, batches[0], measure=timed)
+    if timed:
         from onnxpress.passes.quant.latency import relative_costs
 
         cost, (cpu_fp, wall_fp) = relative_costs([model, out], batches[0])
@@ -428,8 +428,7 @@ def quant_auto(
             figures["latency_decision"] = ("int8 slower than fp32 on onnxruntime: int8 and w8a16 "
                                            "layers kept fp32")
             if "conv_kernels_gemm" in figures:
-                figures["conv_kernels_gemm_layers"] = gemm_layers(out)
-                figures["conv_kernels_gemm"] = len(figures["conv_kernels_gemm_layers"])
+                figures.update(gemm_figures(out))
             # the figures describe the model returned, not the mix that was turned down
             figures["speedup_of_the_int8_mix"] = figures["speedup"]
             degradation = scorer(out)

@@ -33,25 +33,27 @@ _NAME = "oxkconv{}"
 _NAME_RE = re.compile(r"^oxkconv(\d+)(?:_|$)")
 
 
-def candidates(model: onnx.ModelProto) -> list[int]:
-    """Indices of the Convs (main graph) whose weight is DequantizeLinear(int8 constant) with a
-    zero point of 0 and no value at -128: those can take the GEMM form unchanged in value."""
+def _weight_dqs(model: onnx.ModelProto):
+    """(index, conv, its weight's DequantizeLinear, weight initializer, zero point initializer)
+    for each main-graph Conv whose weight is DequantizeLinear(initializer, scale, initializer
+    zero point) with int8 weights and zero point."""
     inits = {t.name: t for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
-    out = []
     for i, n in enumerate(model.graph.node):
-        if n.op_type != "Conv" or len(n.input) < 2:
-            continue
-        dq = producer.get(n.input[1])
+        dq = producer.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
             continue
         w, zp = inits.get(dq.input[0]), inits.get(dq.input[2])
-        if w is None or zp is None or w.data_type != onnx.TensorProto.INT8:
-            continue
-        if np.any(numpy_helper.to_array(zp) != 0) or numpy_helper.to_array(w).min() < -127:
-            continue
-        out.append(i)
-    return out
+        if w is not None and zp is not None and w.data_type == onnx.TensorProto.INT8 \
+                and zp.data_type == onnx.TensorProto.INT8:
+            yield i, n, dq, w, zp
+
+
+def candidates(model: onnx.ModelProto) -> list[int]:
+    """Indices of the Convs (main graph) whose weight is DequantizeLinear(int8 constant) with a
+    zero point of 0 and no value at -128: those can take the GEMM form unchanged in value."""
+    return [i for i, _, _, w, zp in _weight_dqs(model)
+            if not np.any(numpy_helper.to_array(zp) != 0) and numpy_helper.to_array(w).min() >= -127]
 
 
 def to_gemm_form(model: onnx.ModelProto, convs: list[int]) -> onnx.ModelProto:
@@ -85,9 +87,10 @@ def to_gemm_form(model: onnx.ModelProto, convs: list[int]) -> onnx.ModelProto:
         nodes.append(n)
         if n.op_type == "DequantizeLinear" and n.output[0] in twins:
             nodes.append(twins[n.output[0]])
+    replaced = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in twins]
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    _drop_unused(m)
+    _drop_replaced(m, replaced)
     return m
 
 
@@ -101,33 +104,32 @@ def gemm_form_of(model: onnx.ModelProto, keys: set[str]) -> onnx.ModelProto:
 def gemm_layers(model: onnx.ModelProto) -> list[str]:
     """node_key of each main-graph Conv that reads int8 weights with zero point -1 (the GEMM
     form): what a model finally holds, after choices that may have returned layers to float."""
-    inits = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    keys = []
-    for n in model.graph.node:
-        dq = producer.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
-            continue
-        zp = inits.get(dq.input[2])
-        if zp is not None and zp.data_type == onnx.TensorProto.INT8 and \
-                np.all(numpy_helper.to_array(zp) == -1):
-            keys.append(node_key(n))
-    return keys
+    return [node_key(n) for _, n, _, _, zp in _weight_dqs(model)
+            if np.all(numpy_helper.to_array(zp) == -1)]
 
 
-def _drop_unused(m: onnx.ModelProto) -> None:
-    """Remove the DequantizeLinear nodes and initializers nothing reads any more (candidates
-    are main-graph convs, so subgraphs never read what is dropped)."""
+def gemm_figures(model: onnx.ModelProto) -> dict:
+    """conv_kernels_gemm(_layers) counted again on the model a pass returns."""
+    layers = gemm_layers(model)
+    return {"conv_kernels_gemm_layers": layers, "conv_kernels_gemm": len(layers)}
+
+
+def _drop_replaced(m: onnx.ModelProto, replaced: list[onnx.NodeProto]) -> None:
+    """Remove the DequantizeLinear nodes that `replaced` names and nothing reads any more, and
+    their initializers that nothing else reads (candidates are main-graph convs, so subgraphs
+    never read them)."""
     used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    keep = [n for n in m.graph.node if n.op_type != "DequantizeLinear" or n.output[0] in used]
-    if len(keep) != len(m.graph.node):
-        del m.graph.node[:]
-        m.graph.node.extend(keep)
-        used = {i for n in m.graph.node for i in n.input}
-    inits = [t for t in m.graph.initializer if t.name in used]
-    if len(inits) != len(m.graph.initializer):
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(inits)
+    gone = {dq.output[0] for dq in replaced if dq.output[0] not in used}
+    if not gone:
+        return
+    keep = [n for n in m.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in gone)]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    dropped = {t for dq in replaced if dq.output[0] in gone for t in dq.input} - used
+    inits = [t for t in m.graph.initializer if t.name not in dropped]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
 
 
 def node_times(models: list[onnx.ModelProto], feeds: dict, threads: int, *, rounds: int = 4,

@@ -703,7 +703,7 @@ def quant_int8(
 
         raise PassOptionError(f"tvm_timing times TVM builds for this CPU: it needs target tvm or "
                               f"x86, not '{ctx.target}'")
-    from onnxpress.passes.quant.conv_kernels import apply_choice, gemm_form_of, gemm_layers
+    from onnxpress.passes.quant.conv_kernels import apply_choice, gemm_figures, gemm_form_of
 
     # onnxruntime's conv kernel per layer first: int8 is then timed against float as it will run
     out, kernels = apply_choice(out, conv_kernel, calib.first(),
@@ -724,8 +724,7 @@ def quant_int8(
             if v != "int8" and candidate.get(k) == "int8":
                 reasons[k] = f"slower in int8 on {where} here (latency_aware)"
     if gemm_keys:              # (the latency choice may have sent some of them back to float)
-        figures["conv_kernels_gemm_layers"] = gemm_layers(out)
-        figures["conv_kernels_gemm"] = len(figures["conv_kernels_gemm_layers"])
+        figures.update(gemm_figures(out))
     if bias_correction:
         from onnxpress.passes.quant.smooth import correct_biases
 
