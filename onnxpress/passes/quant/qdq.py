@@ -479,14 +479,16 @@ def quantize_static(
         ordered = [n for n in ordered
                    if n.op_type != "DequantizeLinear" or n.output[0] in read]
         set_opset(model, "com.microsoft", 1)
-        used = {i for n in ordered for i in n.input}
-        for g in iter_graphs(graph):
-            if g is not graph:
-                used |= {i for n in g.node for i in n.input}
-        stale_w = [t for t in graph.initializer if t.name not in used and t.name in inits
-                   and t.name not in graph_inputs]
-        for t in stale_w:
-            graph.initializer.remove(t)
+    # the float weights and biases that int8 ones replaced (a Conv's bias became int32) are read
+    # by nothing now: they go, or every quantized model carries them as dead bytes
+    used = {i for n in ordered for i in n.input} | graph_outputs
+    for g in iter_graphs(graph):
+        if g is not graph:
+            used |= {i for n in g.node for i in n.input}
+    stale_w = [t for t in graph.initializer if t.name not in used and t.name in inits
+               and t.name not in graph_inputs]
+    for t in stale_w:
+        graph.initializer.remove(t)
     del graph.node[:]
     graph.node.extend(ordered)
     graph.initializer.extend(new_initializers)
