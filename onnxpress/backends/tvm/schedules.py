@@ -421,7 +421,7 @@ def einsum_padding(mod, lanes: int, max_rows: int) -> tuple[str, list[int]] | No
 
     sch = s_tir.Schedule(mod)
     blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    reductions = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in b.iter_vars)]
+    reductions = [b for b in blocks if _is_reduction(b)]
     if len(reductions) != 1:
         return None
     block = reductions[0]
@@ -602,7 +602,7 @@ def reduce_outer_schedule(mod, lanes: int):
     sch = s_tir.Schedule(mod)
     try:
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        reductions = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
+        reductions = [b for b in blocks if _is_reduction(sch.get(b))]
         if len(reductions) != 1:
             return None
         return sch if _reduce_outer(sch, reductions[0], lanes) else None
@@ -629,7 +629,7 @@ def _reduce_outer(sch, main, lanes: int) -> bool:
     for b in sch.get_child_blocks(sch.get_sblock("root")):
         if not any(sch.get(b).same_as(k) for k in known):
             return False
-    if any(any(int(iv.iter_type) == 2 for iv in sch.get(c).iter_vars) for c in consumers):
+    if any(_is_reduction(sch.get(c)) for c in consumers):
         return False
     kinds = [int(iv.iter_type) for iv in sch.get(main).iter_vars]
     loops = sch.get_loops(main)
@@ -672,8 +672,7 @@ def _inline_elementwise_chain(sch, main) -> None:
     consumers that remain write the function's outputs."""
     root = sch.get_sblock("root")
     for b in sch.get_child_blocks(root):
-        if sch.get(b).same_as(sch.get(main)) or \
-                any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars):
+        if sch.get(b).same_as(sch.get(main)) or _is_reduction(sch.get(b)):
             continue
         if not sch.get_consumers(b):
             continue
@@ -719,6 +718,11 @@ def _all_float(block) -> bool:
                for r in list(block.reads) + list(block.writes))
 
 
+def _is_reduction(block) -> bool:
+    """Whether a TIR block (an SBlock, not its RV) has a reduction iterator (CommReduce)."""
+    return any(int(iv.iter_type) == 2 for iv in block.iter_vars)
+
+
 def _vectorize_innermost(sch, block, outer, lanes: int) -> None:
     """Vectorise the innermost loop of an elementwise `block` computed under loop `outer`, in
     chunks of `lanes` where they divide it. Blocks touching non-float tensors stay scalar:
@@ -749,7 +753,7 @@ def narrow_injective_schedule(mod, cores: int = 2):
     sch = s_tir.Schedule(mod)
     try:
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        if any(int(iv.iter_type) == 2 for b in blocks for iv in sch.get(b).iter_vars):
+        if any(_is_reduction(sch.get(b)) for b in blocks):
             return None
         for block in reversed(blocks[:-1]):
             sch.compute_inline(block)
@@ -798,9 +802,7 @@ def rowwise_schedule(mod, lanes: int):
         if len(blocks) < 2:
             return None
         last = blocks[-1]
-        if any(int(iv.iter_type) == 2 for iv in sch.get(last).iter_vars):
-            return None
-        if len(sch.get_loops(last)) < 2:
+        if _is_reduction(sch.get(last)) or len(sch.get_loops(last)) < 2:
             return None
         factored = _factor_row_reductions(sch, blocks[:-1], lanes)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -810,13 +812,10 @@ def rowwise_schedule(mod, lanes: int):
             sch.compute_at(block, rows, preserve_unit_loops=True)
         sch.parallel(rows)
         for block in blocks:
-            if not any(int(iv.iter_type) == 2 for iv in sch.get(block).iter_vars):
-                if sch.get(block).name_hint in factored:
-                    _vectorize_lanes(sch, block, rows, lanes)
-                else:
-                    _vectorize_innermost(sch, block, rows, lanes)
-            elif sch.get(block).name_hint in factored:
+            if sch.get(block).name_hint in factored:      # (partial results: reductions)
                 _vectorize_lanes(sch, block, rows, lanes)
+            elif not _is_reduction(sch.get(block)):
+                _vectorize_innermost(sch, block, rows, lanes)
     except Exception as exc:
         log.debug("row-wise schedule does not apply: %s", exc)
         return None
@@ -829,8 +828,7 @@ def _factor_row_reductions(sch, blocks, lanes: int) -> set[str]:
     made = set()
     for block in blocks:
         b = sch.get(block)
-        if not any(int(iv.iter_type) == 2 for iv in b.iter_vars) or not _all_float(b) \
-                or len(b.writes) != 1:
+        if not _is_reduction(b) or not _all_float(b) or len(b.writes) != 1:
             continue
         inner = sch.get_loops(block)[-1]
         n = sch.get(inner).extent
