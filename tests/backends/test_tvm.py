@@ -143,12 +143,30 @@ def test_cli_bench_says_what_each_model_ran_on(x86_artifact, digits_cnn_path, ca
     assert "onnxruntime" in rows[-1], rows
 
 
+def test_tuning_without_xgboost_says_it_searches_without_a_cost_model(monkeypatch, caplog):
+    """A GPU host that carries TVM without the tvm extra has no xgboost (the lent H200 had none):
+    tuning runs on MetaSchedule's random model there, and says so, instead of failing."""
+    import sys
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from onnxpress.backends.tvm import tuning
+
+    assert tuning.cost_model() == "xgb"
+    monkeypatch.setitem(sys.modules, "xgboost", None)      # import xgboost -> ImportError
+    with caplog.at_level("WARNING", logger="onnxpress.tvm"):
+        kind = tuning.cost_model()
+    assert kind == "random" and "without a cost model" in caplog.text
+    assert isinstance(ms.cost_model.CostModel.create(kind), ms.cost_model.CostModel)
+
+
 def test_second_compile_with_the_same_db_does_no_tuning(digits_cnn_path, digits_feeds, tmp_path):
     db = tmp_path / "db"
     first = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, tune_trials=16,
                            db=db, output_dir=tmp_path / "a", progress=False)
     t1 = first.manifest["tuning"]
     assert t1["trials_measured"] >= 1 and t1["tasks_tuned"] == 1
+    assert t1["cost_model"] == "xgb"
     assert first.manifest["schedules"]["from_db"] >= 1
     # the tuned kernel reads weights prepacked at build time, as the default ones do: tuning
     # searched it with its weights layout-free (before, tuned kernels read them as stored)
@@ -494,3 +512,4 @@ def test_a_classifier_head_gemv_streams_its_weights_unpadded(tmp_path):
     art = ox_tvm.compile(path, "x86", output_dir=tmp_path / "a", progress=False)
     np.testing.assert_allclose(art.run(feeds)["y"], ort.run(str(path), feeds)["y"],
                                rtol=1e-4, atol=1e-4)
+

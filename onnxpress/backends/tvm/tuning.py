@@ -53,6 +53,7 @@ class TuneSummary:
     seconds: float = 0.0
     db: str | None = None
     runner: str = "local"
+    cost_model: str = "xgb"        # "random" where xgboost is not installed (see cost_model())
     # task name -> the search's lowest single measurement (ms): its pick, before confirmation
     best_ms: dict = dataclasses.field(default_factory=dict)
     previous_trials: int = 0       # budget already spent on this model and target in this DB
@@ -63,6 +64,25 @@ class TuneSummary:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def cost_model() -> str:
+    """MetaSchedule's cost model: its XGBoost model ranks the candidates it measures next. Where
+    xgboost (or the scipy it imports) is missing, e.g. a GPU host that carries TVM without the
+    `tvm` extra, tuning still runs on a random model (every candidate measured is as likely as
+    any other), which needs more trials to find the same kernels; the summary and a warning
+    say so."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError as exc:
+        import logging
+
+        logging.getLogger("onnxpress.tvm").warning(
+            "xgboost is not importable (%s): tuning picks candidates without a cost model, so it "
+            "needs more trials for the same result; pip install 'onnxpress[tvm]' to install it",
+            _first_line(exc))
+        return "random"
+    return "xgb"
 
 
 def open_database(db: str | os.PathLike | None):
@@ -429,12 +449,13 @@ def tune(mod, resolved: ResolvedTarget, target, *, trials: int, database, runner
     callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
                  ms.measure_callback.UpdateCostModel(),
                  make_progress_callback(bar, names, summary)]
+    summary.cost_model = cost_model()
     try:
         ms.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=work,
             max_trials_global=min(trials, per_task * len(selected)), max_trials_per_task=per_task,
             num_trials_per_iter=min(64, per_task), builder=builder,
-            runner=runner, database=database, cost_model="xgb", measure_callbacks=callbacks,
+            runner=runner, database=database, cost_model=summary.cost_model, measure_callbacks=callbacks,
             task_scheduler="gradient" if len(selected) > 1 else "round-robin")
         commit_default_records(defaults, target, database)
         if defaults and confirmed is not None:
