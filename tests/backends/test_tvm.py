@@ -513,3 +513,30 @@ def test_a_classifier_head_gemv_streams_its_weights_unpadded(tmp_path):
     np.testing.assert_allclose(art.run(feeds)["y"], ort.run(str(path), feeds)["y"],
                                rtol=1e-4, atol=1e-4)
 
+
+def test_end_to_end_check_does_not_favour_the_build_timed_second(monkeypatch):
+    """The tuned-vs-default check times both builds in rounds of alternating order. Whichever
+    goes first in a round pays a warm-up penalty (a GPU still at idle clocks); two equally fast
+    builds must come out level, and the tuned one kept. With 5 rounds and the plain median of
+    ratios, the tuned build went first 3 times and was rejected as 1.6x slower."""
+    import tvm
+
+    from onnxpress.backends.tvm import compiler
+
+    monkeypatch.setattr(tvm, "compile", lambda mod, target=None: mod)
+    calls = []
+
+    def fake_time(executable, specs, runs=10, device="cpu"):
+        calls.append(executable)
+        first_in_round = len(calls) % 2 == 1
+        return (1.6 if first_in_round else 1.0) * {"tuned": 1.0, "default": 1.0}[executable]
+
+    monkeypatch.setattr(compiler, "_time_build", fake_time)
+    built, info = compiler._faster_build("tuned", "default", None, {})
+    assert info["end_to_end_ratio"] == pytest.approx(1.0) and info["chosen"] == "tuned", info
+    assert calls.count("tuned") == calls.count("default") and len(calls) % 4 == 0
+    calls.clear()
+    monkeypatch.setattr(compiler, "_time_build",
+                        lambda e, s, runs=10, device="cpu": calls.append(e) or
+                        {"tuned": 1.3, "default": 1.0}[e])
+    assert compiler._faster_build("tuned", "default", None, {})[1]["chosen"] == "default"
