@@ -4,6 +4,7 @@
     python -m bench.bench_cuda_tune measure DIR [--json OUT.json]            # GPU, TVM runtime alone
     python -m bench.bench_cuda_tune collect DIR                              # TVM + nvcc, no GPU
     python -m bench.bench_cuda run DIR/cases --rounds 9 [--json OUT.json]    # GPU, TVM runtime alone
+    python -m bench.bench_cuda_tune local DIR [--json OUT.json]              # GPU + TVM + nvcc
 
 `onnxpress compile --target cuda:sm_XX --tune N` measures with MetaSchedule's local runner, so
 it needs a GPU and TVM's compiler on one machine. The GPU machines lent to this project carry
@@ -20,6 +21,13 @@ TVM's runtime only (and no nvcc), so this bench splits the same flow in phases:
   tuning.confirm_winners decides) in `confirmed/`; then compiles each case with that database
   (`ox_tvm.compile(..., db=...)`, the path `--db` takes) and without, into DIR/cases, with
   onnxruntime's reference outputs, in the layout `bench_cuda run` reads.
+
+`local` is the flow itself, where one machine has the GPU, TVM's compiler and nvcc: each case
+compiled untuned and with `tune_trials=LOCAL_CASES[case]` (what `--tune N` runs: MetaSchedule's
+local GPU runner, side-by-side confirmation, the end-to-end check), both verified against
+onnxruntime and timed in interleaved rounds, the order alternating. On the lent H200 the
+compiler library travels xz-compressed (59.5 MB) in a call of its own, parked in /tmp for the
+next call (`.devcheck/p1`, `.devcheck/p2` in the closing notes).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from bench.bench_cuda import _gpu_name
 CASES = {"digits_cnn": 96, "mobilenetv3_small_100": 160}     # case -> trials
 QUICK = {"digits_cnn": 48}
 ROUNDS = 5
+LOCAL_CASES = {"digits_cnn": 32, "mobilenetv3_small_100": 64}      # case -> trials (`local`)
 MARGIN = 0.02
 
 
@@ -236,6 +245,46 @@ def collect(out: Path) -> dict:
     return summary
 
 
+def local(out: Path, arch: str, rounds: int = 9) -> dict:
+    """`--tune N` on this machine's GPU (see the module docstring); one row per case."""
+    from onnxpress import zoo
+    from onnxpress.backends import tvm as ox_tvm
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for case, trials in LOCAL_CASES.items():
+        path = zoo.digits_cnn() if case == "digits_cnn" else zoo.timm_model(case)
+        shape = [8, 1, 8, 8] if case == "digits_cnn" else [1, 3, 224, 224]
+        feeds = {"input": rng.standard_normal(shape).astype(np.float32)}
+        row = {"case": case, "trials": trials}
+        t0 = time.perf_counter()
+        arts = {"untuned": ox_tvm.compile(path, f"cuda:{arch}", shapes={"input": shape},
+                                          output_dir=out / f"{case}-untuned", progress=False)}
+        row["compile_untuned_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        arts["tuned"] = ox_tvm.compile(path, f"cuda:{arch}", shapes={"input": shape},
+                                       tune_trials=trials, db=out / "db",
+                                       output_dir=out / f"{case}-tuned", progress=False)
+        row["compile_tuned_s"] = round(time.perf_counter() - t0, 1)
+        row["tuning"] = arts["tuned"].manifest["tuning"]
+        row["schedules"] = arts["tuned"].manifest["schedules"]
+        times: dict[str, list[float]] = {k: [] for k in arts}
+        for tag, art in arts.items():
+            check = art.verify(path, feeds, rtol=1e-3, atol=1e-4)
+            row[f"{tag}_ok"], row[f"{tag}_max_abs"] = bool(check.ok), float(check.max_abs)
+            row[f"{tag}_cuda_modules"] = [m["sha256"][:12] for m in art.manifest["cuda_modules"]]
+        for r in range(rounds):
+            for tag in (("untuned", "tuned") if r % 2 == 0 else ("tuned", "untuned")):
+                times[tag].append(arts[tag].benchmark(feeds, runs=200, warmup=200).p50_ms)
+        for tag, ts in times.items():
+            row[f"{tag}_ms"] = round(statistics.median(ts), 4)
+        row["tuned_over_untuned"] = round(row["tuned_ms"] / row["untuned_ms"], 3)
+        rows.append(row)
+        print(case, json.dumps({k: v for k, v in row.items() if k not in ("tuning", "schedules")}),
+              flush=True)
+    return {"title": f"CUDA --tune on {_gpu_name()}: tuned vs untuned, one machine", "rows": rows}
+
+
 def run(quick: bool) -> dict:
     """`python -m bench --only cuda_tune`: every phase where a GPU is (the GPU's own
     time-evaluator measures, the builds run there too); only the search and the builds where
@@ -268,7 +317,7 @@ def run(quick: bool) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_cuda_tune")
-    ap.add_argument("phase", choices=("candidates", "measure", "collect"))
+    ap.add_argument("phase", choices=("candidates", "measure", "collect", "local"))
     ap.add_argument("dir", type=Path)
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--quick", action="store_true")
@@ -278,6 +327,8 @@ def main(argv=None) -> int:
         result = candidates(args.dir, args.arch, args.quick)
     elif args.phase == "measure":
         result = measure(args.dir)
+    elif args.phase == "local":
+        result = local(args.dir, args.arch)
     else:
         result = collect(args.dir)
     if args.json:
