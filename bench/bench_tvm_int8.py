@@ -113,7 +113,7 @@ def run(quick: bool) -> dict:
                              int(np.argmax(ort.run(model, one)["output"])))
             ms = _interleaved(fp32, model, tvm_fp32, art, feeds)
             info = art.manifest["integer"]
-            dots = _count(str(art.library), ("vpdpbusd", "vpmaddubsw", "vpmaddwd"))
+            dots = _count(str(art.library), ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "tdpbusd"))
             rows.append({"model": label, **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
                          "tvm_int8_vs_ort_int8": round(ms["tvm_int8"] / ms["ort_int8"], 2),
                          "tvm_fp32_vs_tvm_int8": round(ms["tvm_fp32"] / ms["tvm_int8"], 2),
@@ -178,7 +178,7 @@ def _interleaved(fp32, model, tvm_fp32, tvm_int8, feeds) -> dict:
 
 def _latency_cols(ms: dict, art) -> dict:
     info = art.manifest["integer"]
-    dots = _count(str(art.library), ("vpdpbusd", "vpmaddubsw", "vpmaddwd"))
+    dots = _count(str(art.library), ("vpdpbusd", "vpmaddubsw", "vpmaddwd", "tdpbusd"))
     return {**{f"{k}_ms": round(v, 2) for k, v in ms.items()},
             "tvm_int8_vs_ort_int8": round(ms["tvm_int8"] / ms["ort_int8"], 2),
             "tvm_fp32_vs_tvm_int8": round(ms["tvm_fp32"] / ms["tvm_int8"], 2),

@@ -447,6 +447,58 @@ def test_encoder_matmuls_on_the_packed_kernel(tmp_path):
         assert sum(isa[0] in n["reason"] for n in nodes) == 5, nodes
 
 
+SAPPHIRE_RAPIDS = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
+
+
+def test_matmuls_that_fill_whole_tiles_run_on_amx(tmp_path):
+    """On a target with AMX (sapphirerapids and later) the packed int8 matmuls whose shapes fill
+    32 x 32 tile blocks (k a multiple of 64) are scheduled on tdpbusd; the rest stay on vpdpbusd.
+    Compiled only: runs on any x86 host."""
+    from onnxpress.backends.tvm import amx
+
+    assert amx.has_amx(resolve_target(SAPPHIRE_RAPIDS).tvm_target())
+    assert not amx.has_amx(resolve_target({"kind": "llvm", "mcpu": "icelake-server"}).tvm_target())
+    assert not amx.has_amx(resolve_target("arm").tvm_target())
+    tiles = ox_tvm.compile(encoder_block_model(seq=64), SAPPHIRE_RAPIDS, output_dir=tmp_path / "a",
+                           progress=False)
+    # Q, K, V (64 x 64 x 64; one kernel twice), the FFN's two (64 -> 128 -> 64); the scores
+    # matmul has no constant weight and stays off the packed kernel
+    assert tiles.manifest["schedules"]["amx_kernels"] == 4, tiles.manifest["schedules"]
+    dump = subprocess.run(["objdump", "-d", str(tiles.library)], capture_output=True, text=True).stdout
+    assert "tdpbusd" in dump and "ldtilecfg" in dump
+    # 16 rows do not fill a 32-row block: every matmul on vpdpbusd
+    short = ox_tvm.compile(encoder_block_model(seq=16), SAPPHIRE_RAPIDS, output_dir=tmp_path / "b",
+                           progress=False)
+    assert "amx_kernels" not in short.manifest["schedules"]
+
+
+def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path):
+    from onnxpress.backends.tvm import amx
+
+    target = resolve_target("x86").tvm_target()
+    if not amx.has_amx(target) or not amx.request_permission():
+        pytest.skip("this CPU (or its Linux) has no AMX tiles")
+    model = encoder_block_model(seq=64)
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "enc", progress=False)
+    assert art.manifest["schedules"]["amx_kernels"] == 4
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        _compare(model, art, {"x": rng.standard_normal((1, 64, 64)).astype(np.float32)})
+
+
+def test_an_artifact_with_amx_kernels_says_when_linux_refuses_the_tiles(monkeypatch):
+    """Without the tile state a tdpbusd stops the process (SIGILL): loading must fail first."""
+    from onnxpress.backends.tvm import run_artifact
+
+    manifest = {"target": {"cpu_features": []}, "schedules": {"amx_kernels": 3}}
+    monkeypatch.setattr(run_artifact, "request_amx", lambda: False)
+    with pytest.raises(RuntimeError, match="AMX tiles.*arch_prctl"):
+        run_artifact.check_cpu(manifest)
+    monkeypatch.setattr(run_artifact, "request_amx", lambda: True)
+    run_artifact.check_cpu(manifest)
+    run_artifact.check_cpu({"target": {"cpu_features": []}, "schedules": {}})
+
+
 # -- QOperator models: QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger -------------------
 
 def qoperator_model():

@@ -269,6 +269,10 @@ def _faster_build(tuned_mod, default_mod, target, specs, rounds: int = 6,
     Returns (the faster build's executable, or None when the check could not run, manifest info)."""
     import tvm
 
+    if device == "cpu":
+        from . import amx
+
+        amx.request_permission()      # builds whose int8 matmuls run on AMX tiles
     try:
         built = {"tuned": tvm.compile(tuned_mod, target=target),
                  "default": tvm.compile(default_mod, target=target)}
@@ -455,7 +459,12 @@ def _runner_for(resolved: ResolvedTarget, rpc: str | None, key: str | None):
                                      initializer=init), "local GPU"
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20,
                                           enable_cpu_cache_flush=False)
-    return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator), "local"
+    from . import amx
+
+    # the default schedules of int8 matmuls run on AMX tiles where the CPU has them: the
+    # runner's worker processes ask Linux for the tile state, as artifacts do when they load
+    init = amx.request_permission if amx.has_amx(resolved.tvm_target()) else None
+    return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator, initializer=init), "local"
 
 
 def compile(model: ModelLike, target: str | Mapping[str, Any] = "x86", *,

@@ -401,23 +401,38 @@ def schedule_int8_conv(func, target):
     if found is None:
         return None
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    from . import amx
+
     try:
-        _apply(sch, found)
+        _apply(sch, found, amx=amx if amx.has_amx(target) else None)
     except Exception as exc:
         log.debug("int8 conv schedule does not apply: %s", exc)
         return None
     return sch
 
 
-def _apply(sch, found: tuple[str, int], tile: tuple[int, int] | None = None) -> None:
+def _amx_fits(sch) -> bool:
+    """The unscheduled matmul block of `sch` fills whole AMX tile blocks (amx.fits)."""
+    from . import amx
+
+    *_batch, m, n, rc, _rj = sch.get_loops(_find_block(sch, (RULE_MATMUL,)))
+    return amx.fits(int(sch.get(m).extent), int(sch.get(n).extent), 4 * int(sch.get(rc).extent))
+
+
+def _apply(sch, found: tuple[str, int], tile: tuple[int, int] | None = None, amx=None) -> None:
     """Schedule the dot-product conv or matmul of `sch` in place; `tile`: (rows, vectors) of the
-    register block instead of the one the register file suggests."""
+    register block instead of the one the register file suggests; `amx`: the amx module where
+    the target has AMX tiles (matmuls that fill whole tile blocks run on them, tile=None)."""
     isa = found[0]
     matmul = _find_block(sch, (RULE_MATMUL,)) is not None
     channels, _rows = _extents(sch, _find_block(sch), matmul)
     lanes = lanes_for(found, channels)
     intrin = intrinsic(isa, lanes)
-    if matmul:
+    if matmul and tile is None and amx is not None and _amx_fits(sch):
+        block = _find_block(sch, (RULE_MATMUL,))
+        sch.unannotate(block, "schedule_rule")
+        amx.schedule_matmul(sch, block, _epilogue(sch, block))
+    elif matmul:
         _schedule_matmul(sch, intrin, lanes, _registers(isa), tile)
     else:
         _schedule(sch, intrin, lanes, _registers(isa), tile)

@@ -93,6 +93,28 @@ def check_cpu(manifest) -> None:
             f"this artifact was compiled for the CPU '{spec.get('mcpu', '?')}' and uses {', '.join(missing)}, "
             "which this CPU lacks (it would stop with an illegal instruction): compile it for this "
             "machine (target x86) or run it on a CPU that has them")
+    if (manifest.get("schedules") or {}).get("amx_kernels") and not request_amx():
+        raise RuntimeError(
+            "this artifact's int8 matmuls run on AMX tiles, which this operating system does not "
+            "let the process use (Linux 5.16+ grants them through arch_prctl(ARCH_REQ_XCOMP_PERM)): "
+            "run it on a newer Linux, or compile it for a CPU without AMX (API: target={'kind': "
+            "'llvm', 'mcpu': 'icelake-server'})")
+
+
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state (once per process): kernels that use AMX tiles stop the
+    process with an illegal instruction without it. This file runs without onnxpress installed,
+    so it asks by itself (amx.request_permission does the same inside onnxpress)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        # arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), syscall 158 on x86-64
+        return ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def load(artifact_dir, device=None):
