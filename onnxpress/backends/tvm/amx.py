@@ -173,6 +173,142 @@ def schedule_matmul(sch, block, epilogue) -> None:
     sch.annotate(sch.get_sblock("root"), MARK, 1)
 
 
+def conv_rows(width: int) -> tuple[int, int] | None:
+    """(row tiles, rows per tile) of a conv's AMX block along the output width: two tiles of
+    width/2/k rows where that divides (56 -> 2 x 14, 14 -> 2 x 7), else one (7 -> 1 x 7);
+    None where no tile of at most 16 rows divides the width."""
+    for tm in (2, 1):
+        for rows in range(TILE_ROWS, 0, -1):
+            if width % (tm * rows) == 0 and rows >= 4:
+                return tm, rows
+    return None
+
+
+def conv_fits(width: int, channels: int, out_channels: int) -> bool:
+    """An int8 conv's block fills whole tiles: input channels a multiple of 64 (one tile row of
+    bytes), output channels of 32, and a width conv_rows can split."""
+    return channels % 64 == 0 and out_channels % BLOCK == 0 and conv_rows(width) is not None
+
+
+def conv_intrinsic(geometry: tuple, tm: int, rows: int) -> str:
+    """Register (once) and return the intrinsic of a (tm * rows) x 32 output block of a conv
+    (one output row, tm * rows consecutive pixels, 32 channels) over its whole reduction:
+    geometry = (kh, kw, c4, stride_w, dilation_h, dilation_w)."""
+    kh, kw, c4, sw, dh, dw = geometry
+    name = f"onnxpress_amx_conv_{tm}x{rows}_{kh}x{kw}x{c4}_s{sw}_d{dh}x{dw}"
+    if name in _REGISTERED:
+        return name
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    px = tm * rows
+    span_h = (kh - 1) * dh + 1
+    span_w = (px - 1) * sw + (kw - 1) * dw + 1
+    c = 4 * c4
+    steps = c // 64
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, o: T.handle) -> None:
+        A = T.match_buffer(a, (span_h, span_w, c), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (kh, kw, c4, BLOCK, 4), "int8", offset_factor=1)
+        C = T.match_buffer(o, (px, BLOCK), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:px, 0:BLOCK], A[0:span_h, 0:span_w, 0:c], B[0:kh, 0:kw, 0:c4, 0:BLOCK, 0:4])
+            T.writes(C[0:px, 0:BLOCK])
+            for i, j, y, x, r, q in T.grid(px, BLOCK, kh, kw, c4, 4):
+                with T.sblock("update"):
+                    vi, vj, vy, vx, vr, vq = T.axis.remap("SSRRRR", [i, j, y, x, r, q])
+                    C[vi, vj] = C[vi, vj] + T.cast(A[vy * dh, vi * sw + vx * dw, vr * 4 + vq], "int32") \
+                        * T.cast(B[vy, vx, vr, vj, vq], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, o: T.handle) -> None:
+        sa0 = T.int32()
+        sa1 = T.int32()
+        sb0 = T.int32()
+        sb1 = T.int32()
+        sb2 = T.int32()
+        sb3 = T.int32()
+        sc = T.int32()
+        A = T.match_buffer(a, (span_h, span_w, c), "uint8", offset_factor=1, strides=[sa0, sa1, 1])
+        B = T.match_buffer(b, (kh, kw, c4, BLOCK, 4), "int8", offset_factor=1,
+                           strides=[sb0, sb1, sb2, sb3, 1])
+        C = T.match_buffer(o, (px, BLOCK), "int32", offset_factor=1, strides=[sc, 1])
+        with T.sblock("root"):
+            T.reads(C[0:px, 0:BLOCK], A[0:span_h, 0:span_w, 0:c], B[0:kh, 0:kw, 0:c4, 0:BLOCK, 0:4])
+            T.writes(C[0:px, 0:BLOCK])
+            # palette 1; tiles 0-3: output (rows x 16 int32), 4-5: pixels (rows x 64 channels),
+            # 6-7: weights (16 groups of 4 channels x 16 outputs x 4)
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            cfg[T.ramp(0, 1, 64)] = T.broadcast(T.uint8(0), 64)
+            cfg[0] = T.uint8(1)
+            for t in range(8):
+                cfg[16 + 2 * t] = T.uint8(64)
+            for t in range(6):
+                cfg[48 + t] = T.uint8(rows)
+            cfg[54] = T.uint8(TILE_ROWS)
+            cfg[55] = T.uint8(TILE_ROWS)
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
+            for t_m in T.unroll(tm):
+                for t_n in T.unroll(2):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.x86.tileloadd64", T.uint8(t_m * 2 + t_n),
+                        C.access_ptr("r", offset=t_m * rows * sc + t_n * 16), T.int64(sc * 4)))
+            for y, x, s in T.grid(kh, kw, steps):
+                for t_m in T.unroll(tm):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.x86.tileloadd64", T.uint8(4 + t_m),
+                        A.access_ptr("r", offset=y * dh * sa0 + (t_m * rows * sw + x * dw) * sa1 + s * 64),
+                        T.int64(sw * sa1)))
+                for t_n in T.unroll(2):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.x86.tileloadd64", T.uint8(6 + t_n),
+                        B.access_ptr("r", offset=y * sb0 + x * sb1 + s * 16 * sb2 + t_n * 16 * sb3),
+                        T.int64(sb2)))
+                for t_m in T.unroll(tm):
+                    for t_n in T.unroll(2):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.uint8(t_m * 2 + t_n),
+                                                      T.uint8(4 + t_m), T.uint8(6 + t_n)))
+            for t_m in T.unroll(tm):
+                for t_n in T.unroll(2):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.x86.tilestored64", T.uint8(t_m * 2 + t_n),
+                        C.access_ptr("w", offset=t_m * rows * sc + t_n * 16), T.int64(sc * 4)))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
+def schedule_conv(sch, block, epilogue, geometry: tuple, weights_outer: bool) -> None:
+    """Schedule the dot-product conv `block` of `sch` (int8_kernels._conv_te, unscheduled) on AMX
+    tiles: parallel rows (output-channel blocks outermost when `weights_outer`), per row
+    blocks of conv_rows pixels x 32 channels, each one intrinsic call over the whole kh x kw x
+    channels reduction; the requantizing `epilogue` (or None) per block."""
+    n, h, w, oc, rh, rw, rc, rj = sch.get_loops(block)
+    tm, rows = conv_rows(int(sch.get(w).extent))
+    wo, wi = sch.split(w, [None, tm * rows])
+    oo, oi = sch.split(oc, [None, BLOCK])
+    if weights_outer:
+        sch.reorder(oo, n, h, wo, wi, oi, rh, rw, rc, rj)
+        tile, outer = wo, (oo, n, h)
+    else:
+        sch.reorder(n, h, wo, oo, wi, oi, rh, rw, rc, rj)
+        tile, outer = oo, (n, h)
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)
+        inner = sch.get_loops(epilogue)[-1]
+        if int(sch.get(inner).extent) % 16 == 0:
+            inner = sch.split(inner, [None, 16])[1]
+        sch.vectorize(inner)
+    sch.parallel(sch.fuse(*outer))
+    init = sch.decompose_reduction(block, wi)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(wi, conv_intrinsic(geometry, tm, rows))
+    sch.annotate(sch.get_sblock("root"), MARK, 1)
+
+
 def uses_amx(func) -> bool:
     """The PrimFunc was scheduled on AMX tiles (schedule_matmul marks its root block)."""
     block = getattr(getattr(func, "body", None), "block", None)

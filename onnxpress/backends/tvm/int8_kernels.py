@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RULE = "onnxpress.conv2d_int8"
 RULE_MATMUL = "onnxpress.matmul_int8"
+GEOMETRY = "onnxpress.conv_geometry"   # [stride_h, stride_w, dilation_h, dilation_w] of a conv block
 WEIGHTS_OUTER_BYTES = 256 << 10     # packed conv weights above this: output-channel blocks outermost
 PMADDUBSW_PAIR_LIMIT = 128          # 255 * 128 = 32640 <= 32767
 
@@ -230,7 +231,7 @@ def _conv_te(data, wp, strides, padding, dilation, pad_value=0):
         lambda nn, yy, xx, ff: te.sum(
             data[nn, yy * sh + rh * dh, xx * sw + rw * dw, rc * 4 + rj].astype("int32")
             * wp[rh, rw, rc, ff, rj].astype("int32"), axis=[rh, rw, rc, rj]),
-        name="conv2d_int8", attrs={"schedule_rule": RULE})
+        name="conv2d_int8", attrs={"schedule_rule": RULE, GEOMETRY: [sh, sw, dh, dw]})
 
 
 def _shift_te(data):
@@ -400,15 +401,18 @@ def schedule_int8_conv(func, target):
     found = int8_isa(target)
     if found is None:
         return None
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     from . import amx
 
-    try:
-        _apply(sch, found, amx=amx if amx.has_amx(target) else None)
-    except Exception as exc:
-        log.debug("int8 conv schedule does not apply: %s", exc)
-        return None
-    return sch
+    # AMX tiles first where the target has them; a block their intrinsic does not match (e.g. a
+    # 1x1 strided conv) gets the dot-product schedule, never the generic one
+    for tiles in ((amx, None) if amx.has_amx(target) else (None,)):
+        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        try:
+            _apply(sch, found, amx=tiles)
+            return sch
+        except Exception as exc:
+            log.debug("int8 %s schedule does not apply: %s", "AMX" if tiles else "dot-product", exc)
+    return None
 
 
 def _amx_fits(sch) -> bool:
@@ -417,6 +421,30 @@ def _amx_fits(sch) -> bool:
 
     *_batch, m, n, rc, _rj = sch.get_loops(_find_block(sch, (RULE_MATMUL,)))
     return amx.fits(int(sch.get(m).extent), int(sch.get(n).extent), 4 * int(sch.get(rc).extent))
+
+
+def _amx_conv(sch, amx) -> tuple[tuple, bool] | None:
+    """(amx.conv_intrinsic's geometry, weights outermost) of the unscheduled conv block of `sch`
+    where it fills whole AMX tiles (amx.conv_fits), else None."""
+    block = _find_block(sch, (RULE,))
+    geometry = sch.get(block).annotations.get(GEOMETRY)
+    if block is None or geometry is None:
+        return None
+    _n, _h, w, oc, rh, rw, rc, _rj = sch.get_loops(block)
+    kh, kw, c4, width, channels = (int(sch.get(lp).extent) for lp in (rh, rw, rc, w, oc))
+    if not amx.conv_fits(width, 4 * c4, channels):
+        return None
+    _sh, sw, dh, dw = (int(g) for g in geometry)
+    return (kh, kw, c4, sw, dh, dw), kh * kw * 4 * c4 * channels >= WEIGHTS_OUTER_BYTES
+
+
+def _parallel_pads(sch) -> None:
+    """The padding blocks of a scheduled conv: rows in parallel."""
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if "pad" in sch.get(b).name_hint:
+            loops = sch.get_loops(b)
+            if len(loops) >= 2:
+                sch.parallel(sch.fuse(*loops[:2]))
 
 
 def _apply(sch, found: tuple[str, int], tile: tuple[int, int] | None = None, amx=None) -> None:
@@ -432,6 +460,12 @@ def _apply(sch, found: tuple[str, int], tile: tuple[int, int] | None = None, amx
         block = _find_block(sch, (RULE_MATMUL,))
         sch.unannotate(block, "schedule_rule")
         amx.schedule_matmul(sch, block, _epilogue(sch, block))
+    elif not matmul and tile is None and amx is not None and _amx_conv(sch, amx) is not None:
+        block = _find_block(sch)
+        geometry, weights_outer = _amx_conv(sch, amx)
+        sch.unannotate(block, "schedule_rule")
+        amx.schedule_conv(sch, block, _epilogue(sch, block), geometry, weights_outer)
+        _parallel_pads(sch)
     elif matmul:
         _schedule_matmul(sch, intrin, lanes, _registers(isa), tile)
     else:
@@ -567,11 +601,7 @@ def _schedule(sch, intrin: str, lanes: int, registers: int, tile: tuple[int, int
     sch.tensorize(ol, intrin)
     sch.unroll(wi)
     sch.unroll(ov)
-    for b in sch.get_child_blocks(sch.get_sblock("root")):
-        if "pad" in sch.get(b).name_hint:
-            loops = sch.get_loops(b)
-            if len(loops) >= 2:
-                sch.parallel(sch.fuse(*loops[:2]))
+    _parallel_pads(sch)
 
 
 def _epilogue(sch, main):
