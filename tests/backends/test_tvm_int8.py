@@ -473,11 +473,15 @@ def test_matmuls_that_fill_whole_tiles_run_on_amx(tmp_path):
 
 
 def amx_conv_model():
-    """64-channel convs as resnet18's: 3x3 stride 1 on a 14-wide input (two tiles of 7 rows),
-    3x3 stride 2 down to 7 wide (one tile of 7), a 1x1 stride-2 shortcut (left on vpdpbusd),
-    the residual add and requantizations between."""
+    """resnet18's kinds of conv, small: a 3-channel 7x7 stride-2 stem (a kernel row of 7 x 4
+    channels in one tile row), 64-channel 3x3 stride 1 on a 14-wide map (two tiles of 7
+    rows), 3x3 stride 2 down to 7 wide (one tile of 7), a 1x1 stride-2 shortcut, the residual
+    add and requantizations between."""
     b = QDQ(11)
-    x, _ = b.q("x", 0.05, 128)
+    img, _ = b.q("img", 0.05, 128)
+    w0, ws0 = b.weight((64, 3, 7, 7), qmax=127)
+    x = b.node("Relu", [b.node("Conv", [img, w0, b.bias(64, 0.05, ws0)], pads=[3, 3, 3, 3], strides=[2, 2])])
+    x, _ = b.q(x, 0.05, 0)
     w1, ws1 = b.weight((64, 64, 3, 3), qmax=127)
     h = b.node("Relu", [b.node("Conv", [x, w1, b.bias(64, 0.05, ws1)], pads=[1, 1, 1, 1])])
     h, _ = b.q(h, 0.05, 0)
@@ -487,17 +491,17 @@ def amx_conv_model():
     sc = b.node("Conv", [x, w3, b.bias(64, 0.05, ws3)], strides=[2, 2])
     y = b.node("Relu", [b.node("Add", [y, sc])])
     _, yq = b.q(y, 0.1, 0)
-    return b.model([_vi("x", TensorProto.FLOAT, [1, 64, 14, 14])], [_vi(yq, TensorProto.UINT8, [1, 64, 7, 7])])
+    return b.model([_vi("img", TensorProto.FLOAT, [1, 3, 28, 28])], [_vi(yq, TensorProto.UINT8, [1, 64, 7, 7])])
 
 
 def test_convs_with_64_channel_groups_run_on_amx(tmp_path):
-    """Compiled for sapphirerapids (any x86 host): the 3x3 convs on tiles, the 1x1 strided
-    one (its intrinsic does not match) on vpdpbusd rather than on generic code."""
+    """Compiled for sapphirerapids (any x86 host): all four convs on tiles, in four kernels
+    (the residual add fused into one of them), none left on generic code."""
     art = ox_tvm.compile(amx_conv_model(), SAPPHIRE_RAPIDS, output_dir=tmp_path / "c", progress=False)
     sched = art.manifest["schedules"]
-    assert sched["amx_kernels"] == 2 and sched["left_unscheduled"] == 0, sched
+    assert sched["amx_kernels"] == 4 and sched["left_unscheduled"] == 0, sched
     dump = subprocess.run(["objdump", "-d", str(art.library)], capture_output=True, text=True).stdout
-    assert "tdpbusd" in dump and "vpdpbusd" in dump
+    assert "tdpbusd" in dump and "ldtilecfg" in dump
 
 
 def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path):
@@ -514,9 +518,9 @@ def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path):
         _compare(model, art, {"x": rng.standard_normal((1, 64, 64)).astype(np.float32)})
     model = amx_conv_model()
     art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "conv", progress=False)
-    assert art.manifest["schedules"]["amx_kernels"] == 2
+    assert art.manifest["schedules"]["amx_kernels"] == 4
     for _ in range(2):
-        _compare(model, art, {"x": rng.standard_normal((1, 64, 14, 14)).astype(np.float32)})
+        _compare(model, art, {"img": rng.standard_normal((1, 3, 28, 28)).astype(np.float32)})
 
 
 def test_an_artifact_with_amx_kernels_says_when_linux_refuses_the_tiles(monkeypatch):

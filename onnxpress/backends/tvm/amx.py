@@ -184,10 +184,19 @@ def conv_rows(width: int) -> tuple[int, int] | None:
     return None
 
 
-def conv_fits(width: int, channels: int, out_channels: int) -> bool:
+def conv_fits(width: int, channels: int, out_channels: int, kw: int = 1, dw: int = 1) -> bool:
     """An int8 conv's block fills whole tiles: input channels a multiple of 64 (one tile row of
-    bytes), output channels of 32, and a width conv_rows can split."""
-    return channels % 64 == 0 and out_channels % BLOCK == 0 and conv_rows(width) is not None
+    bytes), or a kernel row of few channels that fits one tile row (kw * channels <= 64, no
+    dilation: a 7x7 stem's 7 x 4 channels), output channels a multiple of 32, and a width
+    conv_rows can split."""
+    return ((channels % 64 == 0 or folds_kernel_row(kw, channels, dw))
+            and out_channels % BLOCK == 0 and conv_rows(width) is not None)
+
+
+def folds_kernel_row(kw: int, channels: int, dw: int) -> bool:
+    """A kernel row's kw x channels bytes are contiguous in NHWC and fit one tile row: the pixel
+    tile takes them all (its k dimension is kw x channels) and the kw loop disappears."""
+    return dw == 1 and channels % 64 != 0 and kw * channels <= 64
 
 
 def conv_intrinsic(geometry: tuple, tm: int, rows: int) -> str:
@@ -195,6 +204,7 @@ def conv_intrinsic(geometry: tuple, tm: int, rows: int) -> str:
     (one output row, tm * rows consecutive pixels, 32 channels) over its whole reduction:
     geometry = (kh, kw, c4, stride_w, dilation_h, dilation_w)."""
     kh, kw, c4, sw, dh, dw = geometry
+    folded = folds_kernel_row(kw, 4 * c4, dw)
     name = f"onnxpress_amx_conv_{tm}x{rows}_{kh}x{kw}x{c4}_s{sw}_d{dh}x{dw}"
     if name in _REGISTERED:
         return name
@@ -205,21 +215,53 @@ def conv_intrinsic(geometry: tuple, tm: int, rows: int) -> str:
     span_h = (kh - 1) * dh + 1
     span_w = (px - 1) * sw + (kw - 1) * dw + 1
     c = 4 * c4
-    steps = c // 64
+    # k steps of one tile row (64 bytes) each; folded: one step per kernel row, of kw * c bytes
+    steps, a_cols, b_rows, kx = (1, kw * c, kw * c4, 1) if folded else (c // 64, 64, TILE_ROWS, kw)
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, o: T.handle) -> None:
-        A = T.match_buffer(a, (span_h, span_w, c), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (kh, kw, c4, BLOCK, 4), "int8", offset_factor=1)
-        C = T.match_buffer(o, (px, BLOCK), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:px, 0:BLOCK], A[0:span_h, 0:span_w, 0:c], B[0:kh, 0:kw, 0:c4, 0:BLOCK, 0:4])
-            T.writes(C[0:px, 0:BLOCK])
-            for i, j, y, x, r, q in T.grid(px, BLOCK, kh, kw, c4, 4):
-                with T.sblock("update"):
-                    vi, vj, vy, vx, vr, vq = T.axis.remap("SSRRRR", [i, j, y, x, r, q])
-                    C[vi, vj] = C[vi, vj] + T.cast(A[vy * dh, vi * sw + vx * dw, vr * 4 + vq], "int32") \
-                        * T.cast(B[vy, vx, vr, vj, vq], "int32")
+    # the block drops reduction loops of extent 1 (a stem's one group of 4 channels, a 1x1
+    # kernel's window): the pattern tensorize matches must drop them too
+    if c4 == 1 and kh * kw > 1:
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, b: T.handle, o: T.handle) -> None:
+            A = T.match_buffer(a, (span_h, span_w, c), "uint8", offset_factor=1)
+            B = T.match_buffer(b, (kh, kw, c4, BLOCK, 4), "int8", offset_factor=1)
+            C = T.match_buffer(o, (px, BLOCK), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0:px, 0:BLOCK], A[0:span_h, 0:span_w, 0:c], B[0:kh, 0:kw, 0:c4, 0:BLOCK, 0:4])
+                T.writes(C[0:px, 0:BLOCK])
+                for i, j, y, x, q in T.grid(px, BLOCK, kh, kw, 4):
+                    with T.sblock("update"):
+                        vi, vj, vy, vx, vq = T.axis.remap("SSRRR", [i, j, y, x, q])
+                        C[vi, vj] = C[vi, vj] + T.cast(A[vy * dh, vi * sw + vx * dw, vq], "int32") \
+                            * T.cast(B[vy, vx, 0, vj, vq], "int32")
+    elif kh * kw == 1:
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, b: T.handle, o: T.handle) -> None:
+            A = T.match_buffer(a, (span_h, span_w, c), "uint8", offset_factor=1)
+            B = T.match_buffer(b, (kh, kw, c4, BLOCK, 4), "int8", offset_factor=1)
+            C = T.match_buffer(o, (px, BLOCK), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0:px, 0:BLOCK], A[0:span_h, 0:span_w, 0:c], B[0:kh, 0:kw, 0:c4, 0:BLOCK, 0:4])
+                T.writes(C[0:px, 0:BLOCK])
+                for i, j, r, q in T.grid(px, BLOCK, c4, 4):
+                    with T.sblock("update"):
+                        vi, vj, vr, vq = T.axis.remap("SSRR", [i, j, r, q])
+                        C[vi, vj] = C[vi, vj] + T.cast(A[0, vi * sw, vr * 4 + vq], "int32") \
+                            * T.cast(B[0, 0, vr, vj, vq], "int32")
+    else:
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, b: T.handle, o: T.handle) -> None:
+            A = T.match_buffer(a, (span_h, span_w, c), "uint8", offset_factor=1)
+            B = T.match_buffer(b, (kh, kw, c4, BLOCK, 4), "int8", offset_factor=1)
+            C = T.match_buffer(o, (px, BLOCK), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0:px, 0:BLOCK], A[0:span_h, 0:span_w, 0:c], B[0:kh, 0:kw, 0:c4, 0:BLOCK, 0:4])
+                T.writes(C[0:px, 0:BLOCK])
+                for i, j, y, x, r, q in T.grid(px, BLOCK, kh, kw, c4, 4):
+                    with T.sblock("update"):
+                        vi, vj, vy, vx, vr, vq = T.axis.remap("SSRRRR", [i, j, y, x, r, q])
+                        C[vi, vj] = C[vi, vj] + T.cast(A[vy * dh, vi * sw + vx * dw, vr * 4 + vq], "int32") \
+                            * T.cast(B[vy, vx, vr, vj, vq], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, o: T.handle) -> None:
@@ -244,17 +286,19 @@ def conv_intrinsic(geometry: tuple, tm: int, rows: int) -> str:
             cfg[0] = T.uint8(1)
             for t in range(8):
                 cfg[16 + 2 * t] = T.uint8(64)
+            cfg[24] = T.uint8(a_cols)
+            cfg[26] = T.uint8(a_cols)
             for t in range(6):
                 cfg[48 + t] = T.uint8(rows)
-            cfg[54] = T.uint8(TILE_ROWS)
-            cfg[55] = T.uint8(TILE_ROWS)
+            cfg[54] = T.uint8(b_rows)
+            cfg[55] = T.uint8(b_rows)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
             for t_m in T.unroll(tm):
                 for t_n in T.unroll(2):
                     T.evaluate(T.call_llvm_intrin(
                         "void", "llvm.x86.tileloadd64", T.uint8(t_m * 2 + t_n),
                         C.access_ptr("r", offset=t_m * rows * sc + t_n * 16), T.int64(sc * 4)))
-            for y, x, s in T.grid(kh, kw, steps):
+            for y, x, s in T.grid(kh, kx, steps):
                 for t_m in T.unroll(tm):
                     T.evaluate(T.call_llvm_intrin(
                         "void", "llvm.x86.tileloadd64", T.uint8(4 + t_m),
@@ -290,11 +334,15 @@ def schedule_conv(sch, block, epilogue, geometry: tuple, weights_outer: bool) ->
     tm, rows = conv_rows(int(sch.get(w).extent))
     wo, wi = sch.split(w, [None, tm * rows])
     oo, oi = sch.split(oc, [None, BLOCK])
+    # reduction loops of extent 1 go outside the tensorized block (conv_intrinsic's pattern has
+    # none): left inside, tensorize sees their block variable bound outside and matches nothing
+    unit = [lp for lp in (rh, rw, rc) if int(sch.get(lp).extent) == 1]
+    inner = [lp for lp in (rh, rw, rc) if int(sch.get(lp).extent) != 1]
     if weights_outer:
-        sch.reorder(oo, n, h, wo, wi, oi, rh, rw, rc, rj)
+        sch.reorder(oo, n, h, wo, *unit, wi, oi, *inner, rj)
         tile, outer = wo, (oo, n, h)
     else:
-        sch.reorder(n, h, wo, oo, wi, oi, rh, rw, rc, rj)
+        sch.reorder(n, h, wo, oo, *unit, wi, oi, *inner, rj)
         tile, outer = oo, (n, h)
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)
@@ -303,7 +351,7 @@ def schedule_conv(sch, block, epilogue, geometry: tuple, weights_outer: bool) ->
             inner = sch.split(inner, [None, 16])[1]
         sch.vectorize(inner)
     sch.parallel(sch.fuse(*outer))
-    init = sch.decompose_reduction(block, wi)
+    init = sch.decompose_reduction(block, unit[0] if unit else wi)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(wi, conv_intrinsic(geometry, tm, rows))
     sch.annotate(sch.get_sblock("root"), MARK, 1)
