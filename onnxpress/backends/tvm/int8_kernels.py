@@ -432,9 +432,9 @@ def _amx_conv(sch, amx) -> tuple[tuple, bool] | None:
         return None
     _n, _h, w, oc, rh, rw, rc, _rj = sch.get_loops(block)
     kh, kw, c4, width, channels = (int(sch.get(lp).extent) for lp in (rh, rw, rc, w, oc))
-    if not amx.conv_fits(width, 4 * c4, channels):
-        return None
     _sh, sw, dh, dw = (int(g) for g in geometry)
+    if not amx.conv_fits(width, 4 * c4, channels, kw, dw):
+        return None
     return (kh, kw, c4, sw, dh, dw), kh * kw * 4 * c4 * channels >= WEIGHTS_OUTER_BYTES
 
 
