@@ -494,6 +494,16 @@ def amx_conv_model():
     return b.model([_vi("img", TensorProto.FLOAT, [1, 3, 28, 28])], [_vi(yq, TensorProto.UINT8, [1, 64, 7, 7])])
 
 
+def downsample_conv_model(channels=40):
+    """convnext's 2x2 stride-2 downsampling conv: a kernel row of 2 x 40 channels is wider than a
+    tile row and 40 is no multiple of 64, so no AMX block fits it."""
+    b = QDQ(12)
+    x, _ = b.q("x", 0.05, 128)
+    w, ws = b.weight((64, channels, 2, 2), qmax=127)
+    _, yq = b.q(b.node("Conv", [x, w, b.bias(64, 0.05, ws)], strides=[2, 2]), 0.1, 128)
+    return b.model([_vi("x", TensorProto.FLOAT, [1, channels, 28, 28])], [_vi(yq, TensorProto.UINT8, [1, 64, 14, 14])])
+
+
 def test_convs_with_64_channel_groups_run_on_amx(tmp_path):
     """Compiled for sapphirerapids (any x86 host): all four convs on tiles, in four kernels
     (the residual add fused into one of them), none left on generic code."""
@@ -502,6 +512,9 @@ def test_convs_with_64_channel_groups_run_on_amx(tmp_path):
     assert sched["amx_kernels"] == 4 and sched["left_unscheduled"] == 0, sched
     dump = subprocess.run(["objdump", "-d", str(art.library)], capture_output=True, text=True).stdout
     assert "tdpbusd" in dump and "ldtilecfg" in dump
+    narrow = ox_tvm.compile(downsample_conv_model(), SAPPHIRE_RAPIDS, output_dir=tmp_path / "d",
+                            progress=False)
+    assert "amx_kernels" not in narrow.manifest["schedules"], narrow.manifest["schedules"]
 
 
 def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path):
@@ -521,6 +534,9 @@ def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path):
     assert art.manifest["schedules"]["amx_kernels"] == 4
     for _ in range(2):
         _compare(model, art, {"img": rng.standard_normal((1, 3, 28, 28)).astype(np.float32)})
+    model = downsample_conv_model()
+    art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "down", progress=False)
+    _compare(model, art, {"x": rng.standard_normal((1, 40, 28, 28)).astype(np.float32)})
 
 
 def test_an_artifact_with_amx_kernels_says_when_linux_refuses_the_tiles(monkeypatch):
