@@ -540,3 +540,18 @@ def test_end_to_end_check_does_not_favour_the_build_timed_second(monkeypatch):
                         lambda e, s, runs=10, device="cpu": calls.append(e) or
                         {"tuned": 1.3, "default": 1.0}[e])
     assert compiler._faster_build("tuned", "default", None, {})[1]["chosen"] == "default"
+
+
+def test_a_model_recompiled_into_the_same_directory_runs_the_new_code(digits_cnn_path, digits_feeds,
+                                                                       tmp_path):
+    """The dynamic loader returns the library it already mapped for a path: in one process (a
+    notebook), a model recompiled into the same directory ran the first build's kernels."""
+    out = tmp_path / "art"
+    first = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [8, 1, 8, 8]}, output_dir=out,
+                           progress=False)
+    assert first.run(digits_feeds)["logits"].shape == (8, 10)
+    second = ox_tvm.compile(digits_cnn_path, "x86", shapes={"input": [2, 1, 8, 8]}, output_dir=out,
+                            progress=False)
+    feeds = {"input": digits_feeds["input"][:2]}
+    assert second.verify(digits_cnn_path, feeds, rtol=RTOL, atol=ATOL).ok
+    assert ox_tvm.load_artifact(out).run(feeds)["logits"].shape == (2, 10)

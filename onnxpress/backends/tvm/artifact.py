@@ -186,7 +186,7 @@ class Artifact:
                         raise BackendError("this artifact targets CUDA and no GPU is present here "
                                            "(or TVM's CUDA runtime cannot find the CUDA driver)")
                     use_stored_ptx(str(self.path), self.manifest)
-                lib = tvm.runtime.load_module(str(self.library))
+                lib = tvm.runtime.load_module(_fresh_path(self.library))
                 self._lib = (lib, dev)
             except BackendError:
                 raise
@@ -410,6 +410,31 @@ def load_artifact(path: str | os.PathLike, *, rpc: str | None = None, key: str |
     if not art.library.exists():
         raise BackendError(f"{p} has a manifest but no {art.library.name}")
     return art
+
+
+_LOADED: dict[str, tuple[int, int]] = {}     # library path -> (inode, mtime) loaded from it
+
+
+def _fresh_path(library: Path) -> str:
+    """The path to dlopen `library` from. The dynamic loader hands back the library it already
+    mapped for a path it has seen, even after the file was replaced: a model recompiled into the
+    same directory in one process (a notebook) ran the old model's code. A file that changed
+    since its path was loaded is loaded from a copy under a name of its own."""
+    path = str(Path(library).resolve())
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    ident = (st.st_ino, st.st_mtime_ns)
+    seen = _LOADED.setdefault(path, ident)
+    if seen == ident:
+        return path
+    copy = os.path.join(tempfile.mkdtemp(prefix="onnxpress-lib-"), f"{st.st_ino}-{st.st_mtime_ns}.so")
+    try:
+        os.link(path, copy)
+    except OSError:
+        shutil.copyfile(path, copy)
+    return copy
 
 
 def benchmark_artifact(path: str | os.PathLike, feeds: Mapping[str, np.ndarray] | None = None, *,
