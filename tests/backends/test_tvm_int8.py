@@ -539,6 +539,22 @@ def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path):
     _compare(model, art, {"x": rng.standard_normal((1, 40, 28, 28)).astype(np.float32)})
 
 
+def test_a_tuning_database_naming_amx_intrinsics_registers_them_from_their_names():
+    """MetaSchedule replays every record of a database as it opens it; tuning commits the AMX
+    default schedules as records, and a fresh process had not registered their intrinsics
+    ("TensorIntrin 'onnxpress_amx_conv_2x7_3x3x16_s1_d1x1' is not registered"). Names used by no
+    other test, so only register_named can have registered them."""
+    from tvm.s_tir import TensorIntrin
+
+    from onnxpress.backends.tvm import amx
+
+    record = ('["onnxpress_amx_conv_2x14_5x5x8_s2_d1x1", 0], '
+              '{"intrin": "onnxpress_amx_96x32x192"}')
+    assert amx.register_named(record) == 2
+    for name in ("onnxpress_amx_conv_2x14_5x5x8_s2_d1x1", "onnxpress_amx_96x32x192"):
+        assert TensorIntrin.get(name) is not None
+
+
 def test_an_artifact_with_amx_kernels_says_when_linux_refuses_the_tiles(monkeypatch):
     """Without the tile state a tdpbusd stops the process (SIGILL): loading must fail first."""
     from onnxpress.backends.tvm import run_artifact

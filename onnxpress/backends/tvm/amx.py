@@ -28,6 +28,7 @@ do the tuning runner's worker processes.
 from __future__ import annotations
 
 import logging
+import re
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,26 @@ def intrinsic(k: int, blocks: int) -> str:
     TensorIntrin.register(name, desc, impl, override=True)
     _REGISTERED.add(name)
     return name
+
+
+_NAMED = re.compile(r"onnxpress_amx_(?:conv_(\d+)x(\d+)_(\d+)x(\d+)x(\d+)_s(\d+)_d(\d+)x(\d+)|(\d+)x32x(\d+))")
+
+
+def register_named(text: str) -> int:
+    """Register every AMX intrinsic named in `text` (a tuning database's records), from the
+    parameters its name spells out; returns how many names were found. A record names the
+    intrinsic its schedule tensorizes with, and MetaSchedule replays every record as it opens
+    the database: in a process that has not built that kernel yet it failed ("TensorIntrin
+    'onnxpress_amx_conv_2x7_3x3x16_s1_d1x1' is not registered")."""
+    found = 0
+    for m in _NAMED.finditer(text):
+        found += 1
+        if m.group(1):
+            tm, rows, kh, kw, c4, sw, dh, dw = (int(g) for g in m.groups()[:8])
+            conv_intrinsic((kh, kw, c4, sw, dh, dw), tm, rows)
+        else:
+            intrinsic(int(m.group(10)), int(m.group(9)) // BLOCK)
+    return found
 
 
 def schedule_matmul(sch, block, epilogue) -> None:

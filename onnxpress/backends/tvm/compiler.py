@@ -572,6 +572,16 @@ def _compile(model, target, *, shapes, tune_trials, db, rpc, key, output_dir, pr
                 prebuilt, pick = _faster_build(fused, default_mod, tvm_target, specs)
                 schedule_info.update(pick)
                 timings["check_s"] = time.perf_counter() - t0
+        # kernels on AMX tiles in what ships, whether default-scheduled or from the database
+        # (tuning commits the default schedules as records): run_artifact asks Linux for the
+        # tile state when this count is there, and without it a tdpbusd stops the process
+        from . import amx
+
+        shipped = default_mod if schedule_info.get("chosen") == "default" else build_mod
+        tiles = sum(1 for f in shipped.functions.values()
+                    if isinstance(f, tvm.tirx.PrimFunc) and amx.uses_amx(f))
+        if tiles:
+            schedule_info["amx_kernels"] = tiles
     else:
         runner = None
         if tune_trials and tune_trials > 0:

@@ -995,11 +995,8 @@ def with_attrs_of(scheduled, func):
 def _apply(mod, target):
     import tvm_ffi
 
-    from . import amx
-
     cache: dict = {}
-    done = failed = amx_kernels = 0
-    tiles = amx.has_amx(target)
+    done = failed = 0
     for gv, func in unscheduled_primfuncs(mod):
         key = tvm_ffi.structural_hash(func)
         if key not in cache:
@@ -1014,8 +1011,4 @@ def _apply(mod, target):
             continue
         mod[gv] = with_attrs_of(scheduled, func)
         done += 1
-        amx_kernels += bool(tiles and amx.uses_amx(scheduled))
-    info = {"default_scheduled": done, "left_unscheduled": failed}
-    if amx_kernels:
-        info["amx_kernels"] = amx_kernels       # run_artifact asks Linux for the tile state
-    return mod, info
+    return mod, {"default_scheduled": done, "left_unscheduled": failed}

@@ -93,9 +93,12 @@ def open_database(db: str | os.PathLike | None):
     path = Path(db)
     path.mkdir(parents=True, exist_ok=True)
     try:
+        from . import amx
         from .int8_kernels import register_all_intrinsics
 
         register_all_intrinsics()     # before the records that tensorize with them are read
+        for records in path.glob("*.json"):
+            amx.register_named(records.read_text(errors="replace"))
         return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
     except Exception as exc:
         raise BackendError(f"cannot open the tuning database in {path}: {_first_line(exc)}") from None
