@@ -1,4 +1,5 @@
-"""Intel AMX int8 tiles for the integer matmuls of int8_kernels.py (Sapphire Rapids and later).
+"""Intel AMX int8 tiles for the integer matmuls and convolutions of int8_kernels.py (Sapphire
+Rapids and later).
 
 An AMX core holds eight tile registers of up to 16 rows x 64 bytes. One `tdpbusd` multiplies a
 16 x 64 u8 tile by a 64 x 16 s8 tile (stored as 16 rows of 16 columns x 4 consecutive k, the
@@ -17,6 +18,12 @@ machine) and the shape fills whole tiles: k a multiple of 64, m and n multiples 
 any other matmul stays on vpdpbusd. Measured on the 2-core Emerald Rapids VM, one thread,
 exact against numpy: [128 x 384] x [384 x 1536] 0.17 ms (vpdpbusd 0.24), [128 x 1536] x
 [1536 x 384] 0.10 ms (0.22).
+
+Convolutions (NHWC u8, weights packed Wp[kh, kw, c/4, oc, 4]) take the same tiles per output
+row: a pixel tile is `rows` consecutive output pixels, read at a stride of stride_w * channels
+bytes, 64 channels wide; for each (kh, kw) and 64-channel step, 2 pixel tiles x 2 weight tiles.
+A kernel row of few channels (a 7x7 stem's 7 x 4 bytes) is one tile row: the pixel tile takes
+the whole row and the kw loop disappears (`folds_kernel_row`).
 
 Linux hands the tile state to a process only when it asks (Linux 5.16+:
 arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); without it the first tile instruction
