@@ -95,6 +95,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"  kernels: {kernels_summary(sched)}")
     for line in integer_summary(m.get("integer")):
         print(line)
+    if sched.get("amx_kernels"):
+        print(f"  AMX tiles: {sched['amx_kernels']} int8 kernel(s) on tdpbusd (the rest on vpdpbusd); "
+              "loading asks Linux for the tile state (5.16+)")
     if args.tune:
         if t.get("previous_trials"):
             print(f"  tuning: already tuned in {t['db']} ({t['previous_trials']} trials); nothing to do")

@@ -517,7 +517,7 @@ def test_convs_with_64_channel_groups_run_on_amx(tmp_path):
     assert "amx_kernels" not in narrow.manifest["schedules"], narrow.manifest["schedules"]
 
 
-def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path):
+def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path, capsys):
     from onnxpress.backends.tvm import amx
 
     target = resolve_target("x86").tvm_target()
@@ -537,6 +537,13 @@ def test_amx_matmuls_match_onnxruntime_where_the_cpu_has_them(tmp_path):
     model = downsample_conv_model()
     art = ox_tvm.compile(model, "x86", output_dir=tmp_path / "down", progress=False)
     _compare(model, art, {"x": rng.standard_normal((1, 40, 28, 28)).astype(np.float32)})
+    # the CLI says which kernels run on tiles
+    from onnxpress.cli import main
+
+    onnx.save(amx_conv_model(), tmp_path / "convs.onnx")
+    assert main(["compile", str(tmp_path / "convs.onnx"), "--target", "x86", "-o", str(tmp_path / "cli"),
+                 "--quiet"]) == 0
+    assert "AMX tiles: 4 int8 kernel(s)" in capsys.readouterr().out
 
 
 def test_a_tuning_database_naming_amx_intrinsics_registers_them_from_their_names():
