@@ -82,6 +82,55 @@ def request_permission() -> bool:
     return _permitted
 
 
+_MACROS: tuple = ()
+
+
+def _tile_macros() -> tuple:
+    """TVMScript macros shared by the matmul and conv intrinsics (built once, on first use):
+    configure(c_rows, a_rows, a_cols, b_rows): palette 1, output tiles 0-3 (c_rows x 64 bytes),
+        pixel/row tiles 4-5 (a_rows x a_cols), weight tiles 6-7 (b_rows x 64), then ldtilecfg;
+    out_tiles(op, mode, C, sc, row0, rows, tm): tileloadd64/tilestored64 of the tm x 2 output
+        tiles, the first row at row0 of C (a row stride of sc int32), rows apart;
+    dot(tm): the tm x 2 tdpbusd of one k step."""
+    global _MACROS
+    if _MACROS:
+        return _MACROS
+    from tvm.script import tirx as T
+
+    @T.macro
+    def configure(c_rows, a_rows, a_cols, b_rows):
+        cfg = T.alloc_buffer((64,), "uint8", scope="local")
+        cfg[T.ramp(0, 1, 64)] = T.broadcast(T.uint8(0), 64)
+        cfg[0] = T.uint8(1)
+        for t in range(4):
+            cfg[16 + 2 * t] = T.uint8(64)
+            cfg[48 + t] = T.uint8(c_rows)
+        for t in range(2):
+            cfg[24 + 2 * t] = T.uint8(a_cols)
+            cfg[52 + t] = T.uint8(a_rows)
+            cfg[28 + 2 * t] = T.uint8(64)
+            cfg[54 + t] = T.uint8(b_rows)
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
+
+    @T.macro
+    def out_tiles(op, mode, C, sc, row0, rows, tm):
+        for t_m in T.unroll(tm):
+            for t_n in T.unroll(2):
+                T.evaluate(T.call_llvm_intrin(
+                    "void", op, T.uint8(t_m * 2 + t_n),
+                    C.access_ptr(mode, offset=(row0 + t_m * rows) * sc + t_n * 16), T.int64(sc * 4)))
+
+    @T.macro
+    def dot(tm):
+        for t_m in T.unroll(tm):
+            for t_n in T.unroll(2):
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.uint8(t_m * 2 + t_n),
+                                              T.uint8(4 + t_m), T.uint8(6 + t_n)))
+
+    _MACROS = (configure, out_tiles, dot)
+    return _MACROS
+
+
 def intrinsic(k: int, blocks: int) -> str:
     """Register (once) and return the tensor intrinsic of a (32 * blocks) x 32 output block over
     the whole reduction k (a multiple of 64)."""
@@ -92,6 +141,7 @@ def intrinsic(k: int, blocks: int) -> str:
     from tvm.script import tirx as T
 
     k4, steps, rows = k // 4, k // 64, BLOCK * blocks
+    configure, out_tiles, dot = _tile_macros()
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -118,21 +168,9 @@ def intrinsic(k: int, blocks: int) -> str:
         with T.sblock("root"):
             T.reads(C[0:rows, 0:BLOCK], A[0:rows, 0:k], B[0:k4, 0:BLOCK, 0:4])
             T.writes(C[0:rows, 0:BLOCK])
-            # tile configuration: palette 1, eight tiles of 16 rows x 64 bytes
-            cfg = T.alloc_buffer((64,), "uint8", scope="local")
-            cfg[T.ramp(0, 1, 64)] = T.broadcast(T.uint8(0), 64)
-            cfg[0] = T.uint8(1)
-            for t in range(8):
-                cfg[16 + 2 * t] = T.uint8(64)
-                cfg[48 + t] = T.uint8(TILE_ROWS)
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
+            configure(TILE_ROWS, TILE_ROWS, 64, TILE_ROWS)     # eight tiles of 16 x 64 bytes
             for blk in range(blocks):
-                for tm in T.unroll(2):
-                    for tn in T.unroll(2):
-                        T.evaluate(T.call_llvm_intrin(
-                            "void", "llvm.x86.tileloadd64", T.uint8(tm * 2 + tn),
-                            C.access_ptr("r", offset=(blk * BLOCK + tm * 16) * sc + tn * 16),
-                            T.int64(sc * 4)))
+                out_tiles("llvm.x86.tileloadd64", "r", C, sc, blk * BLOCK, TILE_ROWS, 2)
                 for s in range(steps):
                     for tm in T.unroll(2):
                         T.evaluate(T.call_llvm_intrin(
@@ -142,16 +180,8 @@ def intrinsic(k: int, blocks: int) -> str:
                         T.evaluate(T.call_llvm_intrin(
                             "void", "llvm.x86.tileloadd64", T.uint8(6 + tn),
                             B.access_ptr("r", offset=s * 16 * sb0 + tn * 16 * sb1), T.int64(sb0)))
-                    for tm in T.unroll(2):
-                        for tn in T.unroll(2):
-                            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.uint8(tm * 2 + tn),
-                                                          T.uint8(4 + tm), T.uint8(6 + tn)))
-                for tm in T.unroll(2):
-                    for tn in T.unroll(2):
-                        T.evaluate(T.call_llvm_intrin(
-                            "void", "llvm.x86.tilestored64", T.uint8(tm * 2 + tn),
-                            C.access_ptr("w", offset=(blk * BLOCK + tm * 16) * sc + tn * 16),
-                            T.int64(sc * 4)))
+                    dot(2)
+                out_tiles("llvm.x86.tilestored64", "w", C, sc, blk * BLOCK, TILE_ROWS, 2)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
     TensorIntrin.register(name, desc, impl, override=True)
@@ -245,6 +275,7 @@ def conv_intrinsic(geometry: tuple, tm: int, rows: int) -> str:
     c = 4 * c4
     # k steps of one tile row (64 bytes) each; folded: one step per kernel row, of kw * c bytes
     steps, a_cols, b_rows, kx = (1, kw * c, kw * c4, 1) if folded else (c // 64, 64, TILE_ROWS, kw)
+    configure, out_tiles, dot = _tile_macros()
 
     # the block drops reduction loops of extent 1 (a stem's one group of 4 channels, a 1x1
     # kernel's window): the pattern tensorize matches must drop them too
@@ -307,25 +338,10 @@ def conv_intrinsic(geometry: tuple, tm: int, rows: int) -> str:
         with T.sblock("root"):
             T.reads(C[0:px, 0:BLOCK], A[0:span_h, 0:span_w, 0:c], B[0:kh, 0:kw, 0:c4, 0:BLOCK, 0:4])
             T.writes(C[0:px, 0:BLOCK])
-            # palette 1; tiles 0-3: output (rows x 16 int32), 4-5: pixels (rows x 64 channels),
-            # 6-7: weights (16 groups of 4 channels x 16 outputs x 4)
-            cfg = T.alloc_buffer((64,), "uint8", scope="local")
-            cfg[T.ramp(0, 1, 64)] = T.broadcast(T.uint8(0), 64)
-            cfg[0] = T.uint8(1)
-            for t in range(8):
-                cfg[16 + 2 * t] = T.uint8(64)
-            cfg[24] = T.uint8(a_cols)
-            cfg[26] = T.uint8(a_cols)
-            for t in range(6):
-                cfg[48 + t] = T.uint8(rows)
-            cfg[54] = T.uint8(b_rows)
-            cfg[55] = T.uint8(b_rows)
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
-            for t_m in T.unroll(tm):
-                for t_n in T.unroll(2):
-                    T.evaluate(T.call_llvm_intrin(
-                        "void", "llvm.x86.tileloadd64", T.uint8(t_m * 2 + t_n),
-                        C.access_ptr("r", offset=t_m * rows * sc + t_n * 16), T.int64(sc * 4)))
+            # tiles 0-3: output (rows x 16 int32), 4-5: pixels (rows x a_cols bytes of channels),
+            # 6-7: weights (b_rows groups of 4 channels x 16 outputs x 4)
+            configure(rows, rows, a_cols, b_rows)
+            out_tiles("llvm.x86.tileloadd64", "r", C, sc, 0, rows, tm)
             for y, x, s in T.grid(kh, kx, steps):
                 for t_m in T.unroll(tm):
                     T.evaluate(T.call_llvm_intrin(
@@ -337,15 +353,8 @@ def conv_intrinsic(geometry: tuple, tm: int, rows: int) -> str:
                         "void", "llvm.x86.tileloadd64", T.uint8(6 + t_n),
                         B.access_ptr("r", offset=y * sb0 + x * sb1 + s * 16 * sb2 + t_n * 16 * sb3),
                         T.int64(sb2)))
-                for t_m in T.unroll(tm):
-                    for t_n in T.unroll(2):
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.uint8(t_m * 2 + t_n),
-                                                      T.uint8(4 + t_m), T.uint8(6 + t_n)))
-            for t_m in T.unroll(tm):
-                for t_n in T.unroll(2):
-                    T.evaluate(T.call_llvm_intrin(
-                        "void", "llvm.x86.tilestored64", T.uint8(t_m * 2 + t_n),
-                        C.access_ptr("w", offset=t_m * rows * sc + t_n * 16), T.int64(sc * 4)))
+                dot(tm)
+            out_tiles("llvm.x86.tilestored64", "w", C, sc, 0, rows, tm)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
     TensorIntrin.register(name, desc, impl, override=True)
