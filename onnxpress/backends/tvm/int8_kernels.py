@@ -415,20 +415,17 @@ def schedule_int8_conv(func, target):
     return None
 
 
-def _amx_fits(sch) -> bool:
-    """The unscheduled matmul block of `sch` fills whole AMX tile blocks (amx.fits)."""
-    from . import amx
-
-    *_batch, m, n, rc, _rj = sch.get_loops(_find_block(sch, (RULE_MATMUL,)))
+def _amx_fits(sch, block, amx) -> bool:
+    """The unscheduled matmul `block` of `sch` fills whole AMX tile blocks (amx.fits)."""
+    *_batch, m, n, rc, _rj = sch.get_loops(block)
     return amx.fits(int(sch.get(m).extent), int(sch.get(n).extent), 4 * int(sch.get(rc).extent))
 
 
-def _amx_conv(sch, amx) -> tuple[tuple, bool] | None:
-    """(amx.conv_intrinsic's geometry, weights outermost) of the unscheduled conv block of `sch`
-    where it fills whole AMX tiles (amx.conv_fits), else None."""
-    block = _find_block(sch, (RULE,))
+def _amx_conv(sch, block, amx) -> tuple[tuple, bool] | None:
+    """(amx.conv_intrinsic's geometry, weights outermost) of the unscheduled conv `block` of
+    `sch` where it fills whole AMX tiles (amx.conv_fits), else None."""
     geometry = sch.get(block).annotations.get(GEOMETRY)
-    if block is None or geometry is None:
+    if geometry is None:
         return None
     _n, _h, w, oc, rh, rw, rc, _rj = sch.get_loops(block)
     kh, kw, c4, width, channels = (int(sch.get(lp).extent) for lp in (rh, rw, rc, w, oc))
@@ -450,21 +447,23 @@ def _parallel_pads(sch) -> None:
 def _apply(sch, found: tuple[str, int], tile: tuple[int, int] | None = None, amx=None) -> None:
     """Schedule the dot-product conv or matmul of `sch` in place; `tile`: (rows, vectors) of the
     register block instead of the one the register file suggests; `amx`: the amx module where
-    the target has AMX tiles (matmuls that fill whole tile blocks run on them, tile=None)."""
+    the target has AMX tiles (matmuls and convs that fill whole tiles run on them, tile=None)."""
     isa = found[0]
-    matmul = _find_block(sch, (RULE_MATMUL,)) is not None
-    channels, _rows = _extents(sch, _find_block(sch), matmul)
+    block = _find_block(sch, (RULE_MATMUL,))
+    matmul = block is not None
+    if not matmul:
+        block = _find_block(sch, (RULE,))
+    channels, _rows = _extents(sch, block, matmul)
     lanes = lanes_for(found, channels)
     intrin = intrinsic(isa, lanes)
-    if matmul and tile is None and amx is not None and _amx_fits(sch):
-        block = _find_block(sch, (RULE_MATMUL,))
+    tiles = amx is not None and tile is None
+    conv = _amx_conv(sch, block, amx) if tiles and not matmul else None
+    if tiles and matmul and _amx_fits(sch, block, amx):
         sch.unannotate(block, "schedule_rule")
         amx.schedule_matmul(sch, block, _epilogue(sch, block))
-    elif not matmul and tile is None and amx is not None and _amx_conv(sch, amx) is not None:
-        block = _find_block(sch)
-        geometry, weights_outer = _amx_conv(sch, amx)
+    elif conv is not None:
         sch.unannotate(block, "schedule_rule")
-        amx.schedule_conv(sch, block, _epilogue(sch, block), geometry, weights_outer)
+        amx.schedule_conv(sch, block, _epilogue(sch, block), *conv)
         _parallel_pads(sch)
     elif matmul:
         _schedule_matmul(sch, intrin, lanes, _registers(isa), tile)

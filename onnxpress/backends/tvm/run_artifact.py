@@ -95,7 +95,7 @@ def check_cpu(manifest) -> None:
             "machine (target x86) or run it on a CPU that has them")
     if (manifest.get("schedules") or {}).get("amx_kernels") and not request_amx():
         raise RuntimeError(
-            "this artifact's int8 matmuls run on AMX tiles, which this operating system does not "
+            "this artifact's int8 kernels run on AMX tiles, which this operating system does not "
             "let the process use (Linux 5.16+ grants them through arch_prctl(ARCH_REQ_XCOMP_PERM)): "
             "run it on a newer Linux, or compile it for a CPU without AMX (API: target={'kind': "
             "'llvm', 'mcpu': 'icelake-server'})")
