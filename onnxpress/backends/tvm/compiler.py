@@ -272,7 +272,7 @@ def _faster_build(tuned_mod, default_mod, target, specs, rounds: int = 6,
     if device == "cpu":
         from . import amx
 
-        amx.request_permission()      # builds whose int8 matmuls run on AMX tiles
+        amx.request_permission()      # builds whose int8 kernels run on AMX tiles
     try:
         built = {"tuned": tvm.compile(tuned_mod, target=target),
                  "default": tvm.compile(default_mod, target=target)}
@@ -461,7 +461,7 @@ def _runner_for(resolved: ResolvedTarget, rpc: str | None, key: str | None):
                                           enable_cpu_cache_flush=False)
     from . import amx
 
-    # the default schedules of int8 matmuls run on AMX tiles where the CPU has them: the
+    # the default schedules of int8 kernels run on AMX tiles where the CPU has them: the
     # runner's worker processes ask Linux for the tile state, as artifacts do when they load
     init = amx.request_permission if amx.has_amx(resolved.tvm_target()) else None
     return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=evaluator, initializer=init), "local"
